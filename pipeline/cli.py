@@ -1,0 +1,365 @@
+"""The ``pipeline`` command: a thin layer over the library.
+
+Commands parse options, call library functions, and print: results to stdout,
+diagnostics to stderr. :class:`PipelineError` becomes a one-line ``Error: ...``
+and exit code 1 in one place (:class:`_Group`); ``--debug`` shows the traceback
+instead. Heavy libraries (openai, jsonschema, jinja2) are imported inside the
+commands that need them, so ``pipeline --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from . import __version__
+from .config import Endpoint, resolve_endpoint
+from .errors import PipelineError
+
+if TYPE_CHECKING:
+    from .client import ModelClient
+    from .local import LocalServer
+    from .runs import Run
+
+REVIEW_QUESTION = "Run the dialogue? [y/N/e]"
+
+
+class _Group(click.Group):
+    """Turns every :class:`PipelineError` into a one-line error and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PipelineError as e:
+            if ctx.meta.get("pipeline.debug"):
+                raise
+            raise click.ClickException(e.message) from e
+
+
+def _runs_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--runs-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default="runs",
+        envvar="PIPELINE_RUNS_DIR",
+        show_default=True,
+        show_envvar=True,
+        help="Folder that holds the run folders.",
+    )(f)
+
+
+def _endpoint_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--base-url",
+            metavar="URL",
+            help="OpenAI-compatible API root, e.g. http://localhost:11434/v1 "
+            "[default: $OPENAI_BASE_URL, else OpenAI if $OPENAI_API_KEY is set, "
+            "else the embedded model]",
+        ),
+        click.option(
+            "--model", envvar="PIPELINE_MODEL", show_envvar=True, help="Model name to ask for."
+        ),
+        click.option(
+            "--api-key-env",
+            metavar="NAME",
+            help="Environment variable holding the API key [default: OPENAI_API_KEY].",
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0.1),
+            default=600.0,
+            show_default=True,
+            help="Seconds to wait for each HTTP request.",
+        ),
+        click.option(
+            "--max-retries",
+            type=click.IntRange(min=0),
+            default=2,
+            show_default=True,
+            help="Retries on 408/409/429/5xx and connection errors (the SDK's policy).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _dialogue_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--turns",
+            type=click.IntRange(1, 1000),
+            default=10,
+            show_default=True,
+            help="Number of turns in the dialogue, the opening line included.",
+        ),
+        click.option(
+            "--max-tokens",
+            type=click.IntRange(min=1),
+            default=512,
+            show_default=True,
+            help="Most tokens per dialogue turn.",
+        ),
+        click.option(
+            "--temperature",
+            type=click.FloatRange(0, 2),
+            default=0.7,
+            show_default=True,
+            help="Sampling temperature.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="converse-pipeline")
+@click.option(
+    "--debug",
+    is_flag=True,
+    envvar="PIPELINE_DEBUG",
+    help="Show a traceback on errors instead of a one-line message.",
+)
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Make language models talk to each other to get a task done.
+
+    A director model writes the roles and the opening line for a task; you review
+    them; then the roles converse. Every stage is saved under the runs folder.
+    """
+    ctx.meta["pipeline.debug"] = debug
+
+
+def _nonempty_task(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    task = value.strip()
+    if not task:
+        raise click.BadParameter(
+            "the task is empty: say what the conversation should accomplish, "
+            'e.g. pipeline generate "write a short paper on the ethics of AI"'
+        )
+    return task
+
+
+@cli.command()
+@click.argument("task", callback=_nonempty_task)
+@_runs_dir_option
+@_endpoint_options
+@_dialogue_options
+@click.option(
+    "--director-max-tokens",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Most tokens for the director's answer.",
+)
+@click.option("--yes", "-y", is_flag=True, help="Run the dialogue without asking.")
+def generate(
+    task: str,
+    runs_dir: Path,
+    base_url: str | None,
+    model: str | None,
+    api_key_env: str | None,
+    timeout: float,
+    max_retries: int,
+    turns: int,
+    max_tokens: int,
+    temperature: float,
+    director_max_tokens: int,
+    yes: bool,
+) -> None:
+    """Write roles for TASK, let you review them, then run the dialogue.
+
+    Without --yes, you are asked before the dialogue starts: y runs it, e opens
+    $EDITOR on the roles, N stops (continue later with `pipeline converse RUN_ID`).
+    When standard input is not a terminal and --yes is absent, it stops after the
+    director stage and prints the command that continues.
+    """
+    from .client import ModelClient
+    from .director import DirectorParameters, run_director
+    from .local import endpoint_or_embedded
+    from .runs import create_run
+
+    resolved = resolve_endpoint(base_url=base_url, model=model, api_key_env=api_key_env)
+    with endpoint_or_embedded(resolved, on_start=_announce_server) as endpoint:
+        client = ModelClient(endpoint, timeout=timeout, max_retries=max_retries)
+        run = create_run(runs_dir, task)
+        click.echo(f"run {run.run_id}: asking the director ({endpoint.model})...", err=True)
+        roles = run_director(
+            run, client, DirectorParameters(max_tokens=director_max_tokens, temperature=temperature)
+        )
+        _show_roles(roles)
+        if not yes:
+            if not sys.stdin.isatty():
+                click.echo(f"\nreview the roles in {run.path('director/roles.json')}, then run:")
+                click.echo(f"pipeline converse {run.run_id}{_runs_dir_flag(runs_dir)}")
+                return
+            if not _review(run, roles):
+                click.echo(f"\nnot run; to run the dialogue later: pipeline converse {run.run_id}"
+                           f"{_runs_dir_flag(runs_dir)}")
+                return
+        _converse(run, client, turns, max_tokens, temperature)
+
+
+@cli.command()
+@click.argument("run_id")
+@_runs_dir_option
+@_endpoint_options
+@_dialogue_options
+def converse(
+    run_id: str,
+    runs_dir: Path,
+    base_url: str | None,
+    model: str | None,
+    api_key_env: str | None,
+    timeout: float,
+    max_retries: int,
+    turns: int,
+    max_tokens: int,
+    temperature: float,
+) -> None:
+    """Run the dialogue stage of RUN_ID, whose director stage is done.
+
+    The endpoint is chosen as for generate; with no flag or environment variable set,
+    the endpoint that ran the director is used again.
+    """
+    from .client import ModelClient
+    from .director import load_roles
+    from .local import endpoint_or_embedded
+    from .runs import open_run
+
+    run = open_run(runs_dir, run_id)
+    load_roles(run)  # fail before starting a server when the run is not ready
+    resolved = resolve_endpoint(base_url=base_url, model=model, api_key_env=api_key_env)
+    recorded = run.stage("director").get("endpoint") or {}
+    if resolved is None and recorded and not recorded.get("embedded"):
+        resolved = Endpoint(
+            base_url=recorded["base_url"],
+            model=recorded["model"],
+            api_key_env=recorded.get("api_key_env"),
+            structured_output=recorded.get("structured_output", "json_schema"),
+        )
+    with endpoint_or_embedded(resolved, on_start=_announce_server) as endpoint:
+        client = ModelClient(endpoint, timeout=timeout, max_retries=max_retries)
+        _converse(run, client, turns, max_tokens, temperature)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+def serve(host: str, port: int) -> None:
+    """Serve the embedded model as an OpenAI-compatible API, in the foreground.
+
+    Point any OpenAI client (or another pipeline) at http://HOST:PORT/v1. Ctrl-C stops it.
+    """
+    from .local import MODEL_NAME, model_path, serve as serve_embedded
+
+    model_path()  # clear error when the local extra is missing
+    click.echo(f"serving {MODEL_NAME} at http://{host}:{port}/v1 (Ctrl-C to stop)", err=True)
+    code = serve_embedded(host, port)
+    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+        raise click.ClickException(f"the embedded model server exited with code {code}")
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def _announce_server(server: LocalServer) -> None:
+    click.echo(
+        f"embedded model server started at {server.base_url} (pid {server.pid})", err=True
+    )
+
+
+def _runs_dir_flag(runs_dir: Path) -> str:
+    if runs_dir == Path("runs") and "PIPELINE_RUNS_DIR" not in os.environ:
+        return ""
+    return f" --runs-dir {click.format_filename(runs_dir)}"
+
+
+def _show_roles(roles: dict[str, Any]) -> None:
+    for i, role in enumerate(roles["roles"], start=1):
+        note = " (speaks first)" if i == 1 else ""
+        click.echo(click.style(f"Role {i}: {role['name']}{note}", bold=True))
+        click.echo(f"{role['system_prompt']}\n")
+    click.echo(click.style(f"Opening line ({roles['roles'][0]['name']})", bold=True))
+    click.echo(roles["opening_line"])
+
+
+def _review(run: Run, roles: dict[str, Any]) -> bool:
+    """Ask until the user runs (True) or declines (False); 'e' edits the roles."""
+    from .director import replace_roles
+    from .errors import StructuredOutputError
+
+    while True:
+        answer = click.prompt(
+            REVIEW_QUESTION,
+            type=click.Choice(["y", "n", "e"], case_sensitive=False),
+            default="n",
+            show_choices=False,
+            show_default=False,
+            err=True,
+        ).lower()
+        if answer != "e":
+            return answer == "y"
+        edited = click.edit(
+            json.dumps(roles, indent=2, ensure_ascii=False) + "\n", extension=".json"
+        )
+        if edited is None:
+            click.echo("no change saved; the roles are as they were", err=True)
+            continue
+        try:
+            candidate = json.loads(edited)
+            replace_roles(run, candidate)
+        except json.JSONDecodeError as e:
+            click.echo(f"not saved: the edit is not valid JSON ({e}); try again", err=True)
+            continue
+        except StructuredOutputError as e:
+            click.echo(f"not saved: {e.message}", err=True)
+            continue
+        roles = candidate
+        _show_roles(roles)
+
+
+class _Printer:
+    """Streams the conversation to stdout as it happens."""
+
+    def turn_started(self, turn: int, role: str) -> None:
+        click.echo(click.style(f"\n[{turn}] {role}", bold=True))
+
+    def delta(self, text: str) -> None:
+        click.echo(text, nl=False)
+
+    def turn_finished(self, line: dict[str, Any]) -> None:
+        click.echo()
+
+
+def _converse(
+    run: Run, client: ModelClient, turns: int, max_tokens: int, temperature: float
+) -> None:
+    from .dialogue import DialogueParameters, run_dialogue
+
+    params = DialogueParameters(turns=turns, max_tokens=max_tokens, temperature=temperature)
+    try:
+        run_dialogue(run, [client, client], params, _Printer())
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; run {run.run_id} is kept in {run.folder}", err=True)
+        raise
+    click.echo(f"\nrun {run.run_id} done: {run.folder}")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # run the same clean-up as Ctrl-C: stop servers, record the stage
+
+
+def main() -> None:
+    """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
+    cli()

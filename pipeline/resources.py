@@ -1,0 +1,38 @@
+"""Where the project's data folders (``templates/``, ``schemas/``) are.
+
+In a checkout (and an editable install) they sit at the top of the repository,
+beside the ``pipeline`` package; in a built wheel they are shipped inside the
+package (see ``[tool.hatch.build.targets.wheel.force-include]``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+from pathlib import Path
+
+from .errors import PipelineError
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@cache
+def data_dir(name: str) -> Path:
+    """Return the folder ``name`` (``"templates"`` or ``"schemas"``).
+
+    Raises:
+        PipelineError: when neither the installed nor the checkout location exists,
+            which means a broken install.
+    """
+    for candidate in (_PACKAGE_DIR / name, _PACKAGE_DIR.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise PipelineError(
+        f"the '{name}' folder is missing from the installation at {_PACKAGE_DIR}; "
+        "reinstall converse-pipeline"
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,344 @@
+"""Run folders: ids, layout, the manifest and the append-only transcript.
+
+A run lives in ``<runs root>/<run id>/``::
+
+    run.json                  the manifest (schemas/run.schema.json)
+    director/prompt.txt       the director prompt exactly as rendered
+    director/request.json     the request body sent (no credentials)
+    director/response.json    the raw response
+    director/roles.json       the parsed roles (schemas/roles.schema.json)
+    dialogue/transcript.jsonl one JSON object per turn (schemas/transcript-line.schema.json)
+    dialogue/transcript.md    the transcript rendered for reading
+
+Run ids are ``YYYYMMDDTHHMMSSZ-<slug of the task>`` (UTC), so they sort by time.
+JSON artifacts are written atomically (temporary file in the same folder, fsync,
+``os.replace``); the transcript is appended and fsynced one turn at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import RunError
+from .resources import data_dir, file_sha256
+
+MANIFEST = "run.json"
+STAGES = ("director", "dialogue")
+TRANSCRIPT = "dialogue/transcript.jsonl"
+RUN_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[a-z0-9-]+$")
+_VERSIONED = ("openai", "jsonschema", "jinja2", "click", "llama-cpp-python")
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def timestamp(moment: datetime | None = None) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-25T12:00:00.123Z``."""
+    return (moment or utc_now()).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def slugify(text: str, max_length: int = 40) -> str:
+    """A lowercase ASCII slug of ``text`` (words joined by ``-``, at most ``max_length``
+    characters, cut at a word boundary); ``"run"`` when nothing is left."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    words = re.findall(r"[a-z0-9]+", ascii_text.lower())
+    slug = ""
+    for word in words:
+        candidate = f"{slug}-{word}" if slug else word
+        if len(candidate) > max_length:
+            break
+        slug = candidate
+    return slug or (words[0][:max_length] if words else "run")
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted-key, compact JSON: the form that is hashed."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_of(value: Any) -> str:
+    """Hex sha256 of ``canonical_json(value)``."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as indented JSON (UTF-8, trailing newline), atomically."""
+    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {
+        "converse_pipeline": _version("converse-pipeline"),
+        "python": platform.python_version(),
+    }
+    for name in _VERSIONED:
+        found[name.replace("-", "_")] = _version(name)
+    return found
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _data_file_hashes() -> dict[str, str]:
+    hashes = {}
+    for folder in ("templates", "schemas"):
+        base = data_dir(folder)
+        for path in sorted(base.rglob("*")):
+            if path.is_file():
+                hashes[f"{folder}/{path.relative_to(base).as_posix()}"] = file_sha256(path)
+    return hashes
+
+
+def _empty_stage() -> dict[str, Any]:
+    return {
+        "status": "pending",
+        "started": None,
+        "ended": None,
+        "duration_s": None,
+        "pid": None,
+        "endpoint": None,
+        "parameters": {},
+        "input_hash": None,
+        "artifacts": [],
+        "error": None,
+    }
+
+
+class Run:
+    """One run folder and its manifest, held in memory and saved atomically on each change.
+
+    Create runs with :func:`create_run` and open them with :func:`open_run`.
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        self.folder = folder
+        self.manifest = manifest
+
+    @property
+    def run_id(self) -> str:
+        return str(self.manifest["run_id"])
+
+    @property
+    def task(self) -> str:
+        return str(self.manifest["task"])
+
+    def path(self, relative: str) -> Path:
+        """Absolute path of an artifact given relative to the run folder."""
+        return self.folder / relative
+
+    def stage(self, name: str) -> dict[str, Any]:
+        """The manifest entry of stage ``name``."""
+        return self.manifest["stages"][name]  # type: ignore[no-any-return]
+
+    # -- artifacts ---------------------------------------------------------------
+
+    def write_json(self, relative: str, value: Any) -> Path:
+        path = self.path(relative)
+        atomic_write_json(path, value)
+        return path
+
+    def write_text(self, relative: str, text: str) -> Path:
+        path = self.path(relative)
+        atomic_write_text(path, text)
+        return path
+
+    def read_json(self, relative: str) -> Any:
+        path = self.path(relative)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise RunError(
+                f"run {self.run_id} has no {relative}", run_id=self.run_id, path=path
+            ) from e
+        except json.JSONDecodeError as e:
+            raise RunError(
+                f"{path} is not valid JSON ({e}); fix or delete the file",
+                run_id=self.run_id,
+                path=path,
+            ) from e
+
+    def append_transcript(self, line: dict[str, Any]) -> None:
+        """Append one turn to ``dialogue/transcript.jsonl`` and make it durable (flush + fsync)."""
+        path = self.path(TRANSCRIPT)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_transcript(self) -> list[dict[str, Any]]:
+        """The turns stored so far, in order (an absent transcript is empty)."""
+        path = self.path(TRANSCRIPT)
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+    def archive_stage(self, name: str) -> Path | None:
+        """Move the stage folder's current files to ``<stage>/previous-N/`` (N = 1, 2, ...) so a
+        new attempt starts clean and nothing is lost. Returns the archive folder, or None when
+        the stage folder held no files."""
+        folder = self.path(name)
+        current = [p for p in folder.glob("*") if not p.name.startswith("previous-")]
+        if not current:
+            return None
+        n = 1
+        while (folder / f"previous-{n}").exists():
+            n += 1
+        archive = folder / f"previous-{n}"
+        archive.mkdir()
+        for p in current:
+            shutil.move(str(p), archive / p.name)
+        return archive
+
+    # -- manifest ----------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write the manifest atomically."""
+        atomic_write_json(self.path(MANIFEST), self.manifest)
+
+    def start_stage(
+        self,
+        name: str,
+        *,
+        endpoint: dict[str, Any] | None,
+        parameters: dict[str, Any],
+        inputs: Any,
+    ) -> None:
+        """Mark stage ``name`` running, recording its endpoint, parameters and the sha256 of
+        its inputs (see :func:`sha256_of`)."""
+        entry = _empty_stage()
+        entry.update(
+            status="running",
+            started=timestamp(),
+            pid=os.getpid(),
+            endpoint=endpoint,
+            parameters=parameters,
+            input_hash=sha256_of(inputs),
+        )
+        self.manifest["stages"][name] = entry
+        self.save()
+
+    def _end_stage(self, name: str, status: str, **fields: Any) -> None:
+        entry = self.stage(name)
+        ended = utc_now()
+        entry.update(status=status, ended=timestamp(ended), pid=None, **fields)
+        if entry.get("started"):
+            started = datetime.fromisoformat(entry["started"].replace("Z", "+00:00"))
+            entry["duration_s"] = round((ended - started).total_seconds(), 3)
+        self.save()
+
+    def finish_stage(
+        self, name: str, *, artifacts: Iterable[str], usage: dict[str, int] | None = None
+    ) -> None:
+        """Mark stage ``name`` done with the artifacts it wrote (paths relative to the run)."""
+        fields: dict[str, Any] = {"artifacts": list(artifacts), "error": None}
+        if usage is not None:
+            fields["usage"] = usage
+        self._end_stage(name, "done", **fields)
+
+    def fail_stage(self, name: str, error: str, *, artifacts: Iterable[str] = ()) -> None:
+        """Mark stage ``name`` failed with ``error``; whatever it wrote stays on disk."""
+        present = [a for a in artifacts if self.path(a).exists()]
+        self._end_stage(name, "failed", error=error, artifacts=present)
+
+
+def create_run(runs_dir: Path, task: str) -> Run:
+    """Create a new run folder for ``task`` under ``runs_dir`` with a fresh manifest (every
+    stage ``pending``). A second run in the same second gets ``-2``, ``-3``... appended.
+
+    Raises:
+        RunError: the runs folder cannot be created or written.
+    """
+    now = utc_now()
+    base_id = f"{now:%Y%m%dT%H%M%SZ}-{slugify(task)}"
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        run_id, n = base_id, 1
+        while True:
+            try:
+                (runs_dir / run_id).mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                run_id = f"{base_id}-{n}"
+    except OSError as e:
+        raise RunError(
+            f"cannot create a run folder in {runs_dir}: {e.strerror}; choose another --runs-dir",
+            path=runs_dir,
+        ) from e
+    manifest = {
+        "manifest_version": 1,
+        "run_id": run_id,
+        "task": task,
+        "created": timestamp(now),
+        "versions": _versions(),
+        "files": _data_file_hashes(),
+        "stages": {name: _empty_stage() for name in STAGES},
+    }
+    run = Run(runs_dir / run_id, manifest)
+    run.save()
+    return run
+
+
+def open_run(runs_dir: Path, run_id: str) -> Run:
+    """Open an existing run by id.
+
+    Raises:
+        RunError: the id is not the name of a run folder directly inside ``runs_dir``
+            (paths such as ``../x`` or ``/abs`` are refused), or its manifest is unreadable.
+    """
+    if not RUN_ID_RE.match(run_id or ""):
+        raise RunError(
+            f"{run_id!r} is not a run id (they look like 20261125T120000Z-my-task); "
+            f"list the runs in {runs_dir}",
+            run_id=run_id,
+        )
+    folder = runs_dir / run_id
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise RunError(
+            f"no run {run_id} in {runs_dir}; check the id, or pass --runs-dir where it lives",
+            run_id=run_id,
+            path=folder,
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(
+            f"the manifest of run {run_id} is unreadable ({e}): {manifest_path}",
+            run_id=run_id,
+            path=manifest_path,
+        ) from e
+    return Run(folder, manifest)
