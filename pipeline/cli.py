@@ -203,8 +203,10 @@ def generate(
                 click.echo(f"pipeline converse {run.run_id}{_runs_dir_flag(runs_dir)}")
                 return
             if not _review(run, roles):
-                click.echo(f"\nnot run; to run the dialogue later: pipeline converse {run.run_id}"
-                           f"{_runs_dir_flag(runs_dir)}")
+                click.echo(
+                    f"\nnot run; to run the dialogue later: pipeline converse {run.run_id}"
+                    f"{_runs_dir_flag(runs_dir)}"
+                )
                 return
         _converse(run, client, turns, max_tokens, temperature)
 
@@ -260,7 +262,8 @@ def serve(host: str, port: int) -> None:
 
     Point any OpenAI client (or another pipeline) at http://HOST:PORT/v1. Ctrl-C stops it.
     """
-    from .local import MODEL_NAME, model_path, serve as serve_embedded
+    from .local import MODEL_NAME, model_path
+    from .local import serve as serve_embedded
 
     model_path()  # clear error when the local extra is missing
     click.echo(f"serving {MODEL_NAME} at http://{host}:{port}/v1 (Ctrl-C to stop)", err=True)
@@ -273,9 +276,7 @@ def serve(host: str, port: int) -> None:
 
 
 def _announce_server(server: LocalServer) -> None:
-    click.echo(
-        f"embedded model server started at {server.base_url} (pid {server.pid})", err=True
-    )
+    click.echo(f"embedded model server started at {server.base_url} (pid {server.pid})", err=True)
 
 
 def _runs_dir_flag(runs_dir: Path) -> str:
@@ -361,5 +362,6 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     signal.signal(signal.SIGTERM, _terminate)
     cli()

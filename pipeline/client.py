@@ -180,7 +180,6 @@ class ModelClient:
 
         url = self.endpoint.base_url
         tries = f"after {self.max_retries + 1} attempt(s)"
-        key_env = self.endpoint.api_key_env or DEFAULT_KEY_ENV
         if isinstance(e, openai.APITimeoutError):
             message = (
                 f"{url} did not answer within {self.timeout:g} s {tries}; "
@@ -193,10 +192,15 @@ class ModelClient:
                 f"cannot connect to {url}{detail} {tries}; "
                 "check that the server is running and --base-url is right"
             )
+        elif isinstance(e, openai.AuthenticationError) and self.endpoint.api_key_env is None:
+            message = (
+                f"{url} needs an API key (HTTP 401): set {DEFAULT_KEY_ENV}, "
+                "or name the variable holding it with --api-key-env"
+            )
         elif isinstance(e, openai.AuthenticationError):
             message = (
-                f"{url} refused the API key (HTTP 401): set {key_env} to a valid key, "
-                "or name the variable holding it with --api-key-env"
+                f"{url} refused the API key in {self.endpoint.api_key_env} (HTTP 401): "
+                "check that it is valid for this server"
             )
         elif isinstance(e, openai.NotFoundError):
             message = (
@@ -204,10 +208,22 @@ class ModelClient:
                 "pass --model with a model that server serves"
             )
         elif isinstance(e, openai.APIStatusError):
-            message = f"{url} answered HTTP {e.status_code} {tries}: {_short(e.message)}"
+            message = f"{url} answered HTTP {e.status_code} {tries}: {_short(_server_message(e))}"
         else:
             message = f"request to {url} failed: {_short(str(e))}"
         return EndpointError(message)
+
+
+def _server_message(e: openai.APIStatusError) -> str:
+    """The server's own error message: OpenAI-style bodies carry it in ``error.message``."""
+    body = e.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if isinstance(inner, str):
+            return inner
+    return e.message
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -248,7 +264,9 @@ def parse_structured(response: dict[str, Any], schema_name: str) -> Any:
         ) from e
     problems = schemas.errors(value, schema_name)
     if problems:
-        shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+        shown = "; ".join(problems[:3]) + (
+            f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        )
         raise StructuredOutputError(
             f"the answer does not match {schema_name}: {shown}", errors=problems
         )

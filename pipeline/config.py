@@ -102,9 +102,7 @@ def resolve_endpoint(
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"base URL {url!r} must start with http:// or https://")
     if not model:
-        raise ConfigError(
-            f"no model given for {url}: pass --model NAME (or set PIPELINE_MODEL)"
-        )
+        raise ConfigError(f"no model given for {url}: pass --model NAME (or set PIPELINE_MODEL)")
     return Endpoint(
         base_url=url.rstrip("/"),
         model=model,

@@ -103,7 +103,9 @@ def run_dialogue(
     roles = roles_doc["roles"]
     inputs = {
         "roles_sha256": sha256_of(roles_doc),
-        "endpoints": [{"base_url": c.endpoint.base_url, "model": c.endpoint.model} for c in clients],
+        "endpoints": [
+            {"base_url": c.endpoint.base_url, "model": c.endpoint.model} for c in clients
+        ],
         "parameters": asdict(params),
     }
     run.archive_stage(STAGE)

@@ -102,7 +102,7 @@ def run_director(run: Run, client: ModelClient, params: DirectorParameters) -> d
             "completion_tokens": int(usage.get("completion_tokens", 0)),
         },
     )
-    return roles  # type: ignore[no-any-return]
+    return roles
 
 
 def _interrupted(e: BaseException) -> str:
@@ -135,7 +135,7 @@ def load_roles(run: Run) -> dict[str, Any]:
             run_id=run.run_id,
             stage=STAGE,
         )
-    return roles  # type: ignore[no-any-return]
+    return roles
 
 
 def replace_roles(run: Run, roles: dict[str, Any]) -> None:

@@ -130,7 +130,7 @@ class LocalServer:
             LocalServerError: the server exited or did not answer within ``timeout`` seconds.
         """
         command = server_command(self.host, self.port)
-        self._log = tempfile.TemporaryFile()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,

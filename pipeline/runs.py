@@ -160,7 +160,7 @@ class Run:
 
     def stage(self, name: str) -> dict[str, Any]:
         """The manifest entry of stage ``name``."""
-        return self.manifest["stages"][name]  # type: ignore[no-any-return]
+        return self.manifest["stages"][name]
 
     # -- artifacts ---------------------------------------------------------------
 

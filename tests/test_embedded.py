@@ -1,0 +1,162 @@
+"""The real embedded model: llama-cpp-python's server with SmolLM2-135M-Instruct, over real HTTP
+with the real openai client. Few turns and small token limits keep these quick."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline import schemas
+from pipeline.client import ModelClient
+from pipeline.director import DirectorParameters, run_director
+from pipeline.local import MODEL_NAME, LocalServer
+from pipeline.runs import create_run
+
+from .conftest import only_run, read_jsonl
+
+pytestmark = pytest.mark.embedded
+
+TASK = "write a short paper on the ethics of AI"
+SERVER_LINE = re.compile(
+    r"embedded model server started at (http://127\.0\.0\.1:\d+/v1) \(pid (\d+)\)"
+)
+
+
+@pytest.fixture(scope="session")
+def embedded() -> Iterator[LocalServer]:
+    with LocalServer() as server:
+        yield server
+
+
+def offline_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PIPELINE_"))}
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def wait_until(condition, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_models_endpoint_names_the_embedded_model(embedded):
+    import openai
+
+    client = openai.OpenAI(base_url=embedded.base_url, api_key="none")
+    assert [m.id for m in client.models.list()] == [MODEL_NAME]
+
+
+def test_director_on_the_embedded_model_returns_schema_valid_roles(embedded, tmp_path):
+    run = create_run(tmp_path, TASK)
+    roles = run_director(run, ModelClient(embedded.endpoint()), DirectorParameters())
+    assert schemas.errors(roles, schemas.ROLES) == []
+    request = json.loads(run.path("director/request.json").read_text())
+    assert request["response_format"]["type"] == "json_object"
+    assert request["response_format"]["schema"] == schemas.load(schemas.ROLES)
+    assert run.stage("director")["status"] == "done"
+    assert run.stage("director")["usage"]["completion_tokens"] > 0
+
+
+def test_generate_runs_offline_end_to_end(tmp_path):
+    runs_dir = tmp_path / "runs"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "generate",
+            "--yes",
+            "--turns",
+            "3",
+            "--max-tokens",
+            "32",
+            "--runs-dir",
+            str(runs_dir),
+            TASK,
+        ],
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = only_run(runs_dir)
+    assert proc.stdout.endswith(f"\nrun {run.name} done: {run}\n")
+
+    roles = json.loads((run / "director" / "roles.json").read_text())
+    assert schemas.errors(roles, schemas.ROLES) == []
+    lines = read_jsonl(run / "dialogue" / "transcript.jsonl")
+    assert [line["turn"] for line in lines] == [1, 2, 3]
+    assert [line["role_index"] for line in lines] == [0, 1, 0]
+    assert lines[0]["content"] == roles["opening_line"]
+    assert all(line["model"] == MODEL_NAME for line in lines[1:])
+    manifest = json.loads((run / "run.json").read_text())
+    assert schemas.errors(manifest, schemas.RUN_MANIFEST) == []
+    assert [manifest["stages"][s]["status"] for s in ("director", "dialogue")] == ["done", "done"]
+    assert manifest["stages"]["director"]["endpoint"]["embedded"] is True
+
+    match = SERVER_LINE.search(proc.stderr)
+    assert match, proc.stderr
+    assert not alive(int(match.group(2)))  # stopped on a normal exit
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_no_orphan_server_when_pipeline_is_stopped(tmp_path, signum):
+    runs_dir = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "generate", "--yes", "--runs-dir", str(runs_dir), TASK],
+        env=offline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        match = SERVER_LINE.search(proc.stderr.readline())
+        assert match, "the server line comes first on stderr"
+        server_pid = int(match.group(2))
+        assert alive(server_pid)
+
+        def director_running() -> bool:
+            try:
+                manifest = json.loads((only_run(runs_dir) / "run.json").read_text())
+            except (AssertionError, FileNotFoundError, json.JSONDecodeError):
+                return False
+            return bool(manifest["stages"]["director"]["status"] == "running")
+
+        assert wait_until(director_running)
+        proc.send_signal(signum)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_until(lambda: not alive(server_pid), timeout=15), "the server outlived pipeline"
+    manifest = json.loads((only_run(runs_dir) / "run.json").read_text())
+    director = manifest["stages"]["director"]
+    if signum == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert director["status"] == "running"  # nothing could record it; the pid is gone
+    else:
+        assert proc.returncode == 1
+        assert (director["status"], director["error"]) == ("failed", "interrupted")
+        assert (only_run(runs_dir) / "director" / "prompt.txt").exists()

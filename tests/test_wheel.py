@@ -1,0 +1,114 @@
+"""The built wheel (not the editable checkout) ships templates/ and schemas/ and works."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from pipeline.resources import data_dir
+
+from .conftest import only_run
+from .fakeserver import FakeServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    (built,) = out.glob("converse_pipeline-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--quiet",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
+    return target
+
+
+def run_installed(target: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PIPELINE_"))}
+    env["PYTHONPATH"] = str(target)
+    return subprocess.run(
+        [sys.executable, str(target / "bin" / "pipeline"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=target,
+    )
+
+
+def test_wheel_contains_every_template_and_schema(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in ("templates", "schemas"):
+        for path in data_dir(folder).iterdir():
+            assert f"pipeline/{folder}/{path.name}" in names
+
+
+def test_installed_wheel_runs_generate_help(installed):
+    proc = run_installed(installed, "generate", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage: pipeline generate [OPTIONS] TASK")
+
+
+def test_installed_wheel_uses_its_own_data_and_runs(installed, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    where = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from pipeline.resources import data_dir; print(data_dir('templates'))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=installed,
+        check=True,
+    ).stdout.strip()
+    assert Path(where) == installed / "pipeline" / "templates"
+
+    from .conftest import conversation
+
+    with FakeServer(conversation) as fake:
+        proc = run_installed(
+            installed,
+            "generate",
+            "--base-url",
+            fake.base_url,
+            "--model",
+            "m",
+            "--yes",
+            "--turns",
+            "2",
+            "--runs-dir",
+            str(tmp_path),
+            "x",
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert (only_run(tmp_path) / "dialogue" / "transcript.md").exists()
