@@ -189,26 +189,32 @@ def generate(
     from .runs import create_run
 
     resolved = resolve_endpoint(base_url=base_url, model=model, api_key_env=api_key_env)
-    with endpoint_or_embedded(resolved, on_start=_announce_server) as endpoint:
-        client = ModelClient(endpoint, timeout=timeout, max_retries=max_retries)
-        run = create_run(runs_dir, task)
-        click.echo(f"run {run.run_id}: asking the director ({endpoint.model})...", err=True)
-        roles = run_director(
-            run, client, DirectorParameters(max_tokens=director_max_tokens, temperature=temperature)
-        )
-        _show_roles(roles)
-        if not yes:
-            if not sys.stdin.isatty():
-                click.echo(f"\nreview the roles in {run.path('director/roles.json')}, then run:")
-                click.echo(f"pipeline converse {run.run_id}{_runs_dir_flag(runs_dir)}")
-                return
-            if not _review(run, roles):
-                click.echo(
-                    f"\nnot run; to run the dialogue later: pipeline converse {run.run_id}"
-                    f"{_runs_dir_flag(runs_dir)}"
-                )
-                return
-        _converse(run, client, turns, max_tokens, temperature)
+    run: Run | None = None
+    try:
+        with endpoint_or_embedded(resolved, on_start=_announce_server) as endpoint:
+            client = ModelClient(endpoint, timeout=timeout, max_retries=max_retries)
+            run = create_run(runs_dir, task)
+            click.echo(f"run {run.run_id}: asking the director ({endpoint.model})...", err=True)
+            director_params = DirectorParameters(
+                max_tokens=director_max_tokens, temperature=temperature
+            )
+            roles = run_director(run, client, director_params)
+            _show_roles(roles)
+            if not yes:
+                next_command = f"pipeline converse {run.run_id}{_runs_dir_flag(runs_dir)}"
+                if not sys.stdin.isatty():
+                    click.echo(
+                        f"\nreview the roles in {run.path('director/roles.json')}, then run:"
+                    )
+                    click.echo(next_command)
+                    return
+                if not _review(run, roles):
+                    click.echo(f"\nnot run; to run the dialogue later: {next_command}")
+                    return
+            _converse(run, client, turns, max_tokens, temperature)
+    except KeyboardInterrupt:
+        _say_kept(run)
+        raise
 
 
 @cli.command()
@@ -249,9 +255,13 @@ def converse(
             api_key_env=recorded.get("api_key_env"),
             structured_output=recorded.get("structured_output", "json_schema"),
         )
-    with endpoint_or_embedded(resolved, on_start=_announce_server) as endpoint:
-        client = ModelClient(endpoint, timeout=timeout, max_retries=max_retries)
-        _converse(run, client, turns, max_tokens, temperature)
+    try:
+        with endpoint_or_embedded(resolved, on_start=_announce_server) as endpoint:
+            client = ModelClient(endpoint, timeout=timeout, max_retries=max_retries)
+            _converse(run, client, turns, max_tokens, temperature)
+    except KeyboardInterrupt:
+        _say_kept(run)
+        raise
 
 
 @cli.command()
@@ -348,12 +358,13 @@ def _converse(
     from .dialogue import DialogueParameters, run_dialogue
 
     params = DialogueParameters(turns=turns, max_tokens=max_tokens, temperature=temperature)
-    try:
-        run_dialogue(run, [client, client], params, _Printer())
-    except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; run {run.run_id} is kept in {run.folder}", err=True)
-        raise
+    run_dialogue(run, [client, client], params, _Printer())
     click.echo(f"\nrun {run.run_id} done: {run.folder}")
+
+
+def _say_kept(run: Run | None) -> None:
+    if run is not None:
+        click.echo(f"\ninterrupted; run {run.run_id} is kept in {run.folder}", err=True)
 
 
 def _terminate(signum: int, frame: object) -> None:

