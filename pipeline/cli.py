@@ -9,18 +9,21 @@ commands that need them, so ``pipeline --help`` starts fast.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
-from .config import Endpoint, resolve_endpoint
+from .config import STRUCTURED_OUTPUT_CHOICES, Endpoint, resolve_endpoint
 from .errors import PipelineError
 
 if TYPE_CHECKING:
@@ -55,36 +58,115 @@ def _runs_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+@dataclass(frozen=True)
+class _EndpointFlags:
+    """The endpoint options of one command, and how to turn them into a client."""
+
+    base_url: str | None
+    model: str | None
+    api_key_env: str | None
+    structured_output: str
+    timeout: float
+    max_retries: int
+
+    @contextlib.contextmanager
+    def client(self, run: Run | None = None) -> Iterator[ModelClient]:
+        """A client for the resolved endpoint (flags > environment > the endpoint that ran
+        ``run``'s director, when it was not the embedded one > the embedded model, started
+        for the duration of the ``with`` block)."""
+        from .client import ModelClient
+        from .local import endpoint_or_embedded
+
+        resolved = resolve_endpoint(
+            base_url=self.base_url,
+            model=self.model,
+            api_key_env=self.api_key_env,
+            structured_output=self.structured_output,
+        )
+        recorded = (run.stage("director").get("endpoint") or {}) if run else {}
+        if resolved is None and recorded and not recorded.get("embedded"):
+            resolved = Endpoint(
+                base_url=recorded["base_url"],
+                model=recorded["model"],
+                api_key_env=recorded.get("api_key_env"),
+                structured_output=recorded.get("structured_output", "auto"),
+            )
+        with endpoint_or_embedded(
+            resolved, structured_output=self.structured_output, on_start=_announce_server
+        ) as endpoint:
+            yield ModelClient(endpoint, timeout=self.timeout, max_retries=self.max_retries)
+
+
+_ENDPOINT_OPTIONS = [
+    click.option(
+        "--base-url",
+        metavar="URL",
+        help="OpenAI-compatible API root, e.g. http://localhost:11434/v1 "
+        "[default: $OPENAI_BASE_URL, else OpenAI if $OPENAI_API_KEY is set, "
+        "else the embedded model]",
+    ),
+    click.option(
+        "--model", envvar="PIPELINE_MODEL", show_envvar=True, help="Model name to ask for."
+    ),
+    click.option(
+        "--api-key-env",
+        metavar="NAME",
+        help="Environment variable holding the API key [default: OPENAI_API_KEY].",
+    ),
+    click.option(
+        "--structured-output",
+        type=click.Choice(STRUCTURED_OUTPUT_CHOICES),
+        default="auto",
+        show_default=True,
+        help="How to ask for JSON: OpenAI's json_schema response format, llama-cpp-python's "
+        "json_object, the schema in the prompt, or auto (known per server, else try each).",
+    ),
+    click.option(
+        "--timeout",
+        type=click.FloatRange(min=0.1),
+        default=600.0,
+        show_default=True,
+        help="Seconds to wait for each HTTP request.",
+    ),
+    click.option(
+        "--max-retries",
+        type=click.IntRange(min=0),
+        default=2,
+        show_default=True,
+        help="Retries on 408/409/429/5xx and connection errors (the SDK's policy).",
+    ),
+]
+
+
 def _endpoint_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the endpoint options; the command receives them as one ``flags`` argument."""
+    names = [field.name for field in fields(_EndpointFlags)]
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        flags = _EndpointFlags(**{name: kwargs.pop(name) for name in names})
+        return f(*args, flags=flags, **kwargs)
+
+    for option in reversed(_ENDPOINT_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _director_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(
-            "--base-url",
-            metavar="URL",
-            help="OpenAI-compatible API root, e.g. http://localhost:11434/v1 "
-            "[default: $OPENAI_BASE_URL, else OpenAI if $OPENAI_API_KEY is set, "
-            "else the embedded model]",
-        ),
-        click.option(
-            "--model", envvar="PIPELINE_MODEL", show_envvar=True, help="Model name to ask for."
-        ),
-        click.option(
-            "--api-key-env",
-            metavar="NAME",
-            help="Environment variable holding the API key [default: OPENAI_API_KEY].",
-        ),
-        click.option(
-            "--timeout",
-            type=click.FloatRange(min=0.1),
-            default=600.0,
+            "--director-max-tokens",
+            type=click.IntRange(min=1),
+            default=2048,
             show_default=True,
-            help="Seconds to wait for each HTTP request.",
+            help="Most tokens for the director's answer.",
         ),
         click.option(
-            "--max-retries",
-            type=click.IntRange(min=0),
+            "--repair-attempts",
+            type=click.IntRange(0, 10),
             default=2,
             show_default=True,
-            help="Retries on 408/409/429/5xx and connection errors (the SDK's policy).",
+            help="Times an unusable director answer is sent back to be corrected.",
         ),
     ]
     for option in reversed(options):
@@ -154,26 +236,17 @@ def _nonempty_task(ctx: click.Context, param: click.Parameter, value: str) -> st
 @_runs_dir_option
 @_endpoint_options
 @_dialogue_options
-@click.option(
-    "--director-max-tokens",
-    type=click.IntRange(min=1),
-    default=2048,
-    show_default=True,
-    help="Most tokens for the director's answer.",
-)
+@_director_options
 @click.option("--yes", "-y", is_flag=True, help="Run the dialogue without asking.")
 def generate(
     task: str,
     runs_dir: Path,
-    base_url: str | None,
-    model: str | None,
-    api_key_env: str | None,
-    timeout: float,
-    max_retries: int,
+    flags: _EndpointFlags,
     turns: int,
     max_tokens: int,
     temperature: float,
     director_max_tokens: int,
+    repair_attempts: int,
     yes: bool,
 ) -> None:
     """Write roles for TASK, let you review them, then run the dialogue.
@@ -183,22 +256,17 @@ def generate(
     When standard input is not a terminal and --yes is absent, it stops after the
     director stage and prints the command that continues.
     """
-    from .client import ModelClient
     from .director import DirectorParameters, run_director
-    from .local import endpoint_or_embedded
     from .runs import create_run
 
-    resolved = resolve_endpoint(base_url=base_url, model=model, api_key_env=api_key_env)
     run: Run | None = None
     try:
-        with endpoint_or_embedded(resolved, on_start=_announce_server) as endpoint:
-            client = ModelClient(endpoint, timeout=timeout, max_retries=max_retries)
+        with flags.client() as client:
             run = create_run(runs_dir, task)
-            click.echo(f"run {run.run_id}: asking the director ({endpoint.model})...", err=True)
-            director_params = DirectorParameters(
-                max_tokens=director_max_tokens, temperature=temperature
-            )
-            roles = run_director(run, client, director_params)
+            model = client.endpoint.model
+            click.echo(f"run {run.run_id}: asking the director ({model})...", err=True)
+            params = DirectorParameters(director_max_tokens, temperature, repair_attempts)
+            roles = run_director(run, client, params)
             _show_roles(roles)
             if not yes:
                 next_command = f"pipeline converse {run.run_id}{_runs_dir_flag(runs_dir)}"
@@ -225,11 +293,7 @@ def generate(
 def converse(
     run_id: str,
     runs_dir: Path,
-    base_url: str | None,
-    model: str | None,
-    api_key_env: str | None,
-    timeout: float,
-    max_retries: int,
+    flags: _EndpointFlags,
     turns: int,
     max_tokens: int,
     temperature: float,
@@ -239,26 +303,62 @@ def converse(
     The endpoint is chosen as for generate; with no flag or environment variable set,
     the endpoint that ran the director is used again.
     """
-    from .client import ModelClient
     from .director import load_roles
-    from .local import endpoint_or_embedded
     from .runs import open_run
 
     run = open_run(runs_dir, run_id)
     load_roles(run)  # fail before starting a server when the run is not ready
-    resolved = resolve_endpoint(base_url=base_url, model=model, api_key_env=api_key_env)
-    recorded = run.stage("director").get("endpoint") or {}
-    if resolved is None and recorded and not recorded.get("embedded"):
-        resolved = Endpoint(
-            base_url=recorded["base_url"],
-            model=recorded["model"],
-            api_key_env=recorded.get("api_key_env"),
-            structured_output=recorded.get("structured_output", "json_schema"),
-        )
     try:
-        with endpoint_or_embedded(resolved, on_start=_announce_server) as endpoint:
-            client = ModelClient(endpoint, timeout=timeout, max_retries=max_retries)
+        with flags.client(run) as client:
             _converse(run, client, turns, max_tokens, temperature)
+    except KeyboardInterrupt:
+        _say_kept(run)
+        raise
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("stage", type=click.Choice(["director", "dialogue"]))
+@_runs_dir_option
+@_endpoint_options
+@_dialogue_options
+@_director_options
+def rerun(
+    run_id: str,
+    stage: str,
+    runs_dir: Path,
+    flags: _EndpointFlags,
+    turns: int,
+    max_tokens: int,
+    temperature: float,
+    director_max_tokens: int,
+    repair_attempts: int,
+) -> None:
+    """Regenerate STAGE of RUN_ID from the run's saved inputs.
+
+    The stage's previous files are kept in <stage>/previous-N/. Rerunning the
+    director marks a finished dialogue stale (its roles changed).
+    """
+    from .director import DirectorParameters, load_roles, run_director
+    from .runs import open_run
+
+    run = open_run(runs_dir, run_id)
+    if stage == "dialogue":
+        load_roles(run)
+    try:
+        with flags.client(run) as client:
+            if stage == "dialogue":
+                _converse(run, client, turns, max_tokens, temperature)
+                return
+            run.archive_stage("director")
+            params = DirectorParameters(director_max_tokens, temperature, repair_attempts)
+            _show_roles(run_director(run, client, params))
+            if run.mark_stale("dialogue"):
+                click.echo(
+                    f"\nthe dialogue was run on the old roles and is now stale; "
+                    f"rerun it with: pipeline rerun {run.run_id} dialogue"
+                    f"{_runs_dir_flag(runs_dir)}"
+                )
     except KeyboardInterrupt:
         _say_kept(run)
         raise

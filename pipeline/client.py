@@ -11,14 +11,12 @@ API reference: https://platform.openai.com/docs/api-reference/chat/create
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import schemas
 from .config import DEFAULT_KEY_ENV, Endpoint
-from .errors import EndpointError, StructuredOutputError
+from .errors import EndpointError, StructuredOutputError, one_line
 
 if TYPE_CHECKING:  # the SDK is imported on first use, not at CLI start-up
     import openai
@@ -43,6 +41,80 @@ class ChatResult:
     finish_reason: str | None
     model: str
     usage: dict[str, int] | None
+
+
+@dataclass
+class Attempt:
+    """The outcome of one structured-output attempt.
+
+    Attributes:
+        number: 1-based attempt number within the call.
+        dialect: the structured-output dialect used.
+        outcome: ``ok``, ``rejected`` (the server refused the response format), ``error``
+            (an HTTP or connection failure), or a :class:`StructuredOutputError` kind.
+        errors: the problems found (``"<json path>: <message>"``) or the error message.
+    """
+
+    number: int
+    dialect: str
+    outcome: str
+    errors: list[str]
+
+
+@dataclass
+class StructuredResult:
+    """A validated structured answer.
+
+    Attributes:
+        value: the parsed JSON, valid against the schema.
+        dialect: the dialect that produced it.
+        attempts: how many requests were sent.
+        request, response: the final request body and raw response.
+        usage: prompt and completion tokens summed over every attempt.
+    """
+
+    value: Any
+    dialect: str
+    attempts: int
+    request: dict[str, Any]
+    response: dict[str, Any]
+    usage: dict[str, int]
+
+
+class AttemptRecorder(Protocol):
+    """Receives each structured-output attempt as it happens (a stage saves them)."""
+
+    def request(self, number: int, body: dict[str, Any]) -> None: ...
+
+    def response(self, number: int, body: dict[str, Any]) -> None: ...
+
+    def outcome(self, attempt: Attempt) -> None: ...
+
+
+class _NoRecorder:
+    def request(self, number: int, body: dict[str, Any]) -> None:
+        pass
+
+    def response(self, number: int, body: dict[str, Any]) -> None:
+        pass
+
+    def outcome(self, attempt: Attempt) -> None:
+        pass
+
+
+def _for_dialect(messages: list[Message], dialect: str, schema_name: str) -> list[Message]:
+    """In the ``prompt`` dialect, the schema instructions are added to the last user message."""
+    if dialect != "prompt":
+        return messages
+    from .structured import schema_instructions
+
+    out = list(messages)
+    instructions = schema_instructions(schema_name)
+    for i in range(len(out) - 1, -1, -1):
+        if out[i]["role"] == "user":
+            out[i] = {**out[i], "content": f"{out[i]['content']}\n\n{instructions}"}
+            break
+    return out
 
 
 class ModelClient:
@@ -94,34 +166,90 @@ class ModelClient:
             "stream_options": {"include_usage": True},
         }
 
-    def structured_request(
+    def structured(
         self,
         messages: list[Message],
         schema_name: str,
         *,
         max_tokens: int,
         temperature: float,
-    ) -> dict[str, Any]:
-        """A non-streaming request whose answer must be JSON satisfying ``schemas/<schema_name>``,
-        asked for in the endpoint's structured-output dialect."""
-        schema = schemas.load(schema_name)
-        if self.endpoint.structured_output == "json_object":
-            response_format: dict[str, Any] = {"type": "json_object", "schema": schema}
-        else:
-            response_format = {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": schema_name.split(".")[0].replace("-", "_"),
-                    "schema": schema,
-                },
+        dialects: list[str],
+        repair_attempts: int,
+        recorder: AttemptRecorder | None = None,
+    ) -> StructuredResult:
+        """Ask for JSON satisfying ``schemas/<schema_name>`` and return it validated.
+
+        Tries ``dialects`` in order while the server rejects the response format (see
+        :mod:`pipeline.structured`); re-asks up to ``repair_attempts`` times when the answer
+        is not valid JSON or breaks the schema, sending back the answer and the problems.
+        ``recorder`` sees every attempt's request, raw response and outcome.
+
+        Raises:
+            StructuredOutputError: the last attempt's answer was unusable, or the answer was
+                cut off, filtered or refused (not repaired: asking again cannot help).
+            EndpointError: the endpoint failed, or rejected the last dialect to try.
+        """
+        from . import structured
+
+        record = recorder or _NoRecorder()
+        plan = list(dialects)
+        dialect = plan.pop(0)
+        conversation = _for_dialect(list(messages), dialect, schema_name)
+        repairs_left = repair_attempts
+        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        number = 0
+        while True:
+            number += 1
+            request = {
+                "model": self.endpoint.model,
+                "messages": conversation,
+                "max_tokens": max_tokens,
+                "temperature": temperature,
             }
-        return {
-            "model": self.endpoint.model,
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "response_format": response_format,
-        }
+            response_format = structured.response_format(dialect, schema_name)
+            if response_format is not None:
+                request["response_format"] = response_format
+            record.request(number, request)
+            try:
+                response = self.complete(request)
+            except EndpointError as e:
+                rejected = e.rejects_response_format
+                record.outcome(
+                    Attempt(number, dialect, "rejected" if rejected else "error", [e.message])
+                )
+                if rejected and plan:
+                    dialect = plan.pop(0)
+                    conversation = _for_dialect(conversation, dialect, schema_name)
+                    continue
+                if rejected:
+                    raise EndpointError(
+                        f"{self.endpoint.base_url} rejected the {dialect} response format "
+                        f"(HTTP {e.status}: {one_line(e.detail, 200)}); "
+                        "use --structured-output auto or another dialect",
+                        status=e.status,
+                        detail=e.detail,
+                    ) from e
+                raise
+            record.response(number, response)
+            for key, value in (response.get("usage") or {}).items():
+                if key in usage and isinstance(value, int):
+                    usage[key] += value
+            try:
+                value = structured.parse(response, schema_name, dialect=dialect)
+            except StructuredOutputError as e:
+                record.outcome(Attempt(number, dialect, e.kind, e.errors or [e.message]))
+                if not e.repairable or repairs_left == 0:
+                    raise
+                repairs_left -= 1
+                answer = response["choices"][0]["message"].get("content") or ""
+                conversation = [
+                    *conversation,
+                    {"role": "assistant", "content": answer},
+                    {"role": "user", "content": structured.repair_request(answer, e.errors)},
+                ]
+                continue
+            record.outcome(Attempt(number, dialect, "ok", []))
+            return StructuredResult(value, dialect, number, request, response, usage)
 
     # -- sending ------------------------------------------------------------------
 
@@ -180,6 +308,8 @@ class ModelClient:
 
         url = self.endpoint.base_url
         tries = f"after {self.max_retries + 1} attempt(s)"
+        status = e.status_code if isinstance(e, openai.APIStatusError) else None
+        detail = _server_message(e) if isinstance(e, openai.APIStatusError) else str(e)
         if isinstance(e, openai.APITimeoutError):
             message = (
                 f"{url} did not answer within {self.timeout:g} s {tries}; "
@@ -187,11 +317,16 @@ class ModelClient:
             )
         elif isinstance(e, openai.APIConnectionError):
             cause = e.__cause__ or e.__context__
-            detail = f" ({cause})" if cause else ""
-            message = (
-                f"cannot connect to {url}{detail} {tries}; "
-                "check that the server is running and --base-url is right"
-            )
+            if _is_connect_error(cause):
+                message = (
+                    f"cannot connect to {url} ({cause}) {tries}; "
+                    "check that the server is running and --base-url is right"
+                )
+            else:
+                message = (
+                    f"the connection to {url} broke ({cause or 'no detail'}) {tries}; "
+                    "check the server and try again"
+                )
         elif isinstance(e, openai.AuthenticationError) and self.endpoint.api_key_env is None:
             message = (
                 f"{url} needs an API key (HTTP 401): set {DEFAULT_KEY_ENV}, "
@@ -204,14 +339,28 @@ class ModelClient:
             )
         elif isinstance(e, openai.NotFoundError):
             message = (
-                f"{url} answered 404 for model {self.endpoint.model!r}: "
-                "pass --model with a model that server serves"
+                f"{url} answered 404 for model {self.endpoint.model!r}: pass --model with a "
+                "model that server serves, and check that --base-url is its API root (often /v1)"
+            )
+        elif isinstance(e, openai.RateLimitError):
+            message = (
+                f"{url} kept answering 429 (rate limited) {tries}: {one_line(detail, 200)}; "
+                "wait and try again, or raise --max-retries"
             )
         elif isinstance(e, openai.APIStatusError):
-            message = f"{url} answered HTTP {e.status_code} {tries}: {_short(_server_message(e))}"
+            message = f"{url} answered HTTP {e.status_code} {tries}: {one_line(detail)}"
         else:
-            message = f"request to {url} failed: {_short(str(e))}"
-        return EndpointError(message)
+            message = f"request to {url} failed: {one_line(str(e))}"
+        return EndpointError(message, status=status, detail=detail)
+
+
+def _is_connect_error(cause: BaseException | None) -> bool:
+    """True when the connection could not be opened at all (refused, unknown host)."""
+    try:
+        import httpx2  # the openai SDK's transport
+    except ImportError:  # pragma: no cover - an SDK on another transport
+        return type(cause).__name__ == "ConnectError"
+    return isinstance(cause, httpx2.ConnectError)
 
 
 def _server_message(e: openai.APIStatusError) -> str:
@@ -224,50 +373,3 @@ def _server_message(e: openai.APIStatusError) -> str:
         if isinstance(inner, str):
             return inner
     return e.message
-
-
-def _short(text: str, limit: int = 300) -> str:
-    one_line = " ".join(str(text).split())
-    return one_line if len(one_line) <= limit else one_line[: limit - 3] + "..."
-
-
-def parse_structured(response: dict[str, Any], schema_name: str) -> Any:
-    """The JSON answer in a raw chat completion, validated against ``schemas/<schema_name>``.
-
-    Raises:
-        StructuredOutputError: no answer, a cut-off answer (``finish_reason == "length"``),
-            a content-filter stop, a refusal, invalid JSON, or a schema violation;
-            ``errors`` lists the validator's messages.
-    """
-    choices = response.get("choices") or []
-    if not choices:
-        raise StructuredOutputError("the model returned no choices")
-    choice = choices[0]
-    message = choice.get("message") or {}
-    finish = choice.get("finish_reason")
-    if message.get("refusal"):
-        raise StructuredOutputError(f"the model refused: {_short(message['refusal'])}")
-    if finish == "content_filter":
-        raise StructuredOutputError("the server's content filter stopped the answer")
-    if finish == "length":
-        raise StructuredOutputError(
-            "the answer was cut off at the token limit (finish_reason=length) "
-            "before the JSON was complete"
-        )
-    content = message.get("content") or ""
-    try:
-        value = json.loads(content)
-    except json.JSONDecodeError as e:
-        raise StructuredOutputError(
-            f"the answer is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
-            errors=[f"$: {e.msg} at line {e.lineno} column {e.colno}"],
-        ) from e
-    problems = schemas.errors(value, schema_name)
-    if problems:
-        shown = "; ".join(problems[:3]) + (
-            f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        )
-        raise StructuredOutputError(
-            f"the answer does not match {schema_name}: {shown}", errors=problems
-        )
-    return value

@@ -22,11 +22,8 @@ from .errors import ConfigError
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
-
-# How a structured (JSON) answer is requested. "json_schema" is OpenAI's
-# response_format; "json_object" with a "schema" member is the only form
-# llama-cpp-python's server accepts (it answers 500 to json_schema).
-STRUCTURED_OUTPUT_DIALECTS = ("json_schema", "json_object")
+# How structured (JSON) answers are asked for; see pipeline.structured.
+STRUCTURED_OUTPUT_CHOICES = ("auto", "json_schema", "json_object", "prompt")
 
 
 @dataclass(frozen=True)
@@ -38,14 +35,15 @@ class Endpoint:
         model: the model name sent in each request.
         api_key_env: the environment variable holding the key, or None for servers
             that need none.
-        structured_output: one of :data:`STRUCTURED_OUTPUT_DIALECTS`.
+        structured_output: how structured answers are asked for: ``auto`` or a dialect of
+            :mod:`pipeline.structured`.
         embedded: True for the embedded offline model.
     """
 
     base_url: str
     model: str
     api_key_env: str | None = DEFAULT_KEY_ENV
-    structured_output: str = "json_schema"
+    structured_output: str = "auto"
     embedded: bool = False
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str:
@@ -70,12 +68,14 @@ def resolve_endpoint(
     base_url: str | None = None,
     model: str | None = None,
     api_key_env: str | None = None,
+    structured_output: str = "auto",
     environ: Mapping[str, str] | None = None,
 ) -> Endpoint | None:
     """Resolve the endpoint from flags and environment; None means "use the embedded model".
 
     Args:
         base_url, model, api_key_env: the command-line flags (None when not given).
+        structured_output: the ``--structured-output`` choice for this endpoint.
         environ: the environment to read (default ``os.environ``).
 
     Raises:
@@ -107,5 +107,5 @@ def resolve_endpoint(
         base_url=url.rstrip("/"),
         model=model,
         api_key_env=key_env if env.get(key_env) else None,
-        structured_output="json_schema",
+        structured_output=structured_output,
     )

@@ -18,12 +18,10 @@ from typing import Any, Protocol
 
 from . import director, templates
 from .client import Message, ModelClient
-from .errors import PipelineError
-from .runs import TRANSCRIPT, Run, sha256_of
+from .runs import Run, sha256_of
 
 STAGE = "dialogue"
 TRANSCRIPT_MD = "dialogue/transcript.md"
-ARTIFACTS = (TRANSCRIPT, TRANSCRIPT_MD)
 
 
 @dataclass(frozen=True)
@@ -109,15 +107,11 @@ def run_dialogue(
         "parameters": asdict(params),
     }
     run.archive_stage(STAGE)
-    run.start_stage(
-        STAGE,
-        endpoint=clients[0].endpoint.describe(),
-        parameters=asdict(params),
-        inputs=inputs,
-    )
     lines: list[dict[str, Any]] = []
     usage: dict[str, int] | None = None  # stays None when the server reports no usage
-    try:
+    with run.stage_running(
+        STAGE, endpoint=clients[0].endpoint.describe(), parameters=asdict(params), inputs=inputs
+    ):
         for turn in range(1, params.turns + 1):
             speaker = (turn - 1) % len(roles)
             name = roles[speaker]["name"]
@@ -146,15 +140,7 @@ def run_dialogue(
             lines.append(line)
             out.turn_finished(line)
         run.write_text(TRANSCRIPT_MD, render_markdown(run.task, roles_doc, lines))
-    except PipelineError as e:
-        e.stage, e.run_id = STAGE, run.run_id
-        run.fail_stage(STAGE, e.message, artifacts=ARTIFACTS)
-        raise
-    except BaseException as e:  # Ctrl-C, or a bug: never leave the stage "running"
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        run.fail_stage(STAGE, reason, artifacts=ARTIFACTS)
-        raise
-    run.finish_stage(STAGE, artifacts=ARTIFACTS, usage=usage)
+    run.finish_stage(STAGE, usage=usage)
     return lines
 
 

@@ -12,9 +12,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import schemas, templates
-from .client import ModelClient, parse_structured
-from .errors import PipelineError, RunError, StructuredOutputError
+from . import schemas, structured, templates
+from .client import Attempt, ModelClient
+from .errors import RunError, StructuredOutputError
 from .resources import file_sha256
 from .runs import Run
 
@@ -24,20 +24,21 @@ PROMPT = "director/prompt.txt"
 REQUEST = "director/request.json"
 RESPONSE = "director/response.json"
 ROLES = "director/roles.json"
-ARTIFACTS = (PROMPT, REQUEST, RESPONSE, ROLES)
 
 
 @dataclass(frozen=True)
 class DirectorParameters:
-    """Sampling parameters of the director call.
+    """Parameters of the director call.
 
     Attributes:
         max_tokens: the most tokens the answer may use.
         temperature: sampling temperature (0 to 2).
+        repair_attempts: how many times an unusable answer is sent back to be corrected.
     """
 
     max_tokens: int = 2048
     temperature: float = 0.7
+    repair_attempts: int = 2
 
 
 def render_prompt(task: str) -> str:
@@ -45,70 +46,89 @@ def render_prompt(task: str) -> str:
     return templates.render(TEMPLATE, task=task)
 
 
+class _AttemptFiles:
+    """Saves each attempt as ``director/attempt-N.request.json`` / ``.response.json`` and its
+    outcome in the stage's ``attempts`` list in the manifest."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def request(self, number: int, body: dict[str, Any]) -> None:
+        self.run.write_json(f"{STAGE}/attempt-{number}.request.json", body)
+
+    def response(self, number: int, body: dict[str, Any]) -> None:
+        self.run.write_json(f"{STAGE}/attempt-{number}.response.json", body)
+
+    def outcome(self, attempt: Attempt) -> None:
+        self.run.stage(STAGE).setdefault("attempts", []).append(asdict(attempt))
+        self.run.save()
+
+
 def run_director(run: Run, client: ModelClient, params: DirectorParameters) -> dict[str, Any]:
     """Run the director stage of ``run``; return the roles (``schemas/roles.schema.json``).
 
-    The stage is ``running`` in the manifest while it works, then ``done``, or ``failed``
-    with the error recorded; every artifact written before a failure stays on disk.
+    The answer is asked for in the structured-output dialect planned for the endpoint
+    (:func:`pipeline.structured.dialect_plan`; a dialect that worked earlier in the run is
+    reused), validated, and repaired up to ``params.repair_attempts`` times. The stage is
+    ``running`` in the manifest while it works, then ``done``, or ``failed`` with the error;
+    every artifact written before a failure stays on disk.
 
     Raises:
-        PipelineError: the endpoint failed, or the answer was not valid roles JSON.
+        StructuredOutputError: no usable answer after the last attempt; the message names
+            the run and the command that regenerates the stage.
+        EndpointError: the endpoint failed.
     """
+    endpoint = client.endpoint
+    remembered = run.manifest.get("dialects", {}).get(endpoint.base_url)
+    dialects = structured.dialect_plan(
+        endpoint.structured_output,
+        base_url=endpoint.base_url,
+        embedded=endpoint.embedded,
+        remembered=remembered,
+    )
     inputs = {
         "task": run.task,
         "template_sha256": file_sha256(templates.template_path(TEMPLATE)),
         "schema_sha256": file_sha256(schemas.schema_path(schemas.ROLES)),
-        "endpoint": {"base_url": client.endpoint.base_url, "model": client.endpoint.model},
+        "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
         "parameters": asdict(params),
     }
-    run.start_stage(
-        STAGE, endpoint=client.endpoint.describe(), parameters=asdict(params), inputs=inputs
-    )
-    try:
+    files = _AttemptFiles(run)
+    with run.stage_running(
+        STAGE,
+        endpoint=endpoint.describe(),
+        parameters=asdict(params),
+        inputs=inputs,
+    ) as entry:
         prompt = render_prompt(run.task)
         run.write_text(PROMPT, prompt)
-        request = client.structured_request(
-            [{"role": "user", "content": prompt}],
-            schemas.ROLES,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-        )
-        run.write_json(REQUEST, request)
-        response = client.complete(request)
-        run.write_json(RESPONSE, response)
         try:
-            roles = parse_structured(response, schemas.ROLES)
+            result = client.structured(
+                [{"role": "user", "content": prompt}],
+                schemas.ROLES,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                dialects=dialects,
+                repair_attempts=params.repair_attempts,
+                recorder=files,
+            )
         except StructuredOutputError as e:
-            hint = " (raise --director-max-tokens)" if "cut off" in e.message else ""
+            hint = " (raise --director-max-tokens)" if e.kind == "length" else ""
             raise StructuredOutputError(
-                f"the director's answer was unusable: {e.message}{hint}; "
-                f"the raw answer is in {run.path(RESPONSE)}",
+                f"run {run.run_id}: the director's answer was unusable after "
+                f"{len(entry.get('attempts', []))} attempt(s): {e.message}{hint}; the answers "
+                f"are in {run.path(STAGE)}; regenerate with: pipeline rerun {run.run_id} director",
                 errors=e.errors,
+                kind=e.kind,
             ) from e
-        run.write_json(ROLES, roles)
-    except PipelineError as e:
-        e.stage, e.run_id = STAGE, run.run_id
-        run.fail_stage(STAGE, e.message, artifacts=ARTIFACTS)
-        raise
-    except BaseException as e:  # Ctrl-C, or a bug: never leave the stage "running"
-        run.fail_stage(STAGE, _interrupted(e), artifacts=ARTIFACTS)
-        raise
-    usage = response.get("usage") or {}
-    run.finish_stage(
-        STAGE,
-        artifacts=ARTIFACTS,
-        usage={
-            "prompt_tokens": int(usage.get("prompt_tokens", 0)),
-            "completion_tokens": int(usage.get("completion_tokens", 0)),
-        },
-    )
+        run.write_json(REQUEST, result.request)
+        run.write_json(RESPONSE, result.response)
+        run.write_json(ROLES, result.value)
+    run.manifest.setdefault("dialects", {})[endpoint.base_url] = result.dialect
+    entry["structured_output"] = result.dialect
+    run.finish_stage(STAGE, usage=result.usage)
+    roles: dict[str, Any] = result.value
     return roles
-
-
-def _interrupted(e: BaseException) -> str:
-    if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
-    return f"{type(e).__name__}: {e}"
 
 
 def load_roles(run: Run) -> dict[str, Any]:

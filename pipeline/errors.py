@@ -10,6 +10,7 @@ act on it without parsing the message.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class PipelineError(Exception):
@@ -45,19 +46,53 @@ class ConfigError(PipelineError):
 
 class EndpointError(PipelineError):
     """The model endpoint could not be used: unreachable, refused the key, unknown model,
-    or answered with an HTTP error after the SDK's retries."""
+    or answered with an HTTP error after the SDK's retries.
+
+    Attributes:
+        status: the HTTP status of the last answer, or None when there was none.
+        detail: the server's own error message (or the connection error's text).
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, detail: str = "", **context: Any
+    ) -> None:
+        super().__init__(message, **context)
+        self.status = status
+        self.detail = detail
+
+    @property
+    def rejects_response_format(self) -> bool:
+        """True when the server refused the request's ``response_format`` (a 400, 422 or
+        500 whose message names it), so another structured-output dialect may work."""
+        return self.status in (400, 422, 500) and "response_format" in self.detail
 
 
 class StructuredOutputError(PipelineError):
     """A structured answer (JSON) was missing, cut off, refused or failed its schema.
 
     Attributes:
-        errors: the validator's messages, each ``"<json path>: <message>"``.
+        errors: the problems, each ``"<json path>: <message>"``.
+        kind: ``"invalid_json"`` or ``"schema"`` (a re-ask may repair these), or
+            ``"length"``, ``"content_filter"``, ``"refusal"``, ``"no_answer"`` (final).
     """
 
-    def __init__(self, message: str, *, errors: list[str] | None = None, **context) -> None:
+    REPAIRABLE = frozenset({"invalid_json", "schema"})
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        errors: list[str] | None = None,
+        kind: str = "schema",
+        **context: Any,
+    ) -> None:
         super().__init__(message, **context)
         self.errors = errors or []
+        self.kind = kind
+
+    @property
+    def repairable(self) -> bool:
+        return self.kind in self.REPAIRABLE
 
 
 class RunError(PipelineError):
@@ -66,3 +101,9 @@ class RunError(PipelineError):
 
 class LocalServerError(PipelineError):
     """The embedded model server could not be found, started or reached."""
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` with its white space folded to single spaces, cut to ``limit`` characters."""
+    folded = " ".join(str(text).split())
+    return folded if len(folded) <= limit else folded[: limit - 3] + "..."

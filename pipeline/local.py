@@ -112,13 +112,13 @@ class LocalServer:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def endpoint(self) -> Endpoint:
+    def endpoint(self, structured_output: str = "auto") -> Endpoint:
         """The :class:`~pipeline.config.Endpoint` for this server."""
         return Endpoint(
             base_url=self.base_url,
             model=MODEL_NAME,
             api_key_env=None,
-            structured_output="json_object",
+            structured_output=structured_output,
             embedded=True,
         )
 
@@ -196,10 +196,12 @@ class LocalServer:
 def endpoint_or_embedded(
     endpoint: Endpoint | None,
     *,
+    structured_output: str = "auto",
     on_start: Callable[[LocalServer], None] | None = None,
 ) -> Iterator[Endpoint]:
     """Yield ``endpoint``, or, when it is None, start the embedded server for the duration of
-    the ``with`` block and yield its endpoint. ``on_start`` is called once it answers.
+    the ``with`` block and yield its endpoint (asking for structured output as
+    ``structured_output`` says). ``on_start`` is called once it answers.
 
     Raises:
         ConfigError, LocalServerError: as :meth:`LocalServer.start`.
@@ -211,7 +213,7 @@ def endpoint_or_embedded(
     with LocalServer() as server:
         if on_start:
             on_start(server)
-        yield server.endpoint()
+        yield server.endpoint(structured_output)
 
 
 def serve(host: str, port: int) -> int:

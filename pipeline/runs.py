@@ -17,6 +17,7 @@ JSON artifacts are written atomically (temporary file in the same folder, fsync,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,13 +26,13 @@ import re
 import shutil
 import tempfile
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import RunError
+from .errors import PipelineError, RunError
 from .resources import data_dir, file_sha256
 
 MANIFEST = "run.json"
@@ -259,19 +260,68 @@ class Run:
             entry["duration_s"] = round((ended - started).total_seconds(), 3)
         self.save()
 
+    def mark_stale(self, name: str) -> bool:
+        """Mark stage ``name`` stale when it is done (an input upstream changed); return
+        whether it was."""
+        if self.stage(name)["status"] != "done":
+            return False
+        self.stage(name)["status"] = "stale"
+        self.save()
+        return True
+
+    def stage_files(self, name: str) -> list[str]:
+        """The files in stage ``name``'s folder (relative to the run, sorted), leaving out
+        earlier attempts kept in ``previous-N/``."""
+        folder = self.path(name)
+        if not folder.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.folder).as_posix()
+            for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".")
+        )
+
     def finish_stage(
-        self, name: str, *, artifacts: Iterable[str], usage: dict[str, int] | None = None
+        self, name: str, *, usage: dict[str, int] | None = None, **fields: Any
     ) -> None:
-        """Mark stage ``name`` done with the artifacts it wrote (paths relative to the run)."""
-        fields: dict[str, Any] = {"artifacts": list(artifacts), "error": None}
+        """Mark stage ``name`` done; its artifacts are the files in its folder."""
         if usage is not None:
             fields["usage"] = usage
-        self._end_stage(name, "done", **fields)
+        self._end_stage(name, "done", artifacts=self.stage_files(name), error=None, **fields)
 
-    def fail_stage(self, name: str, error: str, *, artifacts: Iterable[str] = ()) -> None:
-        """Mark stage ``name`` failed with ``error``; whatever it wrote stays on disk."""
-        present = [a for a in artifacts if self.path(a).exists()]
-        self._end_stage(name, "failed", error=error, artifacts=present)
+    def fail_stage(self, name: str, error: str, **fields: Any) -> None:
+        """Mark stage ``name`` failed with ``error``; whatever it wrote stays on disk and is
+        listed as its artifacts."""
+        self._end_stage(name, "failed", error=error, artifacts=self.stage_files(name), **fields)
+
+    @contextlib.contextmanager
+    def stage_running(
+        self,
+        name: str,
+        *,
+        endpoint: dict[str, Any] | None,
+        parameters: dict[str, Any],
+        inputs: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """Run the body as stage ``name``: marked ``running`` on entry (see :meth:`start_stage`),
+        ``failed`` if the body raises, whatever it raises (a :class:`PipelineError` gets the
+        stage and run id attached; Ctrl-C is recorded as ``interrupted``). The body marks
+        success itself with :meth:`finish_stage`. Yields the stage's manifest entry."""
+        self.start_stage(name, endpoint=endpoint, parameters=parameters, inputs=inputs)
+        try:
+            yield self.stage(name)
+        except PipelineError as e:
+            e.stage, e.run_id = name, self.run_id
+            problems = getattr(e, "errors", None)  # StructuredOutputError's list
+            extra = {"errors": problems} if problems else {}
+            self.fail_stage(name, e.message, **extra)
+            raise
+        except BaseException as e:  # Ctrl-C, or a bug: never leave the stage "running"
+            reason = (
+                "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            )
+            self.fail_stage(name, reason)
+            raise
 
 
 def create_run(runs_dir: Path, task: str) -> Run:

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from pipeline import __version__, schemas
 from pipeline.cli import cli
 from pipeline.local import free_port
+from pipeline.structured import strict_schema
 
 from .conftest import ROLES, only_run, read_jsonl
 from .fakeserver import FakeServer, Reply, Status
@@ -102,7 +103,8 @@ def test_director_request_uses_json_schema_for_a_remote_server(fake, invoke):
     invoke("generate", *endpoint_args(fake), "--yes", "--turns", "1", "write a paper")
     response_format = fake.chat_requests()[0]["response_format"]
     assert response_format["type"] == "json_schema"
-    assert response_format["json_schema"]["schema"] == schemas.load(schemas.ROLES)
+    assert response_format["json_schema"]["strict"] is True
+    assert response_format["json_schema"]["schema"] == strict_schema(schemas.load(schemas.ROLES))
 
 
 def test_without_a_terminal_it_stops_after_the_director_and_prints_the_next_command(
@@ -239,7 +241,8 @@ def test_debug_raises_instead_of_printing_one_line(runs_dir):
             "needs an API key (HTTP 401): set OPENAI_API_KEY, or name the variable holding it "
             "with --api-key-env",
         ),
-        (404, "answered 404 for model 'fake-model': pass --model with a model that server serves"),
+        (404, "answered 404 for model 'fake-model': pass --model with a model that server "
+         "serves, and check that --base-url is its API root (often /v1)"),
         (400, "answered HTTP 400 after 1 attempt(s): scripted error"),
     ],
 )
@@ -273,16 +276,15 @@ def test_server_errors_are_retried_by_the_sdk(fake, invoke):
 
 def test_an_unusable_director_answer_fails_the_stage_and_keeps_it(fake, invoke, runs_dir):
     fake.add(Reply(json.dumps({"roles": [], "opening_line": "hi"})))
-    result = invoke("generate", *endpoint_args(fake), "--yes", "write a paper")
+    result = invoke("generate", *endpoint_args(fake), "--repair-attempts", "0", "--yes", "x")
     assert result.exit_code == 1
     run = only_run(runs_dir)
-    error = result.stderr.splitlines()[-1]
-    assert error.startswith(
-        "Error: the director's answer was unusable: the answer does not match "
-        "roles.schema.json: $.roles: [] is too short"
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: run {run.name}: the director's answer was unusable after 1 attempt(s): "
+        "the answer does not match roles.schema.json: $.roles: [] is too short; "
+        f"the answers are in {run / 'director'}; regenerate with: pipeline rerun {run.name} director"
     )
-    assert error.endswith(f"the raw answer is in {run / 'director' / 'response.json'}")
-    assert (run / "director" / "response.json").exists()
+    assert (run / "director" / "attempt-1.response.json").exists()
     assert not (run / "director" / "roles.json").exists()
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["stages"]["director"]["status"] == "failed"
@@ -299,7 +301,7 @@ def test_an_unusable_director_answer_fails_the_stage_and_keeps_it(fake, invoke, 
 )
 def test_structured_failures_are_named(fake, invoke, reply, fragment):
     fake.add(reply)
-    result = invoke("generate", *endpoint_args(fake), "--yes", "write a paper")
+    result = invoke("generate", *endpoint_args(fake), "--repair-attempts", "0", "--yes", "x")
     assert result.exit_code == 1
     assert fragment in result.stderr.splitlines()[-1]
 
@@ -414,7 +416,7 @@ def test_generate_without_model_for_a_server_is_a_config_error(invoke):
 
 def test_converse_refuses_a_run_whose_director_failed(fake, invoke, runs_dir):
     fake.add(Reply("nope"))
-    invoke("generate", *endpoint_args(fake), "x")
+    invoke("generate", *endpoint_args(fake), "--repair-attempts", "0", "x")
     run = only_run(runs_dir)
     result = invoke("converse", run.name, *endpoint_args(fake))
     assert result.exit_code == 1

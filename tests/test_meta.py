@@ -19,6 +19,9 @@ from .conftest import ROLES
 
 SAMPLE_DATA = {
     "task": "write a short paper on the ethics of AI",
+    "schema": json.dumps(schemas.load(schemas.ROLES)),
+    "answer": '{"roles": []}',
+    "problems": ["$.roles: [] is too short"],
     "roles": ROLES,
     "lines": [
         {"turn": 1, "role": "Student", "role_index": 0, "content": ROLES["opening_line"]},

@@ -1,0 +1,195 @@
+"""Structured output: how to ask an OpenAI-compatible server for JSON that fits a schema.
+
+Servers differ in what they accept, and some silently ignore a schema, so the
+project picks a *dialect* per endpoint and always validates the answer itself:
+
+``json_schema``
+    OpenAI's ``response_format={"type": "json_schema", "json_schema": {"name", "schema",
+    "strict": true}}`` (OpenAI, vLLM, llama.cpp's llama-server, Ollama, LM Studio,
+    OpenRouter). The schema sent is the strict form of the schema file
+    (:func:`strict_schema`); https://platform.openai.com/docs/guides/structured-outputs
+``json_object``
+    ``{"type": "json_object", "schema": ...}``, the only form llama-cpp-python's server
+    accepts (it answers 500 to ``json_schema``); the schema becomes a grammar there.
+``prompt``
+    No ``response_format``; the schema is written into the prompt (for servers that
+    ignore ``response_format``, such as Anthropic's OpenAI-compatible API).
+``auto``
+    The dialect known for the endpoint, else ``json_schema`` falling back to
+    ``json_object`` then ``prompt`` when the server rejects the response format.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from typing import Any
+from urllib.parse import urlparse
+
+from . import schemas, templates
+from .config import STRUCTURED_OUTPUT_CHOICES
+from .errors import StructuredOutputError, one_line
+
+AUTO, *_dialects = STRUCTURED_OUTPUT_CHOICES
+DIALECTS = tuple(_dialects)  # json_schema, json_object, prompt: the order auto tries them
+
+# Keywords OpenAI's strict mode accepts; anything else is dropped from the strict form.
+# https://platform.openai.com/docs/guides/structured-outputs#supported-schemas
+STRICT_KEYWORDS = frozenset(
+    {
+        "type", "properties", "required", "additionalProperties", "items", "enum", "const",
+        "anyOf", "$ref", "$defs", "description", "title", "pattern", "format",
+        "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+        "minItems", "maxItems",
+    }
+)  # fmt: skip
+_KNOWN_HOSTS = {"api.openai.com": "json_schema", "api.anthropic.com": "prompt"}
+
+
+def dialect_plan(
+    requested: str, *, base_url: str, embedded: bool, remembered: str | None = None
+) -> list[str]:
+    """The dialects to try, in order, for one endpoint.
+
+    Args:
+        requested: ``auto`` or one of :data:`DIALECTS`.
+        base_url: the endpoint's API root.
+        embedded: True for the embedded llama-cpp-python server.
+        remembered: the dialect that already worked for this endpoint in this run.
+
+    Returns:
+        A single dialect when it is explicit or known; otherwise ``json_schema``,
+        ``json_object``, ``prompt`` to try in turn.
+    """
+    if requested != AUTO:
+        return [requested]
+    if remembered:
+        return [remembered]
+    if embedded:
+        return ["json_object"]
+    known = _KNOWN_HOSTS.get(urlparse(base_url).hostname or "")
+    return [known] if known else list(DIALECTS)
+
+
+def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The strict-mode form of ``schema``: every object closed (``additionalProperties:
+    false``) with every property required (optional ones become nullable), unsupported
+    keywords dropped, and string lengths (``minLength``/``maxLength``) turned into a
+    ``pattern`` so the bound survives. The input is not modified."""
+    return _strict(copy.deepcopy(schema), root=True)
+
+
+def _strict(node: Any, *, root: bool = False) -> Any:
+    if isinstance(node, list):
+        return [_strict(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("properties", "$defs"):
+            out[key] = {name: _strict(sub) for name, sub in value.items()}
+        elif key in ("items", "anyOf", "additionalProperties") and isinstance(value, (dict, list)):
+            out[key] = _strict(value)
+        elif key in STRICT_KEYWORDS:
+            out[key] = value
+    if ("minLength" in node or "maxLength" in node) and "pattern" not in out:
+        low, high = node.get("minLength", 0), node.get("maxLength", "")
+        out["pattern"] = f"^[\\s\\S]{{{low},{high}}}$"
+    if "oneOf" in node:  # strict mode knows anyOf, not oneOf
+        out["anyOf"] = _strict(node["oneOf"])
+    if out.get("type") == "object" or "properties" in out:
+        properties = out.setdefault("properties", {})
+        required = set(node.get("required", []))
+        for name, sub in properties.items():
+            if name not in required:
+                properties[name] = {"anyOf": [sub, {"type": "null"}]}
+        out["required"] = list(properties)
+        out["additionalProperties"] = False
+    return out
+
+
+def response_format(dialect: str, schema_name: str) -> dict[str, Any] | None:
+    """The ``response_format`` request member for ``dialect`` (None for ``prompt``)."""
+    schema = schemas.load(schema_name)
+    if dialect == "json_schema":
+        return {
+            "type": "json_schema",
+            "json_schema": {
+                "name": re.sub(r"[^A-Za-z0-9_-]", "_", schema_name.removesuffix(".schema.json")),
+                "schema": strict_schema(schema),
+                "strict": True,
+            },
+        }
+    if dialect == "json_object":
+        return {"type": "json_object", "schema": schema}
+    if dialect == "prompt":
+        return None
+    raise ValueError(f"unknown structured-output dialect {dialect!r}")
+
+
+def schema_instructions(schema_name: str) -> str:
+    """The text that asks for JSON in the ``prompt`` dialect (``templates/structured.j2``)."""
+    schema_text = json.dumps(schemas.load(schema_name), indent=2, ensure_ascii=False)
+    return templates.render("structured.j2", schema=schema_text)
+
+
+def repair_request(answer: str, problems: list[str]) -> str:
+    """The follow-up message that sends a model its unusable answer's problems
+    (``templates/repair.j2``), as instructor's re-ask does."""
+    return templates.render("repair.j2", answer=answer, problems=problems)
+
+
+_FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(.*?)\n\s*```\s*$", re.DOTALL)
+
+
+def parse(response: dict[str, Any], schema_name: str, *, dialect: str) -> Any:
+    """The JSON answer in a raw chat completion, validated against ``schemas/<schema_name>``
+    (Draft 2020-12). In the ``prompt`` dialect a surrounding Markdown code fence is removed.
+
+    Raises:
+        StructuredOutputError: with ``kind`` ``"no_answer"``, ``"refusal"``,
+            ``"content_filter"``, ``"length"`` (final: repairing cannot help), or
+            ``"invalid_json"``, ``"schema"`` (repairable); ``errors`` lists the problems.
+    """
+    choices = response.get("choices") or []
+    if not choices:
+        raise StructuredOutputError("the model returned no choices", kind="no_answer")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    finish = choice.get("finish_reason")
+    if message.get("refusal"):
+        raise StructuredOutputError(
+            f"the model refused: {one_line(message['refusal'])}", kind="refusal"
+        )
+    if finish == "content_filter":
+        raise StructuredOutputError(
+            "the server's content filter stopped the answer", kind="content_filter"
+        )
+    if finish == "length":
+        raise StructuredOutputError(
+            "the answer was cut off at the token limit (finish_reason=length) "
+            "before the JSON was complete",
+            kind="length",
+        )
+    content = message.get("content") or ""
+    if dialect == "prompt" and (fenced := _FENCE.match(content)):
+        content = fenced.group(1)
+    try:
+        value = json.loads(content)
+    except json.JSONDecodeError as e:
+        problem = f"$: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        raise StructuredOutputError(
+            f"the answer is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
+            errors=[problem],
+            kind="invalid_json",
+        ) from e
+    problems = schemas.errors(value, schema_name)
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise StructuredOutputError(
+            f"the answer does not match {schema_name}: {'; '.join(problems[:3])}{more}",
+            errors=problems,
+            kind="schema",
+        )
+    return value
