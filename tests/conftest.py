@@ -83,3 +83,12 @@ def only_run(runs_dir: Path) -> Path:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def unusable_director_error(run: Path, attempts: int, problem: str) -> str:
+    """The one-line error for a director stage with no usable answer."""
+    return (
+        f"Error: run {run.name}: the director's answer was unusable after {attempts} attempt(s): "
+        f"{problem}; the answers are in {run / 'director'}; "
+        f"regenerate with: pipeline rerun {run.name} director"
+    )

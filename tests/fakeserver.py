@@ -10,8 +10,9 @@ script is empty, asks ``responder(body)`` for one. Actions:
 - ``Reset()``: close the connection without answering.
 - ``Stall(seconds)``: wait, then close without answering.
 
-``reject_json_schema=True`` imitates llama-cpp-python's server, which answers 500
-to ``response_format.type == "json_schema"``.
+``rejects`` maps a ``response_format.type`` to the (status, message) the server answers
+it with, imitating a real server: :data:`LLAMA_CPP_PYTHON` (500 to ``json_schema``, with
+the message llama-cpp-python 0.3 gives) or :data:`LM_STUDIO` (400 to ``json_object``).
 """
 
 from __future__ import annotations
@@ -19,18 +20,28 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+LLAMA_CPP_PYTHON = {
+    "json_schema": (
+        500,
+        "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', "
+        "'type'), 'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema', "
+        "'ctx': {'expected': \"'text' or 'json_object'\"}}",
+    )
+}
+LM_STUDIO = {"json_object": (400, "'response_format.type' must be 'json_schema' or 'text'")}
+
 
 @dataclass
 class Reply:
     content: str
     finish_reason: str = "stop"
+    refusal: str | None = None
     usage: dict[str, int] | None = field(
         default_factory=lambda: {"prompt_tokens": 11, "completion_tokens": 7}
     )
@@ -71,12 +82,13 @@ class FakeServer:
         responder: Callable[[dict[str, Any]], Action] | None = None,
         *,
         model: str = "fake-model",
-        reject_json_schema: bool = False,
+        rejects: dict[str, tuple[int, str]] | None = None,
     ) -> None:
         self.script: deque[Action] = deque()
         self.responder = responder or (lambda body: Reply("ok"))
         self.model = model
-        self.reject_json_schema = reject_json_schema
+        self.rejects = rejects or {}
+        self.stopping = threading.Event()
         self.received: list[Received] = []
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -99,6 +111,7 @@ class FakeServer:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()  # releases stalled requests
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -141,16 +154,10 @@ class FakeServer:
                 if not self.path.endswith("/chat/completions"):
                     self._json(404, {"error": {"message": f"no route {self.path}"}})
                     return
-                response_format = body.get("response_format") or {}
-                if server.reject_json_schema and response_format.get("type") == "json_schema":
-                    self._json(
-                        500,
-                        {
-                            "error": {
-                                "message": "response_format.type: json_schema is not supported"
-                            }
-                        },
-                    )
+                kind = (body.get("response_format") or {}).get("type")
+                if kind in server.rejects:
+                    code, message = server.rejects[kind]
+                    self._json(code, {"error": {"message": message, "type": "invalid_request"}})
                     return
                 action = server._next_action(body)
                 if isinstance(action, Status):
@@ -166,7 +173,7 @@ class FakeServer:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
                 elif isinstance(action, Stall):
-                    time.sleep(action.seconds)
+                    server.stopping.wait(action.seconds)
                     self.close_connection = True
                 elif body.get("stream"):
                     self._stream(body, action)
@@ -182,7 +189,11 @@ class FakeServer:
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": reply.content},
+                            "message": {
+                                "role": "assistant",
+                                "content": reply.content,
+                                "refusal": reply.refusal,
+                            },
                             "finish_reason": reply.finish_reason,
                         }
                     ],

@@ -171,7 +171,10 @@ def test_serve_answers_in_the_foreground_and_stops_on_ctrl_c():
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "serve", "--port", str(port)],
-        env=offline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=offline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stderr is not None
@@ -197,3 +200,32 @@ def test_serve_answers_in_the_foreground_and_stops_on_ctrl_c():
         proc.kill()
         proc.wait()
     assert not alive(int(children[0]))
+
+
+def test_the_real_server_rejects_json_schema_as_the_fake_does(embedded, tmp_path):
+    from pipeline.errors import EndpointError
+
+    from .fakeserver import LLAMA_CPP_PYTHON
+
+    run = create_run(tmp_path, TASK)
+    client = ModelClient(embedded.endpoint("json_schema"), max_retries=0)
+    with pytest.raises(EndpointError) as caught:
+        run_director(run, client, DirectorParameters())
+    status, message = LLAMA_CPP_PYTHON["json_schema"]
+    assert caught.value.status == status
+    assert caught.value.detail.startswith(message)
+    assert caught.value.message.startswith(
+        f"{embedded.base_url} rejected the json_schema response format (HTTP 500: "
+    )
+    assert run.stage("director")["status"] == "failed"
+
+
+def test_auto_finds_json_object_on_an_unknown_llama_cpp_python_server(embedded, tmp_path):
+    from pipeline.config import Endpoint
+
+    unknown = Endpoint(embedded.base_url, MODEL_NAME, None)  # not flagged as embedded
+    run = create_run(tmp_path, TASK)
+    roles = run_director(run, ModelClient(unknown, max_retries=0), DirectorParameters())
+    assert schemas.errors(roles, schemas.ROLES) == []
+    assert run.manifest["dialects"] == {embedded.base_url: "json_object"}
+    assert [a["outcome"] for a in run.stage("director")["attempts"]] == ["rejected", "ok"]
