@@ -46,6 +46,17 @@ class _Group(click.Group):
             raise click.ClickException(e.message) from e
 
 
+def _with_options(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    """A decorator applying click ``options`` in the order listed (first shown first)."""
+
+    def apply(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
 def _runs_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--runs-dir",
@@ -147,60 +158,50 @@ def _endpoint_options(f: Callable[..., Any]) -> Callable[..., Any]:
         flags = _EndpointFlags(**{name: kwargs.pop(name) for name in names})
         return f(*args, flags=flags, **kwargs)
 
-    for option in reversed(_ENDPOINT_OPTIONS):
-        wrapper = option(wrapper)
-    return wrapper
+    return _with_options(_ENDPOINT_OPTIONS)(wrapper)
 
 
-def _director_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option(
-            "--director-max-tokens",
-            type=click.IntRange(min=1),
-            default=2048,
-            show_default=True,
-            help="Most tokens for the director's answer.",
-        ),
-        click.option(
-            "--repair-attempts",
-            type=click.IntRange(0, 10),
-            default=2,
-            show_default=True,
-            help="Times an unusable director answer is sent back to be corrected.",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+_DIRECTOR_OPTIONS = [
+    click.option(
+        "--director-max-tokens",
+        type=click.IntRange(min=1),
+        default=2048,
+        show_default=True,
+        help="Most tokens for the director's answer.",
+    ),
+    click.option(
+        "--repair-attempts",
+        type=click.IntRange(0, 10),
+        default=2,
+        show_default=True,
+        help="Times an unusable director answer is sent back to be corrected.",
+    ),
+]
 
 
-def _dialogue_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option(
-            "--turns",
-            type=click.IntRange(1, 1000),
-            default=10,
-            show_default=True,
-            help="Number of turns in the dialogue, the opening line included.",
-        ),
-        click.option(
-            "--max-tokens",
-            type=click.IntRange(min=1),
-            default=512,
-            show_default=True,
-            help="Most tokens per dialogue turn.",
-        ),
-        click.option(
-            "--temperature",
-            type=click.FloatRange(0, 2),
-            default=0.7,
-            show_default=True,
-            help="Sampling temperature.",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+_DIALOGUE_OPTIONS = [
+    click.option(
+        "--turns",
+        type=click.IntRange(1, 1000),
+        default=10,
+        show_default=True,
+        help="Number of turns in the dialogue, the opening line included.",
+    ),
+    click.option(
+        "--max-tokens",
+        type=click.IntRange(min=1),
+        default=512,
+        show_default=True,
+        help="Most tokens per dialogue turn.",
+    ),
+    click.option(
+        "--temperature",
+        type=click.FloatRange(0, 2),
+        default=0.7,
+        show_default=True,
+        help="Sampling temperature.",
+    ),
+]
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -235,8 +236,8 @@ def _nonempty_task(ctx: click.Context, param: click.Parameter, value: str) -> st
 @click.argument("task", callback=_nonempty_task)
 @_runs_dir_option
 @_endpoint_options
-@_dialogue_options
-@_director_options
+@_with_options(_DIALOGUE_OPTIONS)
+@_with_options(_DIRECTOR_OPTIONS)
 @click.option("--yes", "-y", is_flag=True, help="Run the dialogue without asking.")
 def generate(
     task: str,
@@ -289,7 +290,7 @@ def generate(
 @click.argument("run_id")
 @_runs_dir_option
 @_endpoint_options
-@_dialogue_options
+@_with_options(_DIALOGUE_OPTIONS)
 def converse(
     run_id: str,
     runs_dir: Path,
@@ -321,8 +322,8 @@ def converse(
 @click.argument("stage", type=click.Choice(["director", "dialogue"]))
 @_runs_dir_option
 @_endpoint_options
-@_dialogue_options
-@_director_options
+@_with_options(_DIALOGUE_OPTIONS)
+@_with_options(_DIRECTOR_OPTIONS)
 def rerun(
     run_id: str,
     stage: str,

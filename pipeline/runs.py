@@ -229,28 +229,6 @@ class Run:
         """Write the manifest atomically."""
         atomic_write_json(self.path(MANIFEST), self.manifest)
 
-    def start_stage(
-        self,
-        name: str,
-        *,
-        endpoint: dict[str, Any] | None,
-        parameters: dict[str, Any],
-        inputs: Any,
-    ) -> None:
-        """Mark stage ``name`` running, recording its endpoint, parameters and the sha256 of
-        its inputs (see :func:`sha256_of`)."""
-        entry = _empty_stage()
-        entry.update(
-            status="running",
-            started=timestamp(),
-            pid=os.getpid(),
-            endpoint=endpoint,
-            parameters=parameters,
-            input_hash=sha256_of(inputs),
-        )
-        self.manifest["stages"][name] = entry
-        self.save()
-
     def _end_stage(self, name: str, status: str, **fields: Any) -> None:
         entry = self.stage(name)
         ended = utc_now()
@@ -306,8 +284,20 @@ class Run:
         """Run the body as stage ``name``: marked ``running`` on entry (see :meth:`start_stage`),
         ``failed`` if the body raises, whatever it raises (a :class:`PipelineError` gets the
         stage and run id attached; Ctrl-C is recorded as ``interrupted``). The body marks
-        success itself with :meth:`finish_stage`. Yields the stage's manifest entry."""
-        self.start_stage(name, endpoint=endpoint, parameters=parameters, inputs=inputs)
+        success itself with :meth:`finish_stage`. The entry records the endpoint, the
+        parameters, the process id and the sha256 of ``inputs`` (:func:`sha256_of`).
+        Yields the stage's manifest entry."""
+        entry = _empty_stage()
+        entry.update(
+            status="running",
+            started=timestamp(),
+            pid=os.getpid(),
+            endpoint=endpoint,
+            parameters=parameters,
+            input_hash=sha256_of(inputs),
+        )
+        self.manifest["stages"][name] = entry
+        self.save()
         try:
             yield self.stage(name)
         except PipelineError as e:

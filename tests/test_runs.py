@@ -68,20 +68,51 @@ def test_runs_in_the_same_second_get_distinct_ids(tmp_path, monkeypatch):
 
 def test_stage_state_machine_records_times_and_errors(tmp_path):
     run = create_run(tmp_path, "task")
-    run.start_stage("director", endpoint=None, parameters={"a": 1}, inputs={"x": 1})
-    entry = json.loads((run.folder / "run.json").read_text())["stages"]["director"]
-    assert entry["status"] == "running"
-    assert entry["pid"] is not None
-    assert entry["input_hash"] == sha256_of({"x": 1})
-    run.write_text("director/prompt.txt", "hello")
-    run.fail_stage("director", "boom")
+    with (
+        pytest.raises(RuntimeError),
+        run.stage_running("director", endpoint=None, parameters={"a": 1}, inputs={"x": 1}),
+    ):
+        entry = json.loads((run.folder / "run.json").read_text())["stages"]["director"]
+        assert entry["status"] == "running"
+        assert entry["pid"] is not None
+        assert entry["input_hash"] == sha256_of({"x": 1})
+        run.write_text("director/prompt.txt", "hello")
+        raise RuntimeError("boom")
     entry = json.loads((run.folder / "run.json").read_text())["stages"]["director"]
     assert entry["status"] == "failed"
-    assert entry["error"] == "boom"
+    assert entry["error"] == "RuntimeError: boom"
     assert entry["pid"] is None
     assert entry["artifacts"] == ["director/prompt.txt"]  # what the stage folder holds
     assert entry["duration_s"] >= 0
     assert schemas.errors(run.manifest, schemas.RUN_MANIFEST) == []
+
+
+@pytest.mark.parametrize(
+    ("raised", "error"),
+    [(KeyboardInterrupt(), "interrupted"), (RunError("no good"), "no good")],
+)
+def test_a_stage_body_that_raises_fails_the_stage(tmp_path, raised, error):
+    run = create_run(tmp_path, "task")
+    with (
+        pytest.raises(type(raised)),
+        run.stage_running("dialogue", endpoint=None, parameters={}, inputs={}),
+    ):
+        raise raised
+    assert (run.stage("dialogue")["status"], run.stage("dialogue")["error"]) == ("failed", error)
+    if isinstance(raised, RunError):
+        assert (raised.stage, raised.run_id) == ("dialogue", run.run_id)
+
+
+def test_a_finished_stage_lists_its_files_and_can_go_stale(tmp_path):
+    run = create_run(tmp_path, "task")
+    with run.stage_running("dialogue", endpoint=None, parameters={}, inputs={}):
+        run.append_transcript({"turn": 1})
+    run.finish_stage("dialogue", usage={"prompt_tokens": 1, "completion_tokens": 2})
+    assert run.stage("dialogue")["artifacts"] == ["dialogue/transcript.jsonl"]
+    assert run.mark_stale("director") is False  # pending stays pending
+    assert run.mark_stale("dialogue") is True
+    saved = json.loads((run.folder / "run.json").read_text())
+    assert saved["stages"]["dialogue"]["status"] == "stale"
 
 
 def test_sha256_of_is_independent_of_key_order():
