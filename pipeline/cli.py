@@ -16,18 +16,20 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import __version__
+from . import __version__, views
 from .config import STRUCTURED_OUTPUT_CHOICES, Endpoint, resolve_endpoint
-from .errors import PipelineError
+from .errors import PipelineError, RunError
 
 if TYPE_CHECKING:
     from .client import ModelClient
+    from .dialogue import DialogueParameters
+    from .director import DirectorParameters
     from .local import LocalServer
     from .runs import Run
 
@@ -257,18 +259,21 @@ def generate(
     When standard input is not a terminal and --yes is absent, it stops after the
     director stage and prints the command that continues.
     """
+    from .dialogue import DialogueParameters
     from .director import DirectorParameters, run_director
     from .runs import create_run
 
-    run: Run | None = None
-    try:
-        with flags.client() as client:
-            run = create_run(runs_dir, task)
-            model = client.endpoint.model
-            click.echo(f"run {run.run_id}: asking the director ({model})...", err=True)
-            params = DirectorParameters(director_max_tokens, temperature, repair_attempts)
+    params = DirectorParameters(director_max_tokens, temperature, repair_attempts)
+    dialogue = DialogueParameters(turns, max_tokens, temperature)
+    with flags.client() as client:
+        planned = {"director": asdict(params), "dialogue": asdict(dialogue)}
+        run = create_run(runs_dir, task, planned)
+        with _writing(run):
+            click.echo(
+                f"run {run.run_id}: asking the director ({client.endpoint.model})...", err=True
+            )
             roles = run_director(run, client, params)
-            _show_roles(roles)
+            click.echo(views.roles_text(roles))
             if not yes:
                 next_command = f"pipeline converse {run.run_id}{_runs_dir_flag(runs_dir)}"
                 if not sys.stdin.isatty():
@@ -280,10 +285,7 @@ def generate(
                 if not _review(run, roles):
                     click.echo(f"\nnot run; to run the dialogue later: {next_command}")
                     return
-            _converse(run, client, turns, max_tokens, temperature)
-    except KeyboardInterrupt:
-        _say_kept(run)
-        raise
+            _converse(run, client, dialogue)
 
 
 @cli.command()
@@ -302,19 +304,25 @@ def converse(
     """Run the dialogue stage of RUN_ID, whose director stage is done.
 
     The endpoint is chosen as for generate; with no flag or environment variable set,
-    the endpoint that ran the director is used again.
+    the endpoint that ran the director is used again. A dialogue already done with the
+    same roles, endpoint and parameters is not redone (rerun does that).
     """
+    from .dialogue import DialogueParameters, is_current
     from .director import load_roles
     from .runs import open_run
 
     run = open_run(runs_dir, run_id)
-    load_roles(run)  # fail before starting a server when the run is not ready
-    try:
+    params = DialogueParameters(turns, max_tokens, temperature)
+    with _writing(run):
+        load_roles(run)  # fail before starting a server when the run is not ready
         with flags.client(run) as client:
-            _converse(run, client, turns, max_tokens, temperature)
-    except KeyboardInterrupt:
-        _say_kept(run)
-        raise
+            if is_current(run, [client, client], params):
+                click.echo(
+                    f"the dialogue of run {run.run_id} is already done with these inputs; "
+                    f"to redo it: pipeline rerun {run.run_id} dialogue{_runs_dir_flag(runs_dir)}"
+                )
+                return
+            _converse(run, client, params)
 
 
 @cli.command()
@@ -338,31 +346,145 @@ def rerun(
     """Regenerate STAGE of RUN_ID from the run's saved inputs.
 
     The stage's previous files are kept in <stage>/previous-N/. Rerunning the
-    director marks a finished dialogue stale (its roles changed).
+    director makes a dialogue that already ran stale (its roles changed).
     """
-    from .director import DirectorParameters, load_roles, run_director
-    from .runs import open_run
+    from .dialogue import DialogueParameters
+    from .director import DirectorParameters, load_roles
 
-    run = open_run(runs_dir, run_id)
-    if stage == "dialogue":
-        load_roles(run)
-    try:
+    run = _open(runs_dir, run_id)
+    with _writing(run):
+        if stage == "dialogue":
+            load_roles(run)
         with flags.client(run) as client:
             if stage == "dialogue":
-                _converse(run, client, turns, max_tokens, temperature)
-                return
-            run.archive_stage("director")
-            params = DirectorParameters(director_max_tokens, temperature, repair_attempts)
-            _show_roles(run_director(run, client, params))
-            if run.mark_stale("dialogue"):
+                _converse(run, client, DialogueParameters(turns, max_tokens, temperature))
+            else:
+                params = DirectorParameters(director_max_tokens, temperature, repair_attempts)
+                _redo_director(run, client, params, runs_dir)
+
+
+@cli.command()
+@click.argument("run_id")
+@_runs_dir_option
+@_endpoint_options
+def resume(run_id: str, runs_dir: Path, flags: _EndpointFlags) -> None:
+    """Continue RUN_ID where it stopped (Ctrl-C, a crash, a failed call).
+
+    A director stage that did not finish is done again; an unfinished dialogue goes on
+    from its last complete turn, with the parameters it was started with. A stale
+    dialogue (its roles were edited or regenerated) starts over.
+    """
+    from .dialogue import DialogueParameters
+    from .director import DirectorParameters
+
+    run = _open(runs_dir, run_id)
+    with _writing(run):
+        statuses = {name: run.status(name) for name in ("director", "dialogue")}
+        if statuses == {"director": "done", "dialogue": "done"}:
+            click.echo(f"run {run.run_id} is complete; nothing to resume")
+            return
+        with flags.client(run) as client:
+            if statuses["director"] != "done":
+                asked = run.stage("director")["parameters"]
+                redo = DirectorParameters(**asked) if asked else DirectorParameters()
+                _redo_director(run, client, redo, runs_dir)
+            dialogue = run.stage("dialogue")
+            asked = dialogue["parameters"]
+            params = DialogueParameters(**asked) if asked else DialogueParameters()
+            go_on = dialogue["status"] in ("running", "failed") and statuses["director"] == "done"
+            at = len(run.read_transcript()) + 1
+            if go_on and at <= params.turns:
                 click.echo(
-                    f"\nthe dialogue was run on the old roles and is now stale; "
-                    f"rerun it with: pipeline rerun {run.run_id} dialogue"
-                    f"{_runs_dir_flag(runs_dir)}"
+                    f"run {run.run_id}: resuming the dialogue at turn {at} of {params.turns}",
+                    err=True,
                 )
-    except KeyboardInterrupt:
-        _say_kept(run)
-        raise
+            _converse(run, client, params, resume=go_on)
+
+
+@cli.command()
+@click.argument("run_id")
+@_runs_dir_option
+def edit(run_id: str, runs_dir: Path) -> None:
+    """Edit the roles of RUN_ID in $EDITOR.
+
+    The edit is checked against the schema: an invalid one is refused and the file is
+    left as it was. A valid one is saved (the previous file is kept as
+    roles.before-edit-N.json) and a dialogue that already ran becomes stale.
+    """
+    run = _open(runs_dir, run_id)
+    with _writing(run):
+        from .director import ROLES
+
+        if run.stage("director")["status"] != "done":
+            raise RunError(
+                f"the director stage of run {run.run_id} is {run.status('director')}, "
+                f"so there are no roles to edit; finish it with: pipeline resume {run.run_id}",
+                run_id=run.run_id,
+            )
+        if _edit_roles(run, run.read_json(ROLES)) is None:
+            click.echo("no change saved; the roles are as they were", err=True)
+            return
+        click.echo(f"saved {run.path(ROLES)}")
+        if run.stage("dialogue")["status"] == "stale":
+            click.echo(
+                f"the dialogue ran on the old roles and is now stale; rerun it with: "
+                f"pipeline rerun {run.run_id} dialogue{_runs_dir_flag(runs_dir)}"
+            )
+
+
+@cli.command(name="runs")
+@_runs_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+def runs_command(runs_dir: Path, as_json: bool) -> None:
+    """List the runs: id, created, each stage's status, turns, how the dialogue ended, task.
+
+    A stage whose process died while it ran shows as interrupted (pipeline resume RUN_ID
+    continues it); a run whose manifest cannot be read is listed as unreadable.
+    """
+    from .runs import list_runs
+
+    rows = [
+        views.unreadable(item) if isinstance(item, RunError) else views.summary(item)
+        for item in list_runs(runs_dir)
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    elif rows:
+        click.echo(views.runs_table(rows))
+    else:
+        click.echo(f"no runs in {runs_dir}", err=True)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--stage", type=click.Choice(["director", "dialogue"]), help="Show only this stage.")
+@click.option("--json", "as_json", is_flag=True, help="Print the artifact itself as JSON.")
+@_runs_dir_option
+def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
+    """Show RUN_ID: its stages, the role prompts and opening line, and the transcript.
+
+    With --json: the manifest, or with --stage the stage's artifact (roles.json, or the
+    transcript as JSON lines).
+    """
+    from .director import ROLES
+
+    run = _open(runs_dir, run_id)
+    has_roles = run.path(ROLES).exists()
+    if as_json:
+        if stage == "director":
+            click.echo(json.dumps(run.read_json(ROLES), indent=2, ensure_ascii=False))
+        elif stage == "dialogue":
+            for line in run.read_transcript():
+                click.echo(json.dumps(line, ensure_ascii=False))
+        else:
+            click.echo(json.dumps(run.manifest, indent=2, ensure_ascii=False))
+        return
+    if stage is None:
+        click.echo(views.run_header(run))
+    if stage in (None, "director") and has_roles:
+        click.echo(("\n" if stage is None else "") + views.roles_text(run.read_json(ROLES)))
+    if stage in (None, "dialogue"):
+        click.echo(views.transcript_text(run.read_transcript()).removeprefix("\n" if stage else ""))
 
 
 @cli.command()
@@ -396,20 +518,49 @@ def _runs_dir_flag(runs_dir: Path) -> str:
     return f" --runs-dir {click.format_filename(runs_dir)}"
 
 
-def _show_roles(roles: dict[str, Any]) -> None:
-    for i, role in enumerate(roles["roles"], start=1):
-        note = " (speaks first)" if i == 1 else ""
-        click.echo(click.style(f"Role {i}: {role['name']}{note}", bold=True))
-        click.echo(f"{role['system_prompt']}\n")
-    click.echo(click.style(f"Opening line ({roles['roles'][0]['name']})", bold=True))
-    click.echo(roles["opening_line"])
+def _open(runs_dir: Path, run_id: str) -> Run:
+    from .runs import open_run
+
+    return open_run(runs_dir, run_id)
+
+
+@contextlib.contextmanager
+def _writing(run: Run) -> Iterator[Run]:
+    """Hold the run's lock; on Ctrl-C, say where the run is kept."""
+    try:
+        with run.locked():
+            yield run
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; run {run.run_id} is kept in {run.folder}", err=True)
+        raise
+
+
+def _edit_roles(run: Run, roles: dict[str, Any]) -> dict[str, Any] | None:
+    """Open $EDITOR on ``roles``; save a valid edit and return it, or None when the editor
+    was closed without saving.
+
+    Raises:
+        PipelineError: the edit is not JSON, or breaks the schema; nothing was saved.
+    """
+    from .director import replace_roles
+
+    edited = click.edit(json.dumps(roles, indent=2, ensure_ascii=False) + "\n", extension=".json")
+    if edited is None:
+        return None
+    try:
+        candidate = json.loads(edited)
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"not saved: the edit is not valid JSON ({e})") from e
+    try:
+        replace_roles(run, candidate)
+    except PipelineError as e:
+        raise PipelineError(f"not saved: {e.message}") from e
+    result: dict[str, Any] = candidate
+    return result
 
 
 def _review(run: Run, roles: dict[str, Any]) -> bool:
     """Ask until the user runs (True) or declines (False); 'e' edits the roles."""
-    from .director import replace_roles
-    from .errors import StructuredOutputError
-
     while True:
         answer = click.prompt(
             REVIEW_QUESTION,
@@ -421,30 +572,39 @@ def _review(run: Run, roles: dict[str, Any]) -> bool:
         ).lower()
         if answer != "e":
             return answer == "y"
-        edited = click.edit(
-            json.dumps(roles, indent=2, ensure_ascii=False) + "\n", extension=".json"
-        )
+        try:
+            edited = _edit_roles(run, roles)
+        except PipelineError as e:
+            click.echo(f"{e.message}; try again", err=True)
+            continue
         if edited is None:
             click.echo("no change saved; the roles are as they were", err=True)
             continue
-        try:
-            candidate = json.loads(edited)
-            replace_roles(run, candidate)
-        except json.JSONDecodeError as e:
-            click.echo(f"not saved: the edit is not valid JSON ({e}); try again", err=True)
-            continue
-        except StructuredOutputError as e:
-            click.echo(f"not saved: {e.message}", err=True)
-            continue
-        roles = candidate
-        _show_roles(roles)
+        roles = edited
+        click.echo(views.roles_text(roles))
+
+
+def _redo_director(
+    run: Run, client: ModelClient, params: DirectorParameters, runs_dir: Path
+) -> None:
+    """Run the director stage again (its old files go to director/previous-N/)."""
+    from .director import run_director
+
+    run.archive_stage("director")
+    click.echo(f"run {run.run_id}: asking the director ({client.endpoint.model})...", err=True)
+    click.echo(views.roles_text(run_director(run, client, params)))
+    if run.mark_stale("dialogue"):
+        click.echo(
+            f"\nthe dialogue ran on the old roles and is now stale; rerun it with: "
+            f"pipeline rerun {run.run_id} dialogue{_runs_dir_flag(runs_dir)}"
+        )
 
 
 class _Printer:
     """Streams the conversation to stdout as it happens."""
 
     def turn_started(self, turn: int, role: str) -> None:
-        click.echo(click.style(f"\n[{turn}] {role}", bold=True))
+        click.echo("\n" + views.turn_header(turn, role))
 
     def delta(self, text: str) -> None:
         click.echo(text, nl=False)
@@ -454,18 +614,12 @@ class _Printer:
 
 
 def _converse(
-    run: Run, client: ModelClient, turns: int, max_tokens: int, temperature: float
+    run: Run, client: ModelClient, params: DialogueParameters, *, resume: bool = False
 ) -> None:
-    from .dialogue import DialogueParameters, run_dialogue
+    from .dialogue import run_dialogue
 
-    params = DialogueParameters(turns=turns, max_tokens=max_tokens, temperature=temperature)
-    run_dialogue(run, [client, client], params, _Printer())
+    run_dialogue(run, [client, client], params, _Printer(), resume=resume)
     click.echo(f"\nrun {run.run_id} done: {run.folder}")
-
-
-def _say_kept(run: Run | None) -> None:
-    if run is not None:
-        click.echo(f"\ninterrupted; run {run.run_id} is kept in {run.folder}", err=True)
 
 
 def _terminate(signum: int, frame: object) -> None:

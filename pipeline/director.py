@@ -160,7 +160,8 @@ def load_roles(run: Run) -> dict[str, Any]:
 
 def replace_roles(run: Run, roles: dict[str, Any]) -> None:
     """Save hand-edited ``roles`` as the run's ``roles.json``, keeping the previous file as
-    ``director/roles.before-edit-N.json`` and counting the edit in the manifest.
+    ``director/roles.before-edit-N.json``, counting the edit in the manifest, and marking
+    a dialogue that already ran ``stale``.
 
     Raises:
         StructuredOutputError: ``roles`` does not match the schema; nothing is changed.
@@ -179,5 +180,6 @@ def replace_roles(run: Run, roles: dict[str, Any]) -> None:
     shutil.copyfile(run.path(ROLES), run.path(previous))
     run.write_json(ROLES, roles)
     entry["edits"] = edits
-    entry["artifacts"] = [*entry["artifacts"], previous]
+    entry["artifacts"] = run.stage_files(STAGE)
     run.save()
+    run.mark_stale("dialogue")

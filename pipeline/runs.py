@@ -122,6 +122,22 @@ def _data_file_hashes() -> dict[str, str]:
     return hashes
 
 
+def _alive(pid: Any) -> bool:
+    """True when a process with id ``pid`` exists (a zombie counts as gone where /proc says)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
 def _empty_stage() -> dict[str, Any]:
     return {
         "status": "pending",
@@ -163,6 +179,44 @@ class Run:
         """The manifest entry of stage ``name``."""
         return self.manifest["stages"][name]
 
+    def status(self, name: str) -> str:
+        """Stage ``name``'s status as a user sees it: the recorded one, except that a stage
+        recorded ``running`` whose process is gone is ``interrupted``."""
+        entry = self.stage(name)
+        status = str(entry["status"])
+        if status == "running" and not _alive(entry.get("pid")):
+            return "interrupted"
+        return status
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[Run]:
+        """Hold the run's lock (``.lock`` in its folder) for the ``with`` block: one writer per
+        run. The operating system releases it if the process dies, however it dies.
+
+        Raises:
+            RunError: another process holds it.
+        """
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(self.path(".lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout as e:
+            raise RunError(
+                f"run {self.run_id} is in use by another pipeline process; "
+                "wait for it to finish, or stop it",
+                run_id=self.run_id,
+            ) from e
+        try:
+            self.reload()
+            yield self
+        finally:
+            lock.release()
+
+    def reload(self) -> None:
+        """Read the manifest again from disk (another process may have changed it)."""
+        self.manifest = json.loads(self.path(MANIFEST).read_text(encoding="utf-8"))
+
     # -- artifacts ---------------------------------------------------------------
 
     def write_json(self, relative: str, value: Any) -> Path:
@@ -199,12 +253,37 @@ class Run:
             f.flush()
             os.fsync(f.fileno())
 
-    def read_transcript(self) -> list[dict[str, Any]]:
-        """The turns stored so far, in order (an absent transcript is empty)."""
+    def read_transcript(self, *, repair: bool = False) -> list[dict[str, Any]]:
+        """The turns stored so far, in order (an absent transcript is empty).
+
+        A process killed while appending can leave a last line without its newline: that
+        turn is incomplete. With ``repair`` it is cut off the file (the turn will be
+        generated again); without, it is ignored.
+
+        Raises:
+            RunError: a complete line is not JSON.
+        """
         path = self.path(TRANSCRIPT)
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        data = path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if repair and len(complete) < len(data):
+            with path.open("r+b") as f:
+                f.truncate(len(complete))
+                f.flush()
+                os.fsync(f.fileno())
+        lines = []
+        for number, raw in enumerate(complete.decode("utf-8").splitlines(), start=1):
+            try:
+                lines.append(json.loads(raw))
+            except json.JSONDecodeError as e:
+                raise RunError(
+                    f"line {number} of {path} is not JSON ({e.msg}); fix or delete that line",
+                    run_id=self.run_id,
+                    path=path,
+                ) from e
+        return lines
 
     def archive_stage(self, name: str) -> Path | None:
         """Move the stage folder's current files to ``<stage>/previous-N/`` (N = 1, 2, ...) so a
@@ -239,9 +318,9 @@ class Run:
         self.save()
 
     def mark_stale(self, name: str) -> bool:
-        """Mark stage ``name`` stale when it is done (an input upstream changed); return
-        whether it was."""
-        if self.stage(name)["status"] != "done":
+        """Mark stage ``name`` stale because an input upstream changed (unless it never ran);
+        return whether it was marked."""
+        if self.stage(name)["status"] in ("pending", "stale"):
             return False
         self.stage(name)["status"] = "stale"
         self.save()
@@ -314,9 +393,11 @@ class Run:
             raise
 
 
-def create_run(runs_dir: Path, task: str) -> Run:
+def create_run(runs_dir: Path, task: str, planned: dict[str, dict[str, Any]] | None = None) -> Run:
     """Create a new run folder for ``task`` under ``runs_dir`` with a fresh manifest (every
-    stage ``pending``). A second run in the same second gets ``-2``, ``-3``... appended.
+    stage ``pending``; ``planned`` gives the parameters a stage is to run with, so that a
+    run interrupted before the stage starts is resumed as it was asked). A second run in
+    the same second gets ``-2``, ``-3``... appended.
 
     Raises:
         RunError: the runs folder cannot be created or written.
@@ -338,7 +419,7 @@ def create_run(runs_dir: Path, task: str) -> Run:
             f"cannot create a run folder in {runs_dir}: {e.strerror}; choose another --runs-dir",
             path=runs_dir,
         ) from e
-    manifest = {
+    manifest: dict[str, Any] = {
         "manifest_version": 1,
         "run_id": run_id,
         "task": task,
@@ -347,6 +428,8 @@ def create_run(runs_dir: Path, task: str) -> Run:
         "files": _data_file_hashes(),
         "stages": {name: _empty_stage() for name in STAGES},
     }
+    for name, parameters in (planned or {}).items():
+        manifest["stages"][name]["parameters"] = parameters
     run = Run(runs_dir / run_id, manifest)
     run.save()
     return run
@@ -382,3 +465,25 @@ def open_run(runs_dir: Path, run_id: str) -> Run:
             path=manifest_path,
         ) from e
     return Run(folder, manifest)
+
+
+def list_runs(runs_dir: Path) -> list[Run | RunError]:
+    """Every run folder in ``runs_dir``, sorted by id (that is, by creation time): an open
+    :class:`Run`, or the :class:`RunError` that says why its manifest is unreadable."""
+    if not runs_dir.is_dir():
+        return []
+    found: list[Run | RunError] = []
+    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir() and RUN_ID_RE.match(p.name)):
+        try:
+            if not (folder / MANIFEST).is_file():
+                raise RunError(f"{folder / MANIFEST} is missing", path=folder)
+            run = open_run(runs_dir, folder.name)
+            if not isinstance(run.manifest.get("stages"), dict) or not all(
+                name in run.manifest["stages"] for name in STAGES
+            ):
+                raise RunError(f"the manifest of run {folder.name} has no stages", path=folder)
+            found.append(run)
+        except RunError as e:
+            e.run_id = folder.name
+            found.append(e)
+    return found

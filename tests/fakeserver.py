@@ -42,6 +42,8 @@ class Reply:
     content: str
     finish_reason: str = "stop"
     refusal: str | None = None
+    pause: float = 0.0  # seconds between streamed chunks
+    gate: threading.Event | None = None  # answer only once this is set
     usage: dict[str, int] | None = field(
         default_factory=lambda: {"prompt_tokens": 11, "completion_tokens": 7}
     )
@@ -176,6 +178,8 @@ class FakeServer:
                     server.stopping.wait(action.seconds)
                     self.close_connection = True
                 elif body.get("stream"):
+                    if action.gate is not None:
+                        action.gate.wait()
                     self._stream(body, action)
                 else:
                     self._json(200, self._completion(body, action))
@@ -218,6 +222,8 @@ class FakeServer:
                     [w if i == 0 else " " + w for i, w in enumerate(words)] if reply.content else []
                 )
                 for piece in pieces:
+                    if reply.pause:
+                        server.stopping.wait(reply.pause)
                     chunk = {
                         **base,
                         "choices": [

@@ -1,0 +1,128 @@
+"""Readable renderings of runs for the terminal: roles, transcripts, run summaries.
+
+Pure functions from run data to text; headings are styled with :func:`click.style`,
+which ``click.echo`` strips when the output is not a terminal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from .errors import RunError
+from .runs import STAGES, Run
+
+TASK_WIDTH = 48
+
+
+def turn_header(turn: int, role: str) -> str:
+    """The heading printed before each turn: ``[3] Mentor``."""
+    return click.style(f"[{turn}] {role}", bold=True)
+
+
+def roles_text(roles: dict[str, Any]) -> str:
+    """The role prompts and the opening line (``roles.json``) as text."""
+    parts = []
+    for i, role in enumerate(roles["roles"], start=1):
+        note = " (speaks first)" if i == 1 else ""
+        parts.append(click.style(f"Role {i}: {role['name']}{note}", bold=True))
+        parts.append(f"{role['system_prompt']}\n")
+    parts.append(click.style(f"Opening line ({roles['roles'][0]['name']})", bold=True))
+    parts.append(roles["opening_line"])
+    return "\n".join(parts)
+
+
+def transcript_text(lines: Sequence[dict[str, Any]]) -> str:
+    """The transcript lines as text, one heading per turn."""
+    return "\n".join(
+        f"\n{turn_header(line['turn'], line['role'])}\n{line['content']}" for line in lines
+    )
+
+
+def summary(run: Run) -> dict[str, Any]:
+    """One run's listing: id, created, task, each stage's status (``interrupted`` when its
+    process is gone), turns so far and the dialogue's termination reason."""
+    statuses = {name: run.status(name) for name in STAGES}
+    dialogue = run.stage("dialogue")
+    reason = dialogue.get("termination_reason")
+    if statuses["dialogue"] == "interrupted":
+        reason = "interrupted"
+    return {
+        "run_id": run.run_id,
+        "created": run.manifest["created"],
+        "task": run.task,
+        "stages": statuses,
+        "turns": len(run.read_transcript()),
+        "termination_reason": reason,
+    }
+
+
+def unreadable(error: RunError) -> dict[str, Any]:
+    """The listing of a run whose manifest cannot be read."""
+    return {"run_id": error.run_id, "error": error.message}
+
+
+def runs_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The listing as an aligned table, one run per line; an unreadable run gets a line
+    that says why."""
+    header = ("RUN", "CREATED", "DIRECTOR", "DIALOGUE", "TURNS", "ENDED BY")
+    cells = {row["run_id"]: _cells(row) for row in rows if "error" not in row}
+    widths = [max(len(c[i]) for c in [header, *cells.values()]) for i in range(len(header))]
+
+    def line(columns: Sequence[str], task: str) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + f"  {task}"
+
+    out = [line(header, "TASK")]
+    for row in rows:
+        if "error" in row:
+            out.append(f"{row['run_id']}  unreadable: {row['error']}")
+        else:
+            out.append(line(cells[row["run_id"]], _cut(row["task"])))
+    return "\n".join(out)
+
+
+def _cells(row: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        row["run_id"],
+        row["created"][:16].replace("T", " "),
+        row["stages"]["director"],
+        row["stages"]["dialogue"],
+        str(row["turns"]),
+        row["termination_reason"] or "-",
+    )
+
+
+def _cut(text: str) -> str:
+    one_line = " ".join(text.split())
+    return one_line if len(one_line) <= TASK_WIDTH else one_line[: TASK_WIDTH - 3] + "..."
+
+
+def run_header(run: Run) -> str:
+    """The facts of a run shown above its roles and transcript by ``pipeline show``."""
+    info = summary(run)
+    lines = [
+        click.style(f"Run {run.run_id}", bold=True),
+        f"Task: {run.task}",
+        f"Created: {info['created']}",
+    ]
+    for name in STAGES:
+        entry = run.stage(name)
+        parts = [info["stages"][name]]
+        endpoint = entry.get("endpoint")
+        if endpoint:
+            parts.append(f"{endpoint['model']} at {endpoint['base_url']}")
+        usage = entry.get("usage")
+        if usage:
+            parts.append(
+                f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens"
+            )
+        if name == "dialogue" and info["turns"]:
+            parts.append(f"{info['turns']} turns")
+        if name == "dialogue" and info["termination_reason"]:
+            parts.append(f"ended by {info['termination_reason']}")
+        if entry.get("error"):
+            parts.append(f"error: {entry['error']}")
+        lines.append(f"{name.capitalize()}: " + "; ".join(parts))
+    return "\n".join(lines)

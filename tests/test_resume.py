@@ -1,0 +1,407 @@
+"""Stages as crash-safe units: resume after a kill, one writer per run, edit and rerun,
+listing and showing runs. Real subprocesses against the fake server where it matters."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import schemas
+
+from .conftest import ROLES, only_run, read_jsonl
+from .fakeserver import Action, FakeServer, Reply
+
+TURNS = 6
+
+
+def env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PIPELINE_"))}
+
+
+def pipeline(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def slow_conversation(body: dict[str, Any]) -> Action:
+    """Roles for the director; for turn N, "reply N" and some words streamed slowly."""
+    if body.get("response_format"):
+        return Reply(json.dumps(ROLES))
+    return Reply(f"reply {len(body['messages'])} " + "and so on " * 4, pause=0.01)
+
+
+@pytest.fixture
+def slow_fake():  # type: ignore[no-untyped-def]
+    with FakeServer(slow_conversation) as server:
+        yield server
+
+
+def endpoint(fake: FakeServer) -> list[str]:
+    return ["--base-url", fake.base_url, "--model", "m"]
+
+
+def assert_complete(run: Path, turns: int = TURNS) -> None:
+    """The run is whole: both stages done, exactly ``turns`` well-formed alternating turns."""
+    manifest = json.loads((run / "run.json").read_text())
+    assert schemas.errors(manifest, schemas.RUN_MANIFEST) == []
+    assert {s: manifest["stages"][s]["status"] for s in ("director", "dialogue")} == {
+        "director": "done",
+        "dialogue": "done",
+    }
+    lines = read_jsonl(run / "dialogue" / "transcript.jsonl")
+    assert [line["turn"] for line in lines] == list(range(1, turns + 1))
+    assert [line["role_index"] for line in lines] == [(t - 1) % 2 for t in range(1, turns + 1)]
+    assert lines[0]["content"] == ROLES["opening_line"]
+    for line in lines:
+        assert schemas.errors(line, schemas.TRANSCRIPT_LINE) == []
+        if line["turn"] > 1:
+            assert line["content"].split()[:2] == ["reply", str(line["turn"])]
+
+
+def test_resume_completes_runs_killed_at_random_moments(slow_fake, tmp_path):
+    """SIGKILL `pipeline generate` at random moments; `pipeline resume` must finish each run."""
+    seed = int(os.environ.get("KILL_TEST_SEED", "20261125"))
+    rng = random.Random(seed)
+    # how long one whole run takes here, to spread the kills over it
+    started = time.monotonic()
+    whole = pipeline(
+        "generate",
+        "--yes",
+        "--turns",
+        str(TURNS),
+        "--runs-dir",
+        str(tmp_path / "whole"),
+        *endpoint(slow_fake),
+        "x",
+    )
+    assert whole.wait(timeout=60) == 0
+    span = time.monotonic() - started
+
+    resumed, early, outcomes = 0, 0, []
+    for trial in range(24):
+        runs_dir = tmp_path / f"trial-{trial}"
+        proc = pipeline(
+            "generate",
+            "--yes",
+            "--turns",
+            str(TURNS),
+            "--runs-dir",
+            str(runs_dir),
+            *endpoint(slow_fake),
+            "x",
+        )
+        moment = rng.uniform(0.2, span)
+        try:
+            proc.wait(timeout=moment)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        runs = [p for p in runs_dir.glob("*/run.json")] if runs_dir.exists() else []
+        if not runs:
+            early += 1  # killed before the run existed: nothing to resume
+            continue
+        run = runs[0].parent
+        before = json.loads(runs[0].read_text())["stages"]
+        outcomes.append((before["director"]["status"], before["dialogue"]["status"]))
+        resume = pipeline("resume", run.name, "--runs-dir", str(runs_dir), *endpoint(slow_fake))
+        _out, err = resume.communicate(timeout=60)
+        assert resume.returncode == 0, (seed, trial, moment, err)
+        assert_complete(run)
+        resumed += 1
+    assert resumed >= 20, (seed, resumed, early)
+    # the kills landed in different places: during the director and during the dialogue
+    assert ("running", "pending") in outcomes or ("failed", "pending") in outcomes, outcomes
+    assert any(dialogue == "running" for _, dialogue in outcomes), outcomes
+
+
+def test_resume_drops_a_half_written_last_turn(fake, invoke, runs_dir):
+    result = invoke("generate", *endpoint(fake), "--yes", "--turns", "3", "x")
+    assert result.exit_code == 0, result.output
+    run = only_run(runs_dir)
+    transcript = run / "dialogue" / "transcript.jsonl"
+    complete = transcript.read_text()
+    # a crash during turn 4 of 5: the stage is left running by a process that is gone
+    with transcript.open("a") as f:
+        f.write('{"turn": 4, "role": "Mentor", "content": "half a')
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["stages"]["dialogue"].update(status="running", pid=2**22 + 12345)
+    manifest["stages"]["dialogue"]["parameters"]["turns"] = 5
+    (run / "run.json").write_text(json.dumps(manifest))
+
+    listing = invoke("runs")
+    assert "interrupted" in listing.stdout
+
+    result = invoke("resume", run.name, *endpoint(fake))
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith(f"run {run.name}: resuming the dialogue at turn 4 of 5\n")
+    lines = read_jsonl(transcript)
+    assert [line["turn"] for line in lines] == [1, 2, 3, 4, 5]
+    assert transcript.read_text().startswith(complete)  # the complete turns were kept as they were
+    assert "half a" not in transcript.read_text()
+    # only turns 4 and 5 were asked for
+    assert [len(r["messages"]) for r in fake.chat_requests()[-2:]] == [4, 5]
+    stage = json.loads((run / "run.json").read_text())["stages"]["dialogue"]
+    assert (stage["status"], stage["resumed_at_turn"], stage["turns"]) == ("done", 4, 5)
+    assert stage["termination_reason"] == "max_turns"
+
+
+def test_resume_of_a_complete_run_does_nothing(fake, invoke, runs_dir):
+    invoke("generate", *endpoint(fake), "--yes", "--turns", "2", "x")
+    run = only_run(runs_dir)
+    sent = len(fake.chat_requests())
+    result = invoke("resume", run.name, *endpoint(fake))
+    assert result.exit_code == 0
+    assert result.stdout == f"run {run.name} is complete; nothing to resume\n"
+    assert len(fake.chat_requests()) == sent
+
+
+def test_resume_refuses_a_transcript_that_does_not_follow_from_the_roles(fake, invoke, runs_dir):
+    invoke("generate", *endpoint(fake), "--yes", "--turns", "3", "x")
+    run = only_run(runs_dir)
+    transcript = run / "dialogue" / "transcript.jsonl"
+    lines = read_jsonl(transcript)
+    lines[1]["turn"] = 7
+    transcript.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["stages"]["dialogue"]["status"] = "failed"
+    (run / "run.json").write_text(json.dumps(manifest))
+    result = invoke("resume", run.name, *endpoint(fake))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] + "\n" == (
+        f"Error: turn 2 of the transcript of run {run.name} does not follow from its roles; "
+        f"start the dialogue again with: pipeline rerun {run.name} dialogue\n"
+    )
+
+
+def test_resume_redoes_a_director_stage_that_failed(fake, invoke, runs_dir):
+    fake.add(Reply("not json"))
+    invoke("generate", *endpoint(fake), "--repair-attempts", "0", "--yes", "--turns", "2", "x")
+    run = only_run(runs_dir)
+    result = invoke("resume", run.name, *endpoint(fake))
+    assert result.exit_code == 0, result.output
+    assert (run / "director" / "previous-1" / "attempt-1.response.json").exists()
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["stages"]["director"]["parameters"]["repair_attempts"] == 0  # as asked first
+    assert_complete(run, turns=2)  # the dialogue had never run: the turns generate planned
+
+
+def test_only_one_process_writes_a_run(invoke, runs_dir, tmp_path):
+    gate = threading.Event()
+
+    def gated(body: dict[str, Any]) -> Action:
+        if body.get("response_format"):
+            return Reply(json.dumps(ROLES))
+        return Reply(f"reply {len(body['messages'])}", gate=gate)
+
+    with FakeServer(gated) as fake:
+        assert invoke("generate", *endpoint(fake), "x").exit_code == 0
+        run = only_run(runs_dir)
+        args = ("converse", run.name, "--runs-dir", str(runs_dir), "--turns", "3", *endpoint(fake))
+        first = pipeline(*args)
+        try:
+            manifest = run / "run.json"
+            deadline = time.monotonic() + 30
+            while json.loads(manifest.read_text())["stages"]["dialogue"]["status"] != "running":
+                assert time.monotonic() < deadline, "the first converse never started"
+                time.sleep(0.02)
+            second = pipeline(*args)
+            _out, err = second.communicate(timeout=30)
+            assert second.returncode == 1
+            assert err == (
+                f"Error: run {run.name} is in use by another pipeline process; "
+                "wait for it to finish, or stop it\n"
+            )
+        finally:
+            gate.set()
+        _out, err = first.communicate(timeout=30)
+        assert first.returncode == 0, err
+    assert len(read_jsonl(run / "dialogue" / "transcript.jsonl")) == 3
+
+
+def test_converse_does_not_redo_a_dialogue_done_with_the_same_inputs(fake, invoke, runs_dir):
+    invoke("generate", *endpoint(fake), "--yes", "--turns", "3", "x")
+    run = only_run(runs_dir)
+    sent = len(fake.chat_requests())
+    same = invoke("converse", run.name, *endpoint(fake), "--turns", "3")
+    assert same.exit_code == 0
+    assert same.stdout == (
+        f"the dialogue of run {run.name} is already done with these inputs; "
+        f"to redo it: pipeline rerun {run.name} dialogue --runs-dir {runs_dir}\n"
+    )
+    assert len(fake.chat_requests()) == sent
+    other = invoke("converse", run.name, *endpoint(fake), "--turns", "4")
+    assert other.exit_code == 0
+    assert len(read_jsonl(run / "dialogue" / "transcript.jsonl")) == 4
+    assert len(read_jsonl(run / "dialogue" / "previous-1" / "transcript.jsonl")) == 3
+
+
+EDITOR = textwrap.dedent(
+    """
+    import json, os, sys
+    path = sys.argv[1]
+    roles = json.load(open(path))
+    if os.environ["EDIT_MODE"] == "rename":
+        roles["roles"][1]["name"] = "Professor"
+    else:
+        roles["opening_line"] = ""
+    json.dump(roles, open(path, "w"))
+    """
+)
+
+
+@pytest.fixture
+def editor(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    script = tmp_path / "editor.py"
+    script.write_text(EDITOR)
+    monkeypatch.setenv("EDITOR", f"{sys.executable} {script}")
+
+    def mode(name: str) -> None:
+        monkeypatch.setenv("EDIT_MODE", name)
+
+    return mode
+
+
+def test_edit_then_rerun(fake, invoke, runs_dir, editor):
+    invoke("generate", *endpoint(fake), "--yes", "--turns", "3", "x")
+    run = only_run(runs_dir)
+    roles_file = run / "director" / "roles.json"
+
+    editor("empty-opening-line")
+    refused = invoke("edit", run.name)
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        "Error: not saved: the edited roles do not match roles.schema.json: "
+        "$.opening_line: '' should be non-empty\n"
+    )
+    assert json.loads(roles_file.read_text()) == ROLES
+    assert json.loads((run / "run.json").read_text())["stages"]["dialogue"]["status"] == "done"
+
+    editor("rename")
+    edited = invoke("edit", run.name)
+    assert edited.exit_code == 0, edited.output
+    assert edited.stdout == (
+        f"saved {roles_file}\n"
+        "the dialogue ran on the old roles and is now stale; rerun it with: "
+        f"pipeline rerun {run.name} dialogue --runs-dir {runs_dir}\n"
+    )
+    assert json.loads(roles_file.read_text())["roles"][1]["name"] == "Professor"
+    assert json.loads((run / "director" / "roles.before-edit-1.json").read_text()) == ROLES
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["stages"]["director"]["edits"] == 1
+    assert manifest["stages"]["dialogue"]["status"] == "stale"
+    assert "stale" in invoke("runs").stdout
+
+    rerun = invoke("rerun", run.name, "dialogue", *endpoint(fake), "--turns", "3")
+    assert rerun.exit_code == 0, rerun.output
+    roles_said = [line["role"] for line in read_jsonl(run / "dialogue" / "transcript.jsonl")]
+    assert roles_said == ["Student", "Professor", "Student"]
+    old = read_jsonl(run / "dialogue" / "previous-1" / "transcript.jsonl")
+    assert [line["role"] for line in old] == ["Student", "Mentor", "Student"]
+    assert json.loads((run / "run.json").read_text())["stages"]["dialogue"]["status"] == "done"
+
+
+def test_rerun_director_makes_the_dialogue_stale(fake, invoke, runs_dir):
+    invoke("generate", *endpoint(fake), "--yes", "--turns", "2", "x")
+    run = only_run(runs_dir)
+    result = invoke("rerun", run.name, "director", *endpoint(fake))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith(
+        "\nthe dialogue ran on the old roles and is now stale; rerun it with: "
+        f"pipeline rerun {run.name} dialogue --runs-dir {runs_dir}\n"
+    )
+    assert (run / "director" / "previous-1" / "roles.json").exists()
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["stages"]["dialogue"]["status"] == "stale"
+    resumed = invoke("resume", run.name, *endpoint(fake))  # a stale dialogue starts over
+    assert resumed.exit_code == 0, resumed.output
+    assert_complete(run, turns=2)
+
+
+def test_runs_lists_every_run_and_reports_a_corrupt_one(fake, invoke, runs_dir):
+    for task in ("first task", "second task"):
+        invoke("generate", *endpoint(fake), "--yes", "--turns", "2", task)
+    invoke("generate", *endpoint(fake), "third task")
+    first, second, third = sorted(p for p in runs_dir.iterdir())
+    (second / "run.json").write_text("{ not json")
+
+    result = invoke("runs")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == [
+        "RUN",
+        "CREATED",
+        "DIRECTOR",
+        "DIALOGUE",
+        "TURNS",
+        "ENDED",
+        "BY",
+        "TASK",
+    ]
+    assert lines[1].split()[0] == first.name
+    assert lines[1].split()[3:] == ["done", "done", "2", "max_turns", "first", "task"]
+    assert lines[2].startswith(
+        f"{second.name}  unreadable: the manifest of run {second.name} is unreadable"
+    )
+    assert lines[3].split()[3:] == ["done", "pending", "0", "-", "third", "task"]
+
+    as_json = json.loads(invoke("runs", "--json").stdout)
+    assert [row["run_id"] for row in as_json] == [first.name, second.name, third.name]
+    assert as_json[0]["stages"] == {"director": "done", "dialogue": "done"}
+    assert as_json[0]["termination_reason"] == "max_turns"
+    assert "error" in as_json[1]
+
+
+def test_runs_on_an_empty_root(invoke, runs_dir):
+    result = invoke("runs")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "", f"no runs in {runs_dir}\n")
+
+
+def test_show_prints_the_roles_and_the_transcript(fake, invoke, runs_dir):
+    invoke("generate", *endpoint(fake), "--yes", "--turns", "3", "x")
+    run = only_run(runs_dir)
+    full = invoke("show", run.name)
+    assert full.exit_code == 0
+    assert full.stdout.startswith(f"Run {run.name}\nTask: x\nCreated: ")
+    assert "Director: done; m at " in full.stdout
+    assert "Dialogue: done; m at " in full.stdout and "3 turns; ended by max_turns" in full.stdout
+    assert f"Role 2: Mentor\n{ROLES['roles'][1]['system_prompt']}" in full.stdout
+    assert full.stdout.endswith("\n[2] Mentor\nreply 2\n\n[3] Student\nreply 3\n")
+
+    dialogue = invoke("show", run.name, "--stage", "dialogue")
+    assert dialogue.stdout == (
+        f"[1] Student\n{ROLES['opening_line']}\n\n[2] Mentor\nreply 2\n\n[3] Student\nreply 3\n"
+    )
+    roles = invoke("show", run.name, "--stage", "director", "--json")
+    assert json.loads(roles.stdout) == ROLES
+    lines = invoke("show", run.name, "--stage", "dialogue", "--json").stdout.splitlines()
+    assert [json.loads(line)["turn"] for line in lines] == [1, 2, 3]
+    manifest = json.loads(invoke("show", run.name, "--json").stdout)
+    assert manifest["run_id"] == run.name
+
+
+@pytest.mark.parametrize("command", ["show", "edit", "resume", "runs"])
+def test_commands_that_read_runs_take_runs_dir(invoke, runs_dir, command):
+    args = [command] if command == "runs" else [command, "20261125T120000Z-none"]
+    result = invoke(*args)
+    if command == "runs":
+        assert result.exit_code == 0
+    else:
+        assert result.exit_code == 1
+        assert str(runs_dir) in result.stderr
