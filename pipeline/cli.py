@@ -165,6 +165,21 @@ def _endpoint_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 _DIRECTOR_OPTIONS = [
     click.option(
+        "--roles",
+        "n_roles",
+        type=click.IntRange(2, 8),
+        default=2,
+        show_default=True,
+        help="How many roles the director writes (more than two: an AI meeting).",
+    ),
+    click.option(
+        "--done-token",
+        default="<TASK_DONE>",
+        show_default=True,
+        callback=lambda ctx, param, value: _done_token(value),
+        help="The token with which the declaring role ends the conversation.",
+    ),
+    click.option(
         "--director-max-tokens",
         type=click.IntRange(min=1),
         default=2048,
@@ -180,14 +195,13 @@ _DIRECTOR_OPTIONS = [
     ),
 ]
 
-
 _DIALOGUE_OPTIONS = [
     click.option(
         "--turns",
         type=click.IntRange(1, 1000),
         default=10,
         show_default=True,
-        help="Number of turns in the dialogue, the opening line included.",
+        help="Most turns in the dialogue, the opening line included.",
     ),
     click.option(
         "--max-tokens",
@@ -197,6 +211,34 @@ _DIALOGUE_OPTIONS = [
         help="Most tokens per dialogue turn.",
     ),
     click.option(
+        "--closing-turns",
+        type=click.IntRange(0, 8),
+        default=1,
+        show_default=True,
+        help="Turns the next speaker gets after the done token.",
+    ),
+    click.option(
+        "--max-tokens-total",
+        type=click.IntRange(min=1),
+        help="Stop the dialogue once it has used this many tokens.",
+    ),
+    click.option(
+        "--loop-detection/--no-loop-detection",
+        default=True,
+        show_default=True,
+        help="Stop when the roles only trade pleasantries or repeat themselves.",
+    ),
+    click.option(
+        "--floor",
+        type=click.Choice(["round-robin", "moderator"]),
+        default="round-robin",
+        show_default=True,
+        help="Who speaks next with three or more roles: in turn, or as a moderator model picks.",
+    ),
+]
+
+_COMMON_OPTIONS = [
+    click.option(
         "--temperature",
         type=click.FloatRange(0, 2),
         default=0.7,
@@ -204,6 +246,58 @@ _DIALOGUE_OPTIONS = [
         help="Sampling temperature.",
     ),
 ]
+
+
+def _done_token(value: str) -> str:
+    import re
+
+    if not re.fullmatch(r"<[A-Z][A-Z0-9_]{1,30}>", value):
+        raise click.BadParameter(
+            f"{value!r} is not a done token: use capitals, digits and _ in angle brackets, "
+            "e.g. <TASK_DONE>"
+        )
+    return value
+
+
+def _stage_options(*, director: bool, dialogue: bool) -> Callable[[Any], Any]:
+    """Add the options of the director and/or dialogue stages; the command receives them
+    as ``director_params`` / ``dialogue_params``."""
+    options = (
+        (_DIRECTOR_OPTIONS if director else [])
+        + (_DIALOGUE_OPTIONS if dialogue else [])
+        + _COMMON_OPTIONS
+    )
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from .dialogue import DialogueParameters
+            from .director import DirectorParameters
+
+            temperature = kwargs.pop("temperature")
+            if director:
+                kwargs["director_params"] = DirectorParameters(
+                    max_tokens=kwargs.pop("director_max_tokens"),
+                    temperature=temperature,
+                    repair_attempts=kwargs.pop("repair_attempts"),
+                    roles=kwargs.pop("n_roles"),
+                    done_token=kwargs.pop("done_token"),
+                )
+            if dialogue:
+                kwargs["dialogue_params"] = DialogueParameters(
+                    turns=kwargs.pop("turns"),
+                    max_tokens=kwargs.pop("max_tokens"),
+                    temperature=temperature,
+                    closing_turns=kwargs.pop("closing_turns"),
+                    max_tokens_total=kwargs.pop("max_tokens_total"),
+                    detect_loops=kwargs.pop("loop_detection"),
+                    floor=kwargs.pop("floor"),
+                )
+            return f(*args, **kwargs)
+
+        return _with_options(options)(wrapper)
+
+    return decorate
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -238,18 +332,14 @@ def _nonempty_task(ctx: click.Context, param: click.Parameter, value: str) -> st
 @click.argument("task", callback=_nonempty_task)
 @_runs_dir_option
 @_endpoint_options
-@_with_options(_DIALOGUE_OPTIONS)
-@_with_options(_DIRECTOR_OPTIONS)
+@_stage_options(director=True, dialogue=True)
 @click.option("--yes", "-y", is_flag=True, help="Run the dialogue without asking.")
 def generate(
     task: str,
     runs_dir: Path,
     flags: _EndpointFlags,
-    turns: int,
-    max_tokens: int,
-    temperature: float,
-    director_max_tokens: int,
-    repair_attempts: int,
+    director_params: DirectorParameters,
+    dialogue_params: DialogueParameters,
     yes: bool,
 ) -> None:
     """Write roles for TASK, let you review them, then run the dialogue.
@@ -259,21 +349,18 @@ def generate(
     When standard input is not a terminal and --yes is absent, it stops after the
     director stage and prints the command that continues.
     """
-    from .dialogue import DialogueParameters
-    from .director import DirectorParameters, run_director
+    from .director import run_director
     from .runs import create_run
 
-    params = DirectorParameters(director_max_tokens, temperature, repair_attempts)
-    dialogue = DialogueParameters(turns, max_tokens, temperature)
+    planned = {"director": asdict(director_params), "dialogue": asdict(dialogue_params)}
     with flags.client() as client:
-        planned = {"director": asdict(params), "dialogue": asdict(dialogue)}
         run = create_run(runs_dir, task, planned)
         with _writing(run):
             click.echo(
                 f"run {run.run_id}: asking the director ({client.endpoint.model})...", err=True
             )
-            roles = run_director(run, client, params)
-            click.echo(views.roles_text(roles))
+            roles = run_director(run, client, director_params)
+            _show_roles(run, roles)
             if not yes:
                 next_command = f"pipeline converse {run.run_id}{_runs_dir_flag(runs_dir)}"
                 if not sys.stdin.isatty():
@@ -285,21 +372,16 @@ def generate(
                 if not _review(run, roles):
                     click.echo(f"\nnot run; to run the dialogue later: {next_command}")
                     return
-            _converse(run, client, dialogue)
+            _converse(run, client, dialogue_params)
 
 
 @cli.command()
 @click.argument("run_id")
 @_runs_dir_option
 @_endpoint_options
-@_with_options(_DIALOGUE_OPTIONS)
+@_stage_options(director=False, dialogue=True)
 def converse(
-    run_id: str,
-    runs_dir: Path,
-    flags: _EndpointFlags,
-    turns: int,
-    max_tokens: int,
-    temperature: float,
+    run_id: str, runs_dir: Path, flags: _EndpointFlags, dialogue_params: DialogueParameters
 ) -> None:
     """Run the dialogue stage of RUN_ID, whose director stage is done.
 
@@ -307,22 +389,20 @@ def converse(
     the endpoint that ran the director is used again. A dialogue already done with the
     same roles, endpoint and parameters is not redone (rerun does that).
     """
-    from .dialogue import DialogueParameters, is_current
+    from .dialogue import is_current
     from .director import load_roles
-    from .runs import open_run
 
-    run = open_run(runs_dir, run_id)
-    params = DialogueParameters(turns, max_tokens, temperature)
+    run = _open(runs_dir, run_id)
     with _writing(run):
-        load_roles(run)  # fail before starting a server when the run is not ready
+        roles = load_roles(run)  # fail before starting a server when the run is not ready
         with flags.client(run) as client:
-            if is_current(run, [client, client], params):
+            if is_current(run, [client] * len(roles["roles"]), dialogue_params):
                 click.echo(
                     f"the dialogue of run {run.run_id} is already done with these inputs; "
                     f"to redo it: pipeline rerun {run.run_id} dialogue{_runs_dir_flag(runs_dir)}"
                 )
                 return
-            _converse(run, client, params)
+            _converse(run, client, dialogue_params)
 
 
 @cli.command()
@@ -330,26 +410,21 @@ def converse(
 @click.argument("stage", type=click.Choice(["director", "dialogue"]))
 @_runs_dir_option
 @_endpoint_options
-@_with_options(_DIALOGUE_OPTIONS)
-@_with_options(_DIRECTOR_OPTIONS)
+@_stage_options(director=True, dialogue=True)
 def rerun(
     run_id: str,
     stage: str,
     runs_dir: Path,
     flags: _EndpointFlags,
-    turns: int,
-    max_tokens: int,
-    temperature: float,
-    director_max_tokens: int,
-    repair_attempts: int,
+    director_params: DirectorParameters,
+    dialogue_params: DialogueParameters,
 ) -> None:
     """Regenerate STAGE of RUN_ID from the run's saved inputs.
 
     The stage's previous files are kept in <stage>/previous-N/. Rerunning the
     director makes a dialogue that already ran stale (its roles changed).
     """
-    from .dialogue import DialogueParameters
-    from .director import DirectorParameters, load_roles
+    from .director import load_roles
 
     run = _open(runs_dir, run_id)
     with _writing(run):
@@ -357,10 +432,9 @@ def rerun(
             load_roles(run)
         with flags.client(run) as client:
             if stage == "dialogue":
-                _converse(run, client, DialogueParameters(turns, max_tokens, temperature))
+                _converse(run, client, dialogue_params)
             else:
-                params = DirectorParameters(director_max_tokens, temperature, repair_attempts)
-                _redo_director(run, client, params, runs_dir)
+                _redo_director(run, client, director_params, runs_dir)
 
 
 @cli.command()
@@ -484,7 +558,9 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
     if stage in (None, "director") and has_roles:
         click.echo(("\n" if stage is None else "") + views.roles_text(run.read_json(ROLES)))
     if stage in (None, "dialogue"):
-        click.echo(views.transcript_text(run.read_transcript()).removeprefix("\n" if stage else ""))
+        token = run.read_json(ROLES)["termination"]["done_token"] if has_roles else ""
+        text = views.transcript_text(run.read_transcript(), token)
+        click.echo(text.removeprefix("\n") if stage else text)
 
 
 @cli.command()
@@ -581,7 +657,7 @@ def _review(run: Run, roles: dict[str, Any]) -> bool:
             click.echo("no change saved; the roles are as they were", err=True)
             continue
         roles = edited
-        click.echo(views.roles_text(roles))
+        _show_roles(run, roles)
 
 
 def _redo_director(
@@ -592,7 +668,7 @@ def _redo_director(
 
     run.archive_stage("director")
     click.echo(f"run {run.run_id}: asking the director ({client.endpoint.model})...", err=True)
-    click.echo(views.roles_text(run_director(run, client, params)))
+    _show_roles(run, run_director(run, client, params))
     if run.mark_stale("dialogue"):
         click.echo(
             f"\nthe dialogue ran on the old roles and is now stale; rerun it with: "
@@ -617,9 +693,19 @@ def _converse(
     run: Run, client: ModelClient, params: DialogueParameters, *, resume: bool = False
 ) -> None:
     from .dialogue import run_dialogue
+    from .director import load_roles
 
-    run_dialogue(run, [client, client], params, _Printer(), resume=resume)
-    click.echo(f"\nrun {run.run_id} done: {run.folder}")
+    roles = load_roles(run)["roles"]
+    run_dialogue(run, [client] * len(roles), params, _Printer(), resume=resume, moderator=client)
+    entry = run.stage("dialogue")
+    click.echo(f"\nrun {run.run_id} done ({views.ending(entry)}): {run.folder}")
+
+
+def _show_roles(run: Run, roles: dict[str, Any]) -> None:
+    """Print the roles, then, on stderr, what the lint step found in them."""
+    click.echo(views.roles_text(roles))
+    for problem in run.stage("director").get("lint", []):
+        click.echo(f"check: {problem}", err=True)
 
 
 def _terminate(signum: int, frame: object) -> None:

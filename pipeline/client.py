@@ -21,6 +21,8 @@ from .errors import EndpointError, StructuredOutputError, one_line
 if TYPE_CHECKING:  # the SDK is imported on first use, not at CLI start-up
     import openai
 
+    from .schemas import Schema
+
 Message = dict[str, str]
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MAX_RETRIES = 2
@@ -35,12 +37,15 @@ class ChatResult:
         finish_reason: ``stop``, ``length``, ``content_filter``... as the API reported it.
         model: the model name the server reported (falls back to the one asked for).
         usage: ``{"prompt_tokens": int, "completion_tokens": int}`` when the server reported it.
+        chunks: how many streamed pieces carried text (about one token each on llama.cpp
+            servers; a stand-in for ``completion_tokens`` when usage is not reported).
     """
 
     content: str
     finish_reason: str | None
     model: str
     usage: dict[str, int] | None
+    chunks: int = 0
 
 
 @dataclass
@@ -102,14 +107,14 @@ class _NoRecorder:
         pass
 
 
-def _for_dialect(messages: list[Message], dialect: str, schema_name: str) -> list[Message]:
+def _for_dialect(messages: list[Message], dialect: str, schema: Schema) -> list[Message]:
     """In the ``prompt`` dialect, the schema instructions are added to the last user message."""
     if dialect != "prompt":
         return messages
     from .structured import schema_instructions
 
     out = list(messages)
-    instructions = schema_instructions(schema_name)
+    instructions = schema_instructions(schema)
     for i in range(len(out) - 1, -1, -1):
         if out[i]["role"] == "user":
             out[i] = {**out[i], "content": f"{out[i]['content']}\n\n{instructions}"}
@@ -169,7 +174,7 @@ class ModelClient:
     def structured(
         self,
         messages: list[Message],
-        schema_name: str,
+        schema: Schema,
         *,
         max_tokens: int,
         temperature: float,
@@ -177,7 +182,7 @@ class ModelClient:
         repair_attempts: int,
         recorder: AttemptRecorder | None = None,
     ) -> StructuredResult:
-        """Ask for JSON satisfying ``schemas/<schema_name>`` and return it validated.
+        """Ask for JSON satisfying ``schema`` and return it validated.
 
         Tries ``dialects`` in order while the server rejects the response format (see
         :mod:`pipeline.structured`); re-asks up to ``repair_attempts`` times when the answer
@@ -194,7 +199,7 @@ class ModelClient:
         record = recorder or _NoRecorder()
         plan = list(dialects)
         dialect = plan.pop(0)
-        conversation = _for_dialect(list(messages), dialect, schema_name)
+        conversation = _for_dialect(list(messages), dialect, schema)
         repairs_left = repair_attempts
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         number = 0
@@ -206,7 +211,7 @@ class ModelClient:
                 "max_tokens": max_tokens,
                 "temperature": temperature,
             }
-            response_format = structured.response_format(dialect, schema_name)
+            response_format = structured.response_format(dialect, schema)
             if response_format is not None:
                 request["response_format"] = response_format
             record.request(number, request)
@@ -219,7 +224,7 @@ class ModelClient:
                 )
                 if rejected and plan:
                     dialect = plan.pop(0)
-                    conversation = _for_dialect(conversation, dialect, schema_name)
+                    conversation = _for_dialect(conversation, dialect, schema)
                     continue
                 if rejected:
                     raise EndpointError(
@@ -235,7 +240,7 @@ class ModelClient:
                 if key in usage and isinstance(value, int):
                     usage[key] += value
             try:
-                value = structured.parse(response, schema_name, dialect=dialect)
+                value = structured.parse(response, schema, dialect=dialect)
             except StructuredOutputError as e:
                 record.outcome(Attempt(number, dialect, e.kind, e.errors or [e.message]))
                 if not e.repairable or repairs_left == 0:
@@ -300,7 +305,7 @@ class ModelClient:
                         finish_reason = choice.finish_reason
         except openai.APIError as e:
             raise self._explain(e) from e
-        return ChatResult("".join(parts), finish_reason, model, usage)
+        return ChatResult("".join(parts), finish_reason, model, usage, len(parts))
 
     def _explain(self, e: Exception) -> EndpointError:
         """Turn an SDK exception into a one-line error naming the endpoint and the fix."""

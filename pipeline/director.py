@@ -8,6 +8,7 @@ response) and ``roles.json`` (the parsed, schema-valid answer).
 
 from __future__ import annotations
 
+import copy
 import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,8 +16,10 @@ from typing import Any
 from . import schemas, structured, templates
 from .client import Attempt, ModelClient
 from .errors import RunError, StructuredOutputError
+from .lint import lint_roles
 from .resources import file_sha256
 from .runs import Run
+from .termination import DEFAULT_DONE_TOKEN
 
 STAGE = "director"
 TEMPLATE = "director.j2"
@@ -39,11 +42,25 @@ class DirectorParameters:
     max_tokens: int = 2048
     temperature: float = 0.7
     repair_attempts: int = 2
+    roles: int = 2
+    done_token: str = DEFAULT_DONE_TOKEN
 
 
-def render_prompt(task: str) -> str:
+def render_prompt(task: str, roles: int = 2, done_token: str = DEFAULT_DONE_TOKEN) -> str:
     """The director's prompt for ``task`` (the task is passed to the template as data)."""
-    return templates.render(TEMPLATE, task=task)
+    return templates.render(TEMPLATE, task=task, n_roles=roles, done_token=done_token)
+
+
+def answer_schema(params: DirectorParameters) -> schemas.Schema:
+    """``schemas/roles.schema.json`` narrowed for one request: exactly ``params.roles``
+    roles and exactly ``params.done_token`` as the token."""
+    document = copy.deepcopy(schemas.load(schemas.ROLES))
+    document["properties"]["roles"].update(minItems=params.roles, maxItems=params.roles)
+    document["properties"]["termination"]["properties"]["done_token"] = {
+        "type": "string",
+        "const": params.done_token,
+    }
+    return schemas.Schema(schemas.ROLES, document)
 
 
 class _AttemptFiles:
@@ -100,12 +117,12 @@ def run_director(run: Run, client: ModelClient, params: DirectorParameters) -> d
         parameters=asdict(params),
         inputs=inputs,
     ) as entry:
-        prompt = render_prompt(run.task)
+        prompt = render_prompt(run.task, params.roles, params.done_token)
         run.write_text(PROMPT, prompt)
         try:
             result = client.structured(
                 [{"role": "user", "content": prompt}],
-                schemas.ROLES,
+                answer_schema(params),
                 max_tokens=params.max_tokens,
                 temperature=params.temperature,
                 dialects=dialects,
@@ -126,6 +143,7 @@ def run_director(run: Run, client: ModelClient, params: DirectorParameters) -> d
         run.write_json(ROLES, result.value)
     run.manifest.setdefault("dialects", {})[endpoint.base_url] = result.dialect
     entry["structured_output"] = result.dialect
+    entry["lint"] = lint_roles(result.value)
     run.finish_stage(STAGE, usage=result.usage)
     roles: dict[str, Any] = result.value
     return roles
@@ -180,6 +198,7 @@ def replace_roles(run: Run, roles: dict[str, Any]) -> None:
     shutil.copyfile(run.path(ROLES), run.path(previous))
     run.write_json(ROLES, roles)
     entry["edits"] = edits
+    entry["lint"] = lint_roles(roles)
     entry["artifacts"] = run.stage_files(STAGE)
     run.save()
     run.mark_stale("dialogue")

@@ -9,6 +9,7 @@ back to a model.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,35 @@ def errors(instance: Any, name: str) -> list[str]:
     """Every way ``instance`` violates schema ``name``, as ``"<path>: <message>"`` strings,
     sorted by path; an empty list means valid. The path is a JSONPath such as ``$.roles[0].name``.
     """
-    found = sorted(_validator(name).iter_errors(instance), key=lambda e: list(map(str, e.path)))
+    return _messages(_validator(name), instance)
+
+
+def _messages(validator: Draft202012Validator, instance: Any) -> list[str]:
+    found = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.path)))
     return [f"{e.json_path}: {e.message}" for e in found]
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A schema to ask a model to fill: the file it comes from and its document, which a
+    stage may narrow for one request (a fixed number of roles, a fixed token).
+
+    Attributes:
+        name: the file name in ``schemas/``, e.g. ``roles.schema.json``.
+        document: the JSON Schema itself.
+    """
+
+    name: str
+    document: dict[str, Any] = field(hash=False, compare=False)
+
+    @classmethod
+    def file(cls, name: str) -> Schema:
+        """The schema exactly as the file says."""
+        return cls(name, load(name))
+
+    def errors(self, instance: Any) -> list[str]:
+        """As :func:`errors`, against this document."""
+        return _messages(Draft202012Validator(self.document), instance)
 
 
 def is_valid(instance: Any, name: str) -> bool:

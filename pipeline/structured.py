@@ -27,9 +27,10 @@ import re
 from typing import Any
 from urllib.parse import urlparse
 
-from . import schemas, templates
+from . import templates
 from .config import STRUCTURED_OUTPUT_CHOICES
 from .errors import StructuredOutputError, one_line
+from .schemas import Schema
 
 AUTO, *_dialects = STRUCTURED_OUTPUT_CHOICES
 DIALECTS = tuple(_dialects)  # json_schema, json_object, prompt: the order auto tries them
@@ -109,28 +110,27 @@ def _strict(node: Any, *, root: bool = False) -> Any:
     return out
 
 
-def response_format(dialect: str, schema_name: str) -> dict[str, Any] | None:
+def response_format(dialect: str, schema: Schema) -> dict[str, Any] | None:
     """The ``response_format`` request member for ``dialect`` (None for ``prompt``)."""
-    schema = schemas.load(schema_name)
     if dialect == "json_schema":
         return {
             "type": "json_schema",
             "json_schema": {
-                "name": re.sub(r"[^A-Za-z0-9_-]", "_", schema_name.removesuffix(".schema.json")),
-                "schema": strict_schema(schema),
+                "name": re.sub(r"[^A-Za-z0-9_-]", "_", schema.name.removesuffix(".schema.json")),
+                "schema": strict_schema(schema.document),
                 "strict": True,
             },
         }
     if dialect == "json_object":
-        return {"type": "json_object", "schema": schema}
+        return {"type": "json_object", "schema": schema.document}
     if dialect == "prompt":
         return None
     raise ValueError(f"unknown structured-output dialect {dialect!r}")
 
 
-def schema_instructions(schema_name: str) -> str:
+def schema_instructions(schema: Schema) -> str:
     """The text that asks for JSON in the ``prompt`` dialect (``templates/structured.j2``)."""
-    schema_text = json.dumps(schemas.load(schema_name), indent=2, ensure_ascii=False)
+    schema_text = json.dumps(schema.document, indent=2, ensure_ascii=False)
     return templates.render("structured.j2", schema=schema_text)
 
 
@@ -143,8 +143,8 @@ def repair_request(answer: str, problems: list[str]) -> str:
 _FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(.*?)\n\s*```\s*$", re.DOTALL)
 
 
-def parse(response: dict[str, Any], schema_name: str, *, dialect: str) -> Any:
-    """The JSON answer in a raw chat completion, validated against ``schemas/<schema_name>``
+def parse(response: dict[str, Any], schema: Schema, *, dialect: str) -> Any:
+    """The JSON answer in a raw chat completion, validated against ``schema``
     (Draft 2020-12). In the ``prompt`` dialect a surrounding Markdown code fence is removed.
 
     Raises:
@@ -184,11 +184,11 @@ def parse(response: dict[str, Any], schema_name: str, *, dialect: str) -> Any:
             errors=[problem],
             kind="invalid_json",
         ) from e
-    problems = schemas.errors(value, schema_name)
+    problems = schema.errors(value)
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise StructuredOutputError(
-            f"the answer does not match {schema_name}: {'; '.join(problems[:3])}{more}",
+            f"the answer does not match {schema.name}: {'; '.join(problems[:3])}{more}",
             errors=problems,
             kind="schema",
         )

@@ -13,6 +13,7 @@ import click
 
 from .errors import RunError
 from .runs import STAGES, Run
+from .termination import strip_token
 
 TASK_WIDTH = 48
 
@@ -34,11 +35,21 @@ def roles_text(roles: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def transcript_text(lines: Sequence[dict[str, Any]]) -> str:
-    """The transcript lines as text, one heading per turn."""
+def transcript_text(lines: Sequence[dict[str, Any]], done_token: str = "") -> str:
+    """The transcript lines as text, one heading per turn, the done token removed."""
     return "\n".join(
-        f"\n{turn_header(line['turn'], line['role'])}\n{line['content']}" for line in lines
+        f"\n{turn_header(line['turn'], line['role'])}\n{strip_token(line['content'], done_token)}"
+        for line in lines
     )
+
+
+def ending(entry: dict[str, Any]) -> str:
+    """How a dialogue stage ended: ``ended by loop at turn 10``."""
+    reason = entry.get("termination_reason")
+    if not reason:
+        return "not ended"
+    at = entry.get("termination_turn")
+    return f"ended by {reason}" + (f" at turn {at}" if at else "")
 
 
 def summary(run: Run) -> dict[str, Any]:
@@ -121,7 +132,15 @@ def run_header(run: Run) -> str:
         if name == "dialogue" and info["turns"]:
             parts.append(f"{info['turns']} turns")
         if name == "dialogue" and info["termination_reason"]:
-            parts.append(f"ended by {info['termination_reason']}")
+            parts.append(ending({**entry, "termination_reason": info["termination_reason"]}))
+        if entry.get("usage_by_role"):
+            parts.append(
+                "by role: "
+                + ", ".join(
+                    f"{role} {u['prompt_tokens']}+{u['completion_tokens']}"
+                    for role, u in entry["usage_by_role"].items()
+                )
+            )
         if entry.get("error"):
             parts.append(f"error: {entry['error']}")
         lines.append(f"{name.capitalize()}: " + "; ".join(parts))

@@ -19,7 +19,7 @@ ROLES = {
         {
             "name": "Student",
             "system_prompt": "I want you to act as a student writing a paper on AI ethics. "
-            "I am your mentor.",
+            "I am your mentor. When the paper is done, end your message with <TASK_DONE>.",
         },
         {
             "name": "Mentor",
@@ -27,6 +27,11 @@ ROLES = {
             "I am your student.",
         },
     ],
+    "termination": {
+        "done_token": "<TASK_DONE>",
+        "declared_by": "Student",
+        "acceptance_criteria": "A complete draft that the mentor has approved.",
+    },
     "opening_line": "Could you suggest some topics for a paper on AI ethics?",
 }
 

@@ -10,6 +10,8 @@ from click.testing import CliRunner
 
 from pipeline import __version__, schemas
 from pipeline.cli import cli
+from pipeline.dialogue import role_prompt
+from pipeline.director import DirectorParameters, answer_schema
 from pipeline.local import free_port
 from pipeline.structured import strict_schema
 
@@ -39,7 +41,7 @@ def test_generate_yes_prints_roles_then_streams_every_turn(fake, invoke, runs_di
         "\n[2] Mentor\nreply 2\n"
         "\n[3] Student\nreply 3\n"
         "\n[4] Mentor\nreply 4\n"
-        f"\nrun {run_id} done: {run_dir}\n"
+        f"\nrun {run_id} done (ended by max_turns at turn 4): {run_dir}\n"
     )
     assert result.stderr == f"run {run_id}: asking the director (fake-model)...\n"
 
@@ -90,7 +92,7 @@ def test_each_role_sees_its_own_turns_as_assistant(fake, invoke):
     assert all(r["stream"] is True for r in turn_requests)
     # turn 4 is the Mentor's second turn
     assert turn_requests[2]["messages"] == [
-        {"role": "system", "content": ROLES["roles"][1]["system_prompt"]},
+        {"role": "system", "content": role_prompt(ROLES, 1)},
         {"role": "user", "content": ROLES["opening_line"]},
         {"role": "assistant", "content": "reply 2"},
         {"role": "user", "content": "reply 3"},
@@ -104,7 +106,8 @@ def test_director_request_uses_json_schema_for_a_remote_server(fake, invoke):
     response_format = fake.chat_requests()[0]["response_format"]
     assert response_format["type"] == "json_schema"
     assert response_format["json_schema"]["strict"] is True
-    assert response_format["json_schema"]["schema"] == strict_schema(schemas.load(schemas.ROLES))
+    narrowed = answer_schema(DirectorParameters()).document
+    assert response_format["json_schema"]["schema"] == strict_schema(narrowed)
 
 
 def test_without_a_terminal_it_stops_after_the_director_and_prints_the_next_command(
@@ -278,7 +281,7 @@ def test_server_errors_are_retried_by_the_sdk(fake, invoke):
 
 
 def test_an_unusable_director_answer_fails_the_stage_and_keeps_it(fake, invoke, runs_dir):
-    fake.add(Reply(json.dumps({"roles": [], "opening_line": "hi"})))
+    fake.add(Reply(json.dumps({**ROLES, "roles": []})))
     result = invoke("generate", *endpoint_args(fake), "--repair-attempts", "0", "--yes", "x")
     assert result.exit_code == 1
     run = only_run(runs_dir)
@@ -430,7 +433,7 @@ def test_converse_refuses_a_run_whose_director_failed(fake, invoke, runs_dir):
 def test_converse_refuses_roles_that_no_longer_match_the_schema(fake, invoke, runs_dir):
     invoke("generate", *endpoint_args(fake), "x")
     run = only_run(runs_dir)
-    (run / "director" / "roles.json").write_text(json.dumps({"roles": [], "opening_line": "x"}))
+    (run / "director" / "roles.json").write_text(json.dumps({**ROLES, "roles": []}))
     result = invoke("converse", run.name, *endpoint_args(fake))
     assert result.exit_code == 1
     assert "roles.json does not match roles.schema.json: $.roles: [] is too short" in (

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline import schemas
 from pipeline.client import ModelClient
-from pipeline.director import DirectorParameters, run_director
+from pipeline.director import DirectorParameters, answer_schema, run_director
 from pipeline.local import MODEL_NAME, LocalServer
 from pipeline.runs import create_run
 
@@ -72,7 +72,8 @@ def test_director_on_the_embedded_model_returns_schema_valid_roles(embedded, tmp
     assert schemas.errors(roles, schemas.ROLES) == []
     request = json.loads(run.path("director/request.json").read_text())
     assert request["response_format"]["type"] == "json_object"
-    assert request["response_format"]["schema"] == schemas.load(schemas.ROLES)
+    assert request["response_format"]["schema"] == answer_schema(DirectorParameters()).document
+    assert roles["termination"]["done_token"] == "<TASK_DONE>"  # the const held
     assert run.stage("director")["status"] == "done"
     assert run.stage("director")["usage"]["completion_tokens"] > 0
 
@@ -101,7 +102,8 @@ def test_generate_runs_offline_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     run = only_run(runs_dir)
-    assert proc.stdout.endswith(f"\nrun {run.name} done: {run}\n")
+    assert proc.stdout.endswith(f": {run}\n")
+    assert f"\nrun {run.name} done (ended by " in proc.stdout
 
     roles = json.loads((run / "director" / "roles.json").read_text())
     assert schemas.errors(roles, schemas.ROLES) == []

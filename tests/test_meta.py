@@ -22,6 +22,15 @@ SAMPLE_DATA = {
     "schema": json.dumps(schemas.load(schemas.ROLES)),
     "answer": '{"roles": []}',
     "problems": ["$.roles: [] is too short"],
+    "n_roles": 3,
+    "done_token": "<TASK_DONE>",
+    "system_prompt": "I want you to act as a student.",
+    "others": ["Mentor", "Critic"],
+    "declared_by": "Student",
+    "acceptance_criteria": "The paper is approved.",
+    "declares": True,
+    "candidates": ["Mentor", "Critic"],
+    "cast": ROLES["roles"],
     "roles": ROLES,
     "lines": [
         {"turn": 1, "role": "Student", "role_index": 0, "content": ROLES["opening_line"]},
@@ -118,5 +127,7 @@ def test_every_string_in_the_roles_schema_is_bounded():
                 yield from strings(value)
 
     found = list(strings(schemas.load(schemas.ROLES)))
-    assert len(found) == 3
-    assert all("maxLength" in s and s["maxLength"] <= 1000 for s in found)
+    assert len(found) == 6
+    for string in found:
+        assert string.get("maxLength", 0) <= 1000
+        assert "maxLength" in string or string["pattern"].endswith("{1,30}>$")

@@ -28,7 +28,9 @@ EDITOR_SCRIPT = textwrap.dedent(
         roles["roles"][1]["name"] = "Professor"
         text = json.dumps(roles)
     elif mode == "schema":
-        text = json.dumps({"roles": [], "opening_line": "hello"})
+        roles = json.load(open(path))
+        roles["roles"] = []
+        text = json.dumps(roles)
     else:
         text = "{ this is not json"
     open(path, "w").write(text)

@@ -12,7 +12,9 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from pipeline import schemas
+from pipeline.director import DirectorParameters, answer_schema
 from pipeline.errors import StructuredOutputError
+from pipeline.schemas import Schema
 from pipeline.structured import dialect_plan, parse, strict_schema
 
 from .conftest import ROLES, conversation, only_run, unusable_director_error
@@ -129,14 +131,14 @@ def completion(content: str, finish_reason: str = "stop", **message: Any) -> dic
 )
 def test_parse_names_each_failure(response, dialect, kind):
     with pytest.raises(StructuredOutputError) as caught:
-        parse(response, schemas.ROLES, dialect=dialect)
+        parse(response, Schema.file(schemas.ROLES), dialect=dialect)
     assert caught.value.kind == kind
     assert caught.value.repairable is (kind in ("invalid_json", "schema"))
 
 
 def test_parse_strips_a_code_fence_in_the_prompt_dialect():
     fenced = completion(f"```json\n{json.dumps(ROLES)}\n```")
-    assert parse(fenced, schemas.ROLES, dialect="prompt") == ROLES
+    assert parse(fenced, Schema.file(schemas.ROLES), dialect="prompt") == ROLES
 
 
 # -- against fake servers -------------------------------------------------------------
@@ -173,7 +175,7 @@ def test_json_schema_dialect_sends_the_strict_form(fake, invoke, runs_dir):
         "type": "json_schema",
         "json_schema": {
             "name": "roles",
-            "schema": strict_schema(schemas.load(schemas.ROLES)),
+            "schema": strict_schema(answer_schema(DirectorParameters()).document),
             "strict": True,
         },
     }
@@ -188,7 +190,7 @@ def test_json_object_dialect_sends_the_schema_as_llama_cpp_python_wants(
     (request,) = llama_cpp_python.chat_requests()
     assert request["response_format"] == {
         "type": "json_object",
-        "schema": schemas.load(schemas.ROLES),
+        "schema": answer_schema(DirectorParameters()).document,
     }
 
 
@@ -290,7 +292,7 @@ def test_repair_succeeds_on_the_third_attempt_and_keeps_all_three(fake, invoke, 
 
 
 def test_repair_that_never_succeeds_fails_the_stage_and_keeps_everything(fake, invoke, runs_dir):
-    fake.add(Reply("nope 1"), Reply("nope 2"), Reply('{"roles": 3, "opening_line": "hi"}'))
+    fake.add(Reply("nope 1"), Reply("nope 2"), Reply(json.dumps({**ROLES, "roles": 3})))
     result = invoke("generate", *args(fake, "--yes"))
     assert result.exit_code == 1
     run = only_run(runs_dir)
