@@ -9,7 +9,7 @@ dialogue here ends for one of these reasons (``termination_reason`` in the manif
     the next speaker then gets ``closing_turns`` (default 1) final turns.
 ``loop``
     the last turns only trade pleasantries (thanks, goodbyes), or repeat earlier turns
-    almost word for word (:class:`difflib.SequenceMatcher` ratio).
+    almost word for word (:class:`difflib.SequenceMatcher` ratio over words).
 ``max_turns``, ``token_budget``, ``empty_turn``
     the turn limit, the token budget, or a turn with no text.
 ``error``, ``interrupted``
@@ -75,10 +75,9 @@ def _pleasant(sentence: str) -> bool:
 
 
 def similarity(a: str, b: str) -> float:
-    """difflib's ratio of two texts, 0 (nothing in common) to 1 (equal), ignoring case and
-    runs of white space."""
-    x, y = " ".join(a.lower().split()), " ".join(b.lower().split())
-    matcher = difflib.SequenceMatcher(None, x, y, autojunk=False)
+    """difflib's ratio of two texts compared word by word, 0 (nothing in common) to 1
+    (the same words in the same order), ignoring case."""
+    matcher = difflib.SequenceMatcher(None, a.lower().split(), b.lower().split(), autojunk=False)
     if matcher.real_quick_ratio() < DUPLICATE_RATIO or matcher.quick_ratio() < DUPLICATE_RATIO:
         return matcher.quick_ratio()
     return matcher.ratio()
@@ -87,8 +86,8 @@ def similarity(a: str, b: str) -> float:
 def detect_loop(contents: Sequence[str], participants: int, window: int = 2) -> bool:
     """True when the conversation ``contents`` (one text per turn, oldest first) has
     stopped making progress: its last ``window`` turns are all pleasantries, or its last
-    ``window + 1`` turns each nearly repeat (ratio >= 0.9) one of the ``participants``
-    turns before them."""
+    ``window + 1`` turns each nearly repeat (word-level ratio >= 0.9) one of the
+    ``participants`` turns before them."""
     if len(contents) >= window and all(is_pleasantry(c) for c in contents[-window:]):
         return True
     span = window + 1

@@ -231,3 +231,42 @@ def test_auto_finds_json_object_on_an_unknown_llama_cpp_python_server(embedded, 
     assert schemas.errors(roles, schemas.ROLES) == []
     assert run.manifest["dialects"] == {embedded.base_url: "json_object"}
     assert [a["outcome"] for a in run.stage("director")["attempts"]] == ["rejected", "ok"]
+
+
+def test_a_three_role_meeting_on_the_embedded_model(tmp_path):
+    runs_dir = tmp_path / "runs"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "generate",
+            "--yes",
+            "--roles",
+            "3",
+            "--turns",
+            "4",
+            "--max-tokens",
+            "24",
+            "--no-loop-detection",
+            "--runs-dir",
+            str(runs_dir),
+            "plan a school trip to a science museum",
+        ],
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = only_run(runs_dir)
+    roles = json.loads((run / "director" / "roles.json").read_text())
+    assert len(roles["roles"]) == 3
+    lines = read_jsonl(run / "dialogue" / "transcript.jsonl")
+    manifest = json.loads((run / "run.json").read_text())
+    assert schemas.errors(manifest, schemas.RUN_MANIFEST) == []
+    reason = manifest["stages"]["dialogue"]["termination_reason"]
+    assert reason in ("max_turns", "done_token", "empty_turn")
+    if reason == "max_turns":
+        assert [line["role_index"] for line in lines] == [0, 1, 2, 0]
+    assert all(line["role_index"] == i % 3 for i, line in enumerate(lines))
