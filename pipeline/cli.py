@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__, views
-from .config import STRUCTURED_OUTPUT_CHOICES, Endpoint, resolve_endpoint
+from .config import STRUCTURED_OUTPUT_CHOICES, resolve_endpoint
 from .errors import PipelineError, RunError
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .dialogue import DialogueParameters
     from .director import DirectorParameters
     from .local import LocalServer
+    from .models import Models
     from .runs import Run
 
 REVIEW_QUESTION = "Run the dialogue? [y/N/e]"
@@ -73,7 +74,7 @@ def _runs_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 @dataclass(frozen=True)
 class _EndpointFlags:
-    """The endpoint options of one command, and how to turn them into a client."""
+    """The endpoint options of one command, and how to turn them into model clients."""
 
     base_url: str | None
     model: str | None
@@ -81,33 +82,35 @@ class _EndpointFlags:
     structured_output: str
     timeout: float
     max_retries: int
+    config: Path | None
 
-    @contextlib.contextmanager
-    def client(self, run: Run | None = None) -> Iterator[ModelClient]:
-        """A client for the resolved endpoint (flags > environment > the endpoint that ran
-        ``run``'s director, when it was not the embedded one > the embedded model, started
-        for the duration of the ``with`` block)."""
-        from .client import ModelClient
-        from .local import endpoint_or_embedded
+    def models(self, run: Run | None = None) -> Models:
+        """The director's, the moderator's and the roles' clients (see pipeline.models);
+        flags beat the config file, which beats the environment, then the endpoint that ran
+        ``run``'s director, then the embedded model."""
+        from .config import load_config
+        from .models import Models
 
-        resolved = resolve_endpoint(
-            base_url=self.base_url,
-            model=self.model,
-            api_key_env=self.api_key_env,
-            structured_output=self.structured_output,
-        )
-        recorded = (run.stage("director").get("endpoint") or {}) if run else {}
-        if resolved is None and recorded and not recorded.get("embedded"):
-            resolved = Endpoint(
-                base_url=recorded["base_url"],
-                model=recorded["model"],
-                api_key_env=recorded.get("api_key_env"),
-                structured_output=recorded.get("structured_output", "auto"),
+        given = any((self.base_url, self.model, self.api_key_env))
+        flags = (
+            resolve_endpoint(
+                base_url=self.base_url,
+                model=self.model,
+                api_key_env=self.api_key_env,
+                structured_output=self.structured_output,
             )
-        with endpoint_or_embedded(
-            resolved, structured_output=self.structured_output, on_start=_announce_server
-        ) as endpoint:
-            yield ModelClient(endpoint, timeout=self.timeout, max_retries=self.max_retries)
+            if given
+            else None
+        )
+        return Models(
+            flags=flags,
+            config=None if given else load_config(self.config),
+            recorded=(run.stage("director").get("endpoint") if run else None),
+            structured_output=self.structured_output,
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+            on_server_start=_announce_server,
+        )
 
 
 _ENDPOINT_OPTIONS = [
@@ -133,6 +136,12 @@ _ENDPOINT_OPTIONS = [
         show_default=True,
         help="How to ask for JSON: OpenAI's json_schema response format, llama-cpp-python's "
         "json_object, the schema in the prompt, or auto (known per server, else try each).",
+    ),
+    click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Config file with named endpoints and their assignments [default: ./pipeline.toml "
+        "if present]. Flags override it.",
     ),
     click.option(
         "--timeout",
@@ -353,7 +362,8 @@ def generate(
     from .runs import create_run
 
     planned = {"director": asdict(director_params), "dialogue": asdict(dialogue_params)}
-    with flags.client() as client:
+    with flags.models() as models:
+        client = models.director()
         run = create_run(runs_dir, task, planned)
         with _writing(run):
             click.echo(
@@ -372,7 +382,7 @@ def generate(
                 if not _review(run, roles):
                     click.echo(f"\nnot run; to run the dialogue later: {next_command}")
                     return
-            _converse(run, client, dialogue_params)
+            _converse(run, models, dialogue_params)
 
 
 @cli.command()
@@ -395,14 +405,14 @@ def converse(
     run = _open(runs_dir, run_id)
     with _writing(run):
         roles = load_roles(run)  # fail before starting a server when the run is not ready
-        with flags.client(run) as client:
-            if is_current(run, [client] * len(roles["roles"]), dialogue_params):
+        with flags.models(run) as models:
+            if is_current(run, models.roles(roles), dialogue_params):
                 click.echo(
                     f"the dialogue of run {run.run_id} is already done with these inputs; "
                     f"to redo it: pipeline rerun {run.run_id} dialogue{_runs_dir_flag(runs_dir)}"
                 )
                 return
-            _converse(run, client, dialogue_params)
+            _converse(run, models, dialogue_params)
 
 
 @cli.command()
@@ -430,11 +440,11 @@ def rerun(
     with _writing(run):
         if stage == "dialogue":
             load_roles(run)
-        with flags.client(run) as client:
+        with flags.models(run) as models:
             if stage == "dialogue":
-                _converse(run, client, dialogue_params)
+                _converse(run, models, dialogue_params)
             else:
-                _redo_director(run, client, director_params, runs_dir)
+                _redo_director(run, models.director(), director_params, runs_dir)
 
 
 @cli.command()
@@ -457,11 +467,11 @@ def resume(run_id: str, runs_dir: Path, flags: _EndpointFlags) -> None:
         if statuses == {"director": "done", "dialogue": "done"}:
             click.echo(f"run {run.run_id} is complete; nothing to resume")
             return
-        with flags.client(run) as client:
+        with flags.models(run) as models:
             if statuses["director"] != "done":
                 asked = run.stage("director")["parameters"]
                 redo = DirectorParameters(**asked) if asked else DirectorParameters()
-                _redo_director(run, client, redo, runs_dir)
+                _redo_director(run, models.director(), redo, runs_dir)
             dialogue = run.stage("dialogue")
             asked = dialogue["parameters"]
             params = DialogueParameters(**asked) if asked else DialogueParameters()
@@ -472,7 +482,7 @@ def resume(run_id: str, runs_dir: Path, flags: _EndpointFlags) -> None:
                     f"run {run.run_id}: resuming the dialogue at turn {at} of {params.turns}",
                     err=True,
                 )
-            _converse(run, client, params, resume=go_on)
+            _converse(run, models, params, resume=go_on)
 
 
 @cli.command()
@@ -690,15 +700,22 @@ class _Printer:
 
 
 def _converse(
-    run: Run, client: ModelClient, params: DialogueParameters, *, resume: bool = False
+    run: Run, models: Models, params: DialogueParameters, *, resume: bool = False
 ) -> None:
     from .dialogue import run_dialogue
     from .director import load_roles
 
-    roles = load_roles(run)["roles"]
-    run_dialogue(run, [client] * len(roles), params, _Printer(), resume=resume, moderator=client)
-    entry = run.stage("dialogue")
-    click.echo(f"\nrun {run.run_id} done ({views.ending(entry)}): {run.folder}")
+    roles = load_roles(run)
+    config = models.config
+    if config is not None:
+        for name in config.unknown_roles([r["name"] for r in roles["roles"]]):
+            click.echo(
+                f"warning: {config.path}: assign.roles.{name}: no role is called {name}", err=True
+            )
+    clients = models.roles(roles)
+    moderator = models.moderator() if params.floor == "moderator" else None
+    run_dialogue(run, clients, params, _Printer(), resume=resume, moderator=moderator)
+    click.echo(f"\nrun {run.run_id} done ({views.ending(run.stage('dialogue'))}): {run.folder}")
 
 
 def _show_roles(run: Run, roles: dict[str, Any]) -> None:

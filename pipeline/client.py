@@ -161,12 +161,14 @@ class ModelClient:
     def chat_request(
         self, messages: list[Message], *, max_tokens: int, temperature: float
     ) -> dict[str, Any]:
-        """A streaming Chat Completions request body for ``messages``."""
+        """A streaming Chat Completions request body for ``messages``; the endpoint's extra
+        ``params`` override the sampling parameters given here."""
         return {
-            "model": self.endpoint.model,
-            "messages": messages,
             "max_tokens": max_tokens,
             "temperature": temperature,
+            **self.endpoint.params,
+            "model": self.endpoint.model,
+            "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -206,10 +208,11 @@ class ModelClient:
         while True:
             number += 1
             request = {
-                "model": self.endpoint.model,
-                "messages": conversation,
                 "max_tokens": max_tokens,
                 "temperature": temperature,
+                **self.endpoint.params,
+                "model": self.endpoint.model,
+                "messages": conversation,
             }
             response_format = structured.response_format(dialect, schema)
             if response_format is not None:

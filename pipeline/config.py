@@ -1,11 +1,15 @@
-"""Which model endpoint a stage talks to.
+"""Which model endpoint a stage or a role talks to.
 
 Resolution, highest first:
 
-1. command-line flags: ``--base-url``, ``--model``, ``--api-key-env NAME``;
-2. the environment variables the ``openai`` SDK reads: ``OPENAI_BASE_URL`` and
+1. command-line flags: ``--base-url``, ``--model``, ``--api-key-env NAME`` (one endpoint
+   for everything);
+2. the config file (``pipeline.toml`` in the working directory, or ``--config PATH``):
+   named endpoints assigned to the director, the moderator and each role
+   (``schemas/config.schema.json``);
+3. the environment variables the ``openai`` SDK reads: ``OPENAI_BASE_URL`` and
    ``OPENAI_API_KEY`` (a key alone means OpenAI's own API);
-3. the embedded offline model (see :mod:`pipeline.local`).
+4. the embedded offline model (see :mod:`pipeline.local`).
 
 API keys are read from the environment at call time and are never part of an
 :class:`Endpoint`'s description, so they cannot reach ``runs/`` or logs.
@@ -14,8 +18,10 @@ API keys are read from the environment at call time and are never part of an
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -38,6 +44,7 @@ class Endpoint:
         structured_output: how structured answers are asked for: ``auto`` or a dialect of
             :mod:`pipeline.structured`.
         embedded: True for the embedded offline model.
+        params: extra request parameters sent with every call (``top_p``, ``seed``...).
     """
 
     base_url: str
@@ -45,6 +52,7 @@ class Endpoint:
     api_key_env: str | None = DEFAULT_KEY_ENV
     structured_output: str = "auto"
     embedded: bool = False
+    params: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str:
         """The key to send: the value of ``api_key_env``, or a placeholder for servers that
@@ -60,6 +68,7 @@ class Endpoint:
             "embedded": self.embedded,
             "structured_output": self.structured_output,
             "api_key_env": self.api_key_env,
+            **({"params": self.params} if self.params else {}),
         }
 
 
@@ -109,3 +118,129 @@ def resolve_endpoint(
         api_key_env=key_env if env.get(key_env) else None,
         structured_output=structured_output,
     )
+
+
+CONFIG_FILE = "pipeline.toml"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A parsed config file.
+
+    Attributes:
+        path: where it was read from.
+        endpoints: the named endpoints; None stands for the embedded model.
+        assign: ``default``, ``director``, ``moderator`` (endpoint names) and ``roles``
+            (a list by position, or a table by role name or 1-based position).
+    """
+
+    path: Path
+    endpoints: dict[str, Endpoint | None]
+    assign: dict[str, Any]
+
+    def name_for(self, stage: str) -> str | None:
+        """The endpoint name assigned to ``director`` or ``moderator`` (or the default)."""
+        return self.assign.get(stage) or self.assign.get("default")
+
+    def name_for_role(self, index: int, name: str) -> str | None:
+        """The endpoint name assigned to role ``index`` (0-based) called ``name``."""
+        roles = self.assign.get("roles")
+        if isinstance(roles, list) and index < len(roles):
+            return str(roles[index])
+        if isinstance(roles, dict):
+            chosen = roles.get(name) or roles.get(str(index + 1))
+            if chosen:
+                return str(chosen)
+        return self.assign.get("default")
+
+    def unknown_roles(self, names: list[str]) -> list[str]:
+        """Role names in ``assign.roles`` that are not among ``names`` (nor positions)."""
+        roles = self.assign.get("roles")
+        if not isinstance(roles, dict):
+            return []
+        positions = {str(i + 1) for i in range(len(names))}
+        return [key for key in roles if key not in names and key not in positions]
+
+
+def load_config(path: Path | None, *, cwd: Path | None = None) -> Config | None:
+    """Read ``path``, or ``pipeline.toml`` in ``cwd`` (default: the working directory)
+    when no path is given; None when there is no file to read.
+
+    Raises:
+        ConfigError: the file named is missing, is not TOML, has an unknown key or a wrong
+            value, or assigns an endpoint it does not define; the message names the file
+            and the key.
+    """
+    if path is None:
+        path = (cwd or Path.cwd()) / CONFIG_FILE
+        if not path.is_file():
+            return None
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such config file", path=path) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e})", path=path) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})", path=path) from e
+    _check_shape(path, data)
+    endpoints: dict[str, Endpoint | None] = {}
+    for name, spec in data["endpoints"].items():
+        if spec.get("embedded"):
+            endpoints[name] = None
+            continue
+        missing = [k for k in ("base_url", "model") if k not in spec]
+        if missing:
+            raise ConfigError(
+                f"{path}: endpoints.{name}: needs {' and '.join(missing)} (or embedded = true)",
+                path=path,
+            )
+        endpoints[name] = Endpoint(
+            base_url=spec["base_url"].rstrip("/"),
+            model=spec["model"],
+            api_key_env=spec.get("api_key_env"),
+            structured_output=spec.get("structured_output", "auto"),
+            params=dict(spec.get("params", {})),
+        )
+    assign = dict(data.get("assign", {}))
+    for key, value in _assignments(assign):
+        if value not in endpoints:
+            raise ConfigError(
+                f"{path}: assign.{key}: no endpoint named {value!r} "
+                f"(defined: {', '.join(endpoints) or 'none'})",
+                path=path,
+            )
+    return Config(path, endpoints, assign)
+
+
+def _assignments(assign: dict[str, Any]) -> list[tuple[str, str]]:
+    pairs = [(k, v) for k, v in assign.items() if k != "roles"]
+    roles = assign.get("roles", [])
+    if isinstance(roles, list):
+        pairs += [(f"roles[{i}]", v) for i, v in enumerate(roles)]
+    else:
+        pairs += [(f"roles.{k}", v) for k, v in roles.items()]
+    return pairs
+
+
+def _check_shape(path: Path, data: Any) -> None:
+    from jsonschema import Draft202012Validator
+
+    from . import schemas
+
+    validator = Draft202012Validator(schemas.load("config.schema.json"))
+    unknown_first = lambda e: (e.validator != "additionalProperties", list(map(str, e.path)))  # noqa: E731
+    for error in sorted(validator.iter_errors(data), key=unknown_first):
+        where = ".".join(str(p) for p in error.path)
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            known = set(error.schema.get("properties", {}))
+            unknown = sorted(set(error.instance) - known)
+            key = ".".join(filter(None, [where, unknown[0]]))
+            raise ConfigError(
+                f"{path}: {key}: unknown key (known here: {', '.join(sorted(known))})", path=path
+            )
+        raise ConfigError(f"{path}: {where or 'top level'}: {error.message}", path=path)

@@ -321,6 +321,10 @@ def run_dialogue(
     with run.stage_running(
         STAGE, endpoint=clients[0].endpoint.describe(), parameters=asdict(params), inputs=inputs
     ) as entry:
+        entry["role_endpoints"] = {
+            role["name"]: clients[min(i, len(clients) - 1)].endpoint.describe()
+            for i, role in enumerate(roles_doc["roles"])
+        }
         if resume:
             entry["resumed_at_turn"] = len(lines) + 1
         try:

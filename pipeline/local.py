@@ -28,7 +28,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import IO
@@ -190,30 +189,6 @@ class LocalServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def endpoint_or_embedded(
-    endpoint: Endpoint | None,
-    *,
-    structured_output: str = "auto",
-    on_start: Callable[[LocalServer], None] | None = None,
-) -> Iterator[Endpoint]:
-    """Yield ``endpoint``, or, when it is None, start the embedded server for the duration of
-    the ``with`` block and yield its endpoint (asking for structured output as
-    ``structured_output`` says). ``on_start`` is called once it answers.
-
-    Raises:
-        ConfigError, LocalServerError: as :meth:`LocalServer.start`.
-    """
-    if endpoint is not None:
-        yield endpoint
-        return
-    model_path()  # a clear error before anything starts when the extra is missing
-    with LocalServer() as server:
-        if on_start:
-            on_start(server)
-        yield server.endpoint(structured_output)
 
 
 def serve(host: str, port: int) -> int:

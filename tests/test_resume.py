@@ -44,7 +44,10 @@ def slow_conversation(body: dict[str, Any]) -> Action:
     """Roles for the director; for turn N, "reply N" and some words streamed slowly."""
     if body.get("response_format"):
         return Reply(json.dumps(ROLES))
-    return Reply(f"reply {len(body['messages'])} " + "and so on " * 4, pause=0.01)
+    n = len(body["messages"])
+    return Reply(
+        f"reply {n} on section {n}, point {n * 7}, note {n * 13}, draft {n * 31}", pause=0.01
+    )
 
 
 @pytest.fixture

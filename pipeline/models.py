@@ -1,0 +1,131 @@
+"""The model clients of one command: the director's, the moderator's and each role's.
+
+Each is resolved in the order of :mod:`pipeline.config`: command-line flags (one
+endpoint for everything), then the config file's assignments, then the environment,
+then, for an existing run, the endpoint that ran its director, then the embedded model.
+The embedded server is started the first time a client needs it, once, and stopped
+when the :class:`Models` context closes. Clients are shared per endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from .client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, ModelClient
+from .config import Config, Endpoint, resolve_endpoint
+from .local import LocalServer, model_path
+
+_UNSET = object()
+
+
+class Models:
+    """Model clients for the director, the moderator and the roles; a context manager.
+
+    Args:
+        flags: the endpoint from command-line flags, or None when no flag was given.
+        config: the parsed config file, or None.
+        recorded: the endpoint description that ran an existing run's director (from its
+            manifest), used when nothing else is configured; None for a new run.
+        structured_output: the ``--structured-output`` choice for endpoints that do not
+            set their own (flags, environment, embedded).
+        timeout, max_retries: passed to every :class:`~pipeline.client.ModelClient`.
+        on_server_start: called once the embedded server answers.
+    """
+
+    def __init__(
+        self,
+        *,
+        flags: Endpoint | None = None,
+        config: Config | None = None,
+        recorded: dict[str, Any] | None = None,
+        structured_output: str = "auto",
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        on_server_start: Callable[[LocalServer], None] | None = None,
+    ) -> None:
+        self.flags = flags
+        self.config = config
+        self.recorded = recorded
+        self.structured_output = structured_output
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.on_server_start = on_server_start
+        self._stack = contextlib.ExitStack()
+        self._server: LocalServer | None = None
+        self._clients: dict[tuple[str, str], ModelClient] = {}
+        self._fallback: Any = _UNSET
+
+    def __enter__(self) -> Models:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
+
+    # -- the slots -------------------------------------------------------------------
+
+    def director(self) -> ModelClient:
+        """The director's client."""
+        return self._client(self._assigned(lambda c: c.name_for("director")))
+
+    def moderator(self) -> ModelClient:
+        """The moderator's client (the director's unless the config assigns one)."""
+        return self._client(self._assigned(lambda c: c.name_for("moderator")))
+
+    def roles(self, roles_doc: dict[str, Any]) -> list[ModelClient]:
+        """One client per role of ``roles_doc``, in order."""
+        return [
+            self._client(self._assigned(_role_picker(i, role["name"])))
+            for i, role in enumerate(roles_doc["roles"])
+        ]
+
+    # -- resolution ------------------------------------------------------------------
+
+    def _assigned(self, pick: Callable[[Config], str | None]) -> Endpoint | None:
+        """The endpoint for one slot; None means the embedded model."""
+        if self.flags is not None:
+            return self.flags
+        if self.config is not None:
+            name = pick(self.config)
+            if name is not None:
+                return self.config.endpoints[name]
+        return self._unassigned()
+
+    def _unassigned(self) -> Endpoint | None:
+        if self._fallback is _UNSET:
+            found = resolve_endpoint(structured_output=self.structured_output)
+            recorded = self.recorded or {}
+            if found is None and recorded and not recorded.get("embedded"):
+                found = Endpoint(
+                    base_url=recorded["base_url"],
+                    model=recorded["model"],
+                    api_key_env=recorded.get("api_key_env"),
+                    structured_output=recorded.get("structured_output", "auto"),
+                    params=dict(recorded.get("params", {})),
+                )
+            self._fallback = found
+        chosen: Endpoint | None = self._fallback
+        return chosen
+
+    def _client(self, endpoint: Endpoint | None) -> ModelClient:
+        if endpoint is None:
+            endpoint = self._embedded()
+        key = (endpoint.base_url, endpoint.model)
+        if key not in self._clients:
+            self._clients[key] = ModelClient(
+                endpoint, timeout=self.timeout, max_retries=self.max_retries
+            )
+        return self._clients[key]
+
+    def _embedded(self) -> Endpoint:
+        if self._server is None:
+            model_path()  # a clear error when the local extra is missing
+            self._server = self._stack.enter_context(LocalServer())
+            if self.on_server_start:
+                self.on_server_start(self._server)
+        return self._server.endpoint(self.structured_output)
+
+
+def _role_picker(index: int, name: str) -> Callable[[Config], str | None]:
+    return lambda config: config.name_for_role(index, name)
