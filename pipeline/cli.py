@@ -254,6 +254,12 @@ _COMMON_OPTIONS = [
         show_default=True,
         help="Sampling temperature.",
     ),
+    click.option(
+        "--seed",
+        type=int,
+        help="Sampling seed, sent to servers that accept one. Best effort: to reproduce a "
+        "run exactly, use pipeline replay.",
+    ),
 ]
 
 
@@ -283,7 +289,7 @@ def _stage_options(*, director: bool, dialogue: bool) -> Callable[[Any], Any]:
             from .dialogue import DialogueParameters
             from .director import DirectorParameters
 
-            temperature = kwargs.pop("temperature")
+            temperature, seed = kwargs.pop("temperature"), kwargs.pop("seed")
             if director:
                 kwargs["director_params"] = DirectorParameters(
                     max_tokens=kwargs.pop("director_max_tokens"),
@@ -291,6 +297,7 @@ def _stage_options(*, director: bool, dialogue: bool) -> Callable[[Any], Any]:
                     repair_attempts=kwargs.pop("repair_attempts"),
                     roles=kwargs.pop("n_roles"),
                     done_token=kwargs.pop("done_token"),
+                    seed=seed,
                 )
             if dialogue:
                 kwargs["dialogue_params"] = DialogueParameters(
@@ -301,6 +308,7 @@ def _stage_options(*, director: bool, dialogue: bool) -> Callable[[Any], Any]:
                     max_tokens_total=kwargs.pop("max_tokens_total"),
                     detect_loops=kwargs.pop("loop_detection"),
                     floor=kwargs.pop("floor"),
+                    seed=seed,
                 )
             return f(*args, **kwargs)
 
@@ -514,6 +522,39 @@ def edit(run_id: str, runs_dir: Path) -> None:
                 f"the dialogue ran on the old roles and is now stale; rerun it with: "
                 f"pipeline rerun {run.run_id} dialogue{_runs_dir_flag(runs_dir)}"
             )
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--into", metavar="NEW_RUN_ID", help="Id of the replayed run [default: a new id].")
+@_runs_dir_option
+def replay(run_id: str, into: str | None, runs_dir: Path) -> None:
+    """Re-execute RUN_ID from its recorded model calls, with no model and no network.
+
+    Every request must match one the run made (by sha256); the replayed run's artifacts
+    are then byte for byte the original's, except run.json's ids and times. A request
+    that does not match (changed code, template, schema or parameter) is an error that
+    names the stage.
+    """
+    from .replay import replay_run
+
+    source = _open(runs_dir, run_id)
+    with _writing(source):
+        click.echo(f"replaying run {source.run_id} from its recording...", err=True)
+        run = replay_run(source, runs_dir, into=into, listener=_Printer())
+    click.echo(f"\nreplayed run {source.run_id} as {run.run_id}: {run.folder}")
+
+
+@cli.command()
+@click.argument("run_a")
+@click.argument("run_b")
+@_runs_dir_option
+def diff(run_a: str, run_b: str, runs_dir: Path) -> None:
+    """Show what differs between RUN_A and RUN_B: inputs, roles, transcript."""
+    from .replay import diff_runs
+
+    text = diff_runs(_open(runs_dir, run_a), _open(runs_dir, run_b))
+    click.echo(text or "no differences")
 
 
 @cli.command(name="runs")

@@ -11,12 +11,17 @@ API reference: https://platform.openai.com/docs/api-reference/chat/create
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import collections
+import contextlib
+import contextvars
+import hashlib
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import DEFAULT_KEY_ENV, Endpoint
-from .errors import EndpointError, StructuredOutputError, one_line
+from .errors import EndpointError, ReplayError, StructuredOutputError, one_line
 
 if TYPE_CHECKING:  # the SDK is imported on first use, not at CLI start-up
     import openai
@@ -159,13 +164,19 @@ class ModelClient:
     # -- requests as data ----------------------------------------------------------
 
     def chat_request(
-        self, messages: list[Message], *, max_tokens: int, temperature: float
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None = None,
     ) -> dict[str, Any]:
         """A streaming Chat Completions request body for ``messages``; the endpoint's extra
         ``params`` override the sampling parameters given here."""
         return {
             "max_tokens": max_tokens,
             "temperature": temperature,
+            **({"seed": seed} if seed is not None else {}),
             **self.endpoint.params,
             "model": self.endpoint.model,
             "messages": messages,
@@ -183,6 +194,7 @@ class ModelClient:
         dialects: list[str],
         repair_attempts: int,
         recorder: AttemptRecorder | None = None,
+        seed: int | None = None,
     ) -> StructuredResult:
         """Ask for JSON satisfying ``schema`` and return it validated.
 
@@ -210,6 +222,7 @@ class ModelClient:
             request = {
                 "max_tokens": max_tokens,
                 "temperature": temperature,
+                **({"seed": seed} if seed is not None else {}),
                 **self.endpoint.params,
                 "model": self.endpoint.model,
                 "messages": conversation,
@@ -263,10 +276,43 @@ class ModelClient:
 
     def complete(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send a non-streaming request; return the raw response as a JSON-ready dict.
+        The call is recorded (see :func:`calls_to`).
 
         Raises:
             EndpointError: after the SDK's retries, with a one-line reason and fix.
         """
+        try:
+            response = self._send(request)
+        except EndpointError as e:
+            _record(self.endpoint, request, error=e)
+            raise
+        _record(self.endpoint, request, response=response)
+        return response
+
+    def stream(
+        self, request: dict[str, Any], on_delta: Callable[[str], None] | None = None
+    ) -> ChatResult:
+        """Send a streaming request, calling ``on_delta`` with each piece of text as it
+        arrives; return the assembled turn. The call is recorded (see :func:`calls_to`).
+
+        Raises:
+            EndpointError: after the SDK's retries, with a one-line reason and fix.
+        """
+        try:
+            streamed = self._send_streaming(request, on_delta)
+        except EndpointError as e:
+            _record(self.endpoint, request, error=e)
+            raise
+        _record(self.endpoint, request, stream=streamed)
+        return ChatResult(
+            "".join(streamed["pieces"]),
+            streamed["finish_reason"],
+            streamed["model"] or self.endpoint.model,
+            streamed["usage"],
+            len(streamed["pieces"]),
+        )
+
+    def _send(self, request: dict[str, Any]) -> dict[str, Any]:
         import openai
 
         try:
@@ -275,40 +321,39 @@ class ModelClient:
             raise self._explain(e) from e
         return response.model_dump(mode="json", exclude_none=True)
 
-    def stream(
-        self, request: dict[str, Any], on_delta: Callable[[str], None] | None = None
-    ) -> ChatResult:
-        """Send a streaming request, calling ``on_delta`` with each piece of text as it
-        arrives; return the assembled turn.
-
-        Raises:
-            EndpointError: after the SDK's retries, with a one-line reason and fix.
-        """
+    def _send_streaming(
+        self, request: dict[str, Any], on_delta: Callable[[str], None] | None
+    ) -> dict[str, Any]:
+        """The streamed answer as ``{pieces, finish_reason, model, usage,
+        system_fingerprint}``, ``pieces`` being the texts in the order they came."""
         import openai
 
-        parts: list[str] = []
-        finish_reason = None
-        model = self.endpoint.model
-        usage = None
+        streamed: dict[str, Any] = {
+            "pieces": [], "finish_reason": None, "model": None, "usage": None,
+            "system_fingerprint": None,
+        }  # fmt: skip
         try:
             for chunk in self.sdk.chat.completions.create(**request):
-                model = chunk.model or model
+                streamed["model"] = chunk.model or streamed["model"]
+                streamed["system_fingerprint"] = (
+                    getattr(chunk, "system_fingerprint", None) or streamed["system_fingerprint"]
+                )
                 if chunk.usage is not None:
-                    usage = {
+                    streamed["usage"] = {
                         "prompt_tokens": chunk.usage.prompt_tokens,
                         "completion_tokens": chunk.usage.completion_tokens,
                     }
                 for choice in chunk.choices:
                     text = choice.delta.content if choice.delta else None
                     if text:
-                        parts.append(text)
+                        streamed["pieces"].append(text)
                         if on_delta:
                             on_delta(text)
                     if choice.finish_reason:
-                        finish_reason = choice.finish_reason
+                        streamed["finish_reason"] = choice.finish_reason
         except openai.APIError as e:
             raise self._explain(e) from e
-        return ChatResult("".join(parts), finish_reason, model, usage, len(parts))
+        return streamed
 
     def _explain(self, e: Exception) -> EndpointError:
         """Turn an SDK exception into a one-line error naming the endpoint and the fix."""
@@ -381,3 +426,130 @@ def _server_message(e: openai.APIStatusError) -> str:
         if isinstance(inner, str):
             return inner
     return e.message
+
+
+# -- recording and replay ---------------------------------------------------------------
+
+CallSink = Callable[[dict[str, Any]], None]
+_SINK: contextvars.ContextVar[tuple[str, CallSink] | None] = contextvars.ContextVar(
+    "pipeline_call_sink", default=None
+)
+
+
+@contextlib.contextmanager
+def calls_to(stage: str, sink: CallSink) -> Iterator[None]:
+    """Within the block, every model call made by any client is passed to ``sink`` as a
+    record of stage ``stage``: ``{stage, request_sha256, request, response | stream |
+    error, usage, system_fingerprint}``. ``request`` is the canonical request (sorted
+    keys when serialised): the base URL and every parameter sent, never credentials."""
+    token = _SINK.set((stage, sink))
+    try:
+        yield
+    finally:
+        _SINK.reset(token)
+
+
+def canonical_request(endpoint: Endpoint, request: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a call: the endpoint's base URL and the request body."""
+    return {"base_url": endpoint.base_url, **request}
+
+
+def request_sha256(endpoint: Endpoint, request: dict[str, Any]) -> str:
+    """sha256 of the canonical request as sorted-key compact JSON."""
+    body = json.dumps(
+        canonical_request(endpoint, request),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _record(endpoint: Endpoint, request: dict[str, Any], **outcome: Any) -> None:
+    current = _SINK.get()
+    if current is None:
+        return
+    stage, sink = current
+    record: dict[str, Any] = {
+        "stage": stage,
+        "request_sha256": request_sha256(endpoint, request),
+        "request": canonical_request(endpoint, request),
+    }
+    if "error" in outcome:
+        e = outcome["error"]
+        record["error"] = {"message": e.message, "status": e.status, "detail": e.detail}
+    elif "stream" in outcome:
+        record["stream"] = outcome["stream"]
+        record["usage"] = outcome["stream"]["usage"]
+        record["system_fingerprint"] = outcome["stream"]["system_fingerprint"]
+    else:
+        response = outcome["response"]
+        record["response"] = response
+        record["usage"] = response.get("usage")
+        record["system_fingerprint"] = response.get("system_fingerprint")
+    sink(record)
+
+
+class Recording:
+    """Recorded calls, answered by request hash in the order they were made.
+
+    Args:
+        records: call records as :func:`calls_to` produces them.
+        source: what they come from (a run id), for error messages.
+    """
+
+    def __init__(self, records: list[dict[str, Any]], source: str) -> None:
+        self.source = source
+        self._by_hash: dict[str, collections.deque[dict[str, Any]]] = {}
+        for record in records:
+            self._by_hash.setdefault(record["request_sha256"], collections.deque()).append(record)
+        self.answered = 0
+
+    def take(self, endpoint: Endpoint, request: dict[str, Any]) -> dict[str, Any]:
+        """The record answering this request.
+
+        Raises:
+            ReplayError: the recording holds no (further) answer to it.
+        """
+        digest = request_sha256(endpoint, request)
+        queue = self._by_hash.get(digest)
+        if not queue:
+            current = _SINK.get()
+            stage = current[0] if current else "unknown"
+            raise ReplayError(
+                f"the {stage} stage asked for a call that run {self.source} never made "
+                f"(request sha256 {digest[:16]}...): the code, a template, a schema or a "
+                "parameter changed since, so the run cannot be replayed as it was",
+                stage=stage,
+            )
+        self.answered += 1
+        return queue.popleft()
+
+
+class ReplayClient(ModelClient):
+    """A :class:`ModelClient` that answers from a :class:`Recording` and never touches the
+    network: the same requests get the same responses, errors included."""
+
+    def __init__(self, endpoint: Endpoint, recording: Recording) -> None:
+        super().__init__(endpoint, max_retries=0)
+        self.recording = recording
+
+    def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        record = self.recording.take(self.endpoint, request)
+        if "error" in record:
+            error = record["error"]
+            raise EndpointError(error["message"], status=error["status"], detail=error["detail"])
+        return record
+
+    def _send(self, request: dict[str, Any]) -> dict[str, Any]:
+        response: dict[str, Any] = self._answer(request)["response"]
+        return response
+
+    def _send_streaming(
+        self, request: dict[str, Any], on_delta: Callable[[str], None] | None
+    ) -> dict[str, Any]:
+        streamed: dict[str, Any] = self._answer(request)["stream"]
+        for piece in streamed["pieces"]:
+            if on_delta:
+                on_delta(piece)
+        return streamed

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from . import director, schemas, templates
-from .client import Attempt, Message, ModelClient
+from .client import Attempt, Message, ModelClient, calls_to
 from .errors import PipelineError, RunError
 from .runs import Run, sha256_of
 from .termination import TokenFilter, detect_loop, said_done, strip_token
@@ -46,6 +46,7 @@ class DialogueParameters:
             completion tokens); None for no budget.
         detect_loops: stop when the roles only trade pleasantries or repeat themselves.
         floor: ``round-robin``, or ``moderator`` (a model picks each next speaker).
+        seed: sent to endpoints that accept one (best effort); None to send none.
     """
 
     turns: int = 10
@@ -55,6 +56,7 @@ class DialogueParameters:
     max_tokens_total: int | None = None
     detect_loops: bool = True
     floor: str = "round-robin"
+    seed: int | None = None
 
 
 class DialogueListener(Protocol):
@@ -270,6 +272,7 @@ class _Floor:
             ),
             repair_attempts=1,
             recorder=_ModeratorFiles(self.run, turn),
+            seed=self.params.seed,
         )
         for key in self.usage:
             self.usage[key] += result.usage.get(key, 0)
@@ -318,13 +321,18 @@ def run_dialogue(
     for i, line in enumerate(lines):  # a resumed dialogue may already have ended
         outcome = outcome or ending.observe(line, [x["content"] for x in lines[: i + 1]])
     floor = _Floor(run, roles_doc, params, moderator)
-    with run.stage_running(
-        STAGE, endpoint=clients[0].endpoint.describe(), parameters=asdict(params), inputs=inputs
-    ) as entry:
-        entry["role_endpoints"] = {
-            role["name"]: clients[min(i, len(clients) - 1)].endpoint.describe()
-            for i, role in enumerate(roles_doc["roles"])
-        }
+    with (
+        run.stage_running(
+            STAGE, endpoint=clients[0].endpoint.describe(), parameters=asdict(params), inputs=inputs
+        ) as entry,
+        calls_to(STAGE, run.record_call),
+    ):
+        entry["role_endpoints"] = [  # by position: role names need not be unique
+            clients[min(i, len(clients) - 1)].endpoint.describe()
+            for i in range(len(roles_doc["roles"]))
+        ]
+        if moderator is not None and params.floor == "moderator":
+            entry["moderator_endpoint"] = moderator.endpoint.describe()
         if resume:
             entry["resumed_at_turn"] = len(lines) + 1
         try:
@@ -381,6 +389,7 @@ def _take_turn(
         messages_for(speaker, roles_doc, lines),
         max_tokens=params.max_tokens,
         temperature=params.temperature,
+        seed=params.seed,
     )
     result = client.stream(request, lambda text: out.delta(shown.feed(text)))
     out.delta(shown.flush())

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import schemas, structured, templates
-from .client import Attempt, ModelClient
+from .client import Attempt, ModelClient, calls_to
 from .errors import RunError, StructuredOutputError
 from .lint import lint_roles
 from .resources import file_sha256
@@ -37,6 +37,9 @@ class DirectorParameters:
         max_tokens: the most tokens the answer may use.
         temperature: sampling temperature (0 to 2).
         repair_attempts: how many times an unusable answer is sent back to be corrected.
+        roles: how many roles the director writes (2 to 8).
+        done_token: the token that declares the task done.
+        seed: sent to endpoints that accept one (best effort); None to send none.
     """
 
     max_tokens: int = 2048
@@ -44,6 +47,7 @@ class DirectorParameters:
     repair_attempts: int = 2
     roles: int = 2
     done_token: str = DEFAULT_DONE_TOKEN
+    seed: int | None = None
 
 
 def render_prompt(task: str, roles: int = 2, done_token: str = DEFAULT_DONE_TOKEN) -> str:
@@ -81,12 +85,19 @@ class _AttemptFiles:
         self.run.save()
 
 
-def run_director(run: Run, client: ModelClient, params: DirectorParameters) -> dict[str, Any]:
+def run_director(
+    run: Run,
+    client: ModelClient,
+    params: DirectorParameters,
+    *,
+    dialects: list[str] | None = None,
+) -> dict[str, Any]:
     """Run the director stage of ``run``; return the roles (``schemas/roles.schema.json``).
 
     The answer is asked for in the structured-output dialect planned for the endpoint
     (:func:`pipeline.structured.dialect_plan`; a dialect that worked earlier in the run is
-    reused), validated, and repaired up to ``params.repair_attempts`` times. The stage is
+    reused; ``dialects`` overrides the plan, as a replay does), validated, and repaired up
+    to ``params.repair_attempts`` times. The stage is
     ``running`` in the manifest while it works, then ``done``, or ``failed`` with the error;
     every artifact written before a failure stays on disk.
 
@@ -97,7 +108,7 @@ def run_director(run: Run, client: ModelClient, params: DirectorParameters) -> d
     """
     endpoint = client.endpoint
     remembered = run.manifest.get("dialects", {}).get(endpoint.base_url)
-    dialects = structured.dialect_plan(
+    dialects = dialects or structured.dialect_plan(
         endpoint.structured_output,
         base_url=endpoint.base_url,
         embedded=endpoint.embedded,
@@ -117,18 +128,21 @@ def run_director(run: Run, client: ModelClient, params: DirectorParameters) -> d
         parameters=asdict(params),
         inputs=inputs,
     ) as entry:
+        entry["dialect_plan"] = dialects
         prompt = render_prompt(run.task, params.roles, params.done_token)
         run.write_text(PROMPT, prompt)
         try:
-            result = client.structured(
-                [{"role": "user", "content": prompt}],
-                answer_schema(params),
-                max_tokens=params.max_tokens,
-                temperature=params.temperature,
-                dialects=dialects,
-                repair_attempts=params.repair_attempts,
-                recorder=files,
-            )
+            with calls_to(STAGE, run.record_call):
+                result = client.structured(
+                    [{"role": "user", "content": prompt}],
+                    answer_schema(params),
+                    max_tokens=params.max_tokens,
+                    temperature=params.temperature,
+                    dialects=dialects,
+                    repair_attempts=params.repair_attempts,
+                    recorder=files,
+                    seed=params.seed,
+                )
         except StructuredOutputError as e:
             hint = " (raise --director-max-tokens)" if e.kind == "length" else ""
             raise StructuredOutputError(

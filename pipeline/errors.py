@@ -99,6 +99,10 @@ class RunError(PipelineError):
     """A run folder is missing, unreadable, or not in the state a command needs."""
 
 
+class ReplayError(PipelineError):
+    """A replayed run asked for a call its recording does not hold."""
+
+
 class LocalServerError(PipelineError):
     """The embedded model server could not be found, started or reached."""
 

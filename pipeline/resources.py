@@ -8,6 +8,7 @@ package (see ``[tool.hatch.build.targets.wheel.force-include]``).
 from __future__ import annotations
 
 import hashlib
+import os
 from functools import cache
 from pathlib import Path
 
@@ -18,12 +19,20 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 @cache
 def data_dir(name: str) -> Path:
-    """Return the folder ``name`` (``"templates"`` or ``"schemas"``).
+    """Return the folder ``name`` (``"templates"`` or ``"schemas"``). The environment
+    variable ``PIPELINE_TEMPLATES_DIR`` (``PIPELINE_SCHEMAS_DIR``) points at another one,
+    for example to try a changed director prompt without editing the installed package.
 
     Raises:
-        PipelineError: when neither the installed nor the checkout location exists,
-            which means a broken install.
+        PipelineError: the folder named by the variable does not exist, or neither the
+            installed nor the checkout location exists (a broken install).
     """
+    variable = f"PIPELINE_{name.upper()}_DIR"
+    if os.environ.get(variable):
+        chosen = Path(os.environ[variable])
+        if not chosen.is_dir():
+            raise PipelineError(f"{variable} is {chosen}, which is not a folder; fix or unset it")
+        return chosen
     for candidate in (_PACKAGE_DIR / name, _PACKAGE_DIR.parent / name):
         if candidate.is_dir():
             return candidate

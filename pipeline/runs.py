@@ -244,6 +244,19 @@ class Run:
                 path=path,
             ) from e
 
+    def record_call(self, record: dict[str, Any]) -> None:
+        """Save one model call (a record from :func:`pipeline.client.calls_to`) as
+        ``<stage>/calls/NNNN.json``, numbered in the order the calls were made."""
+        folder = self.path(f"{record['stage']}/calls")
+        folder.mkdir(parents=True, exist_ok=True)
+        number = len(list(folder.glob("*.json"))) + 1
+        atomic_write_json(folder / f"{number:04d}.json", record)
+
+    def read_calls(self, stage: str) -> list[dict[str, Any]]:
+        """The calls recorded by the current attempt at ``stage``, in order."""
+        folder = self.path(f"{stage}/calls")
+        return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+
     def append_transcript(self, line: dict[str, Any]) -> None:
         """Append one turn to ``dialogue/transcript.jsonl`` and make it durable (flush + fsync)."""
         path = self.path(TRANSCRIPT)
@@ -393,17 +406,35 @@ class Run:
             raise
 
 
-def create_run(runs_dir: Path, task: str, planned: dict[str, dict[str, Any]] | None = None) -> Run:
+def create_run(
+    runs_dir: Path,
+    task: str,
+    planned: dict[str, dict[str, Any]] | None = None,
+    *,
+    run_id: str | None = None,
+) -> Run:
     """Create a new run folder for ``task`` under ``runs_dir`` with a fresh manifest (every
     stage ``pending``; ``planned`` gives the parameters a stage is to run with, so that a
     run interrupted before the stage starts is resumed as it was asked). A second run in
-    the same second gets ``-2``, ``-3``... appended.
+    the same second gets ``-2``, ``-3``... appended. ``run_id`` chooses the id instead; it
+    must look like one and be free.
 
     Raises:
         RunError: the runs folder cannot be created or written.
     """
     now = utc_now()
     base_id = f"{now:%Y%m%dT%H%M%SZ}-{slugify(task)}"
+    if run_id is not None:
+        if not RUN_ID_RE.match(run_id):
+            raise RunError(
+                f"{run_id!r} is not a run id (they look like 20261125T120000Z-my-task)",
+                run_id=run_id,
+            )
+        if (runs_dir / run_id).exists():
+            raise RunError(
+                f"run {run_id} already exists in {runs_dir}; choose another id", run_id=run_id
+            )
+        base_id = run_id
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
         run_id, n = base_id, 1

@@ -270,3 +270,40 @@ def test_a_three_role_meeting_on_the_embedded_model(tmp_path):
     if reason == "max_turns":
         assert [line["role_index"] for line in lines] == [0, 1, 2, 0]
     assert all(line["role_index"] == i % 3 for i, line in enumerate(lines))
+
+
+def test_a_run_on_the_embedded_model_replays_byte_for_byte_with_no_server(tmp_path):
+    from .test_replay import REPLAYED, assert_replayed_exactly
+
+    runs_dir = tmp_path / "runs"
+    command = [sys.executable, "-m", "pipeline"]
+    generate = subprocess.run(
+        [
+            *command,
+            "generate",
+            "--yes",
+            "--turns",
+            "3",
+            "--max-tokens",
+            "24",
+            "--runs-dir",
+            str(runs_dir),
+            TASK,
+        ],
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert generate.returncode == 0, generate.stderr
+    original = only_run(runs_dir)
+    replay = subprocess.run(
+        [*command, "replay", original.name, "--into", REPLAYED, "--runs-dir", str(runs_dir)],
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert "embedded model server started" not in replay.stderr  # no model was needed
+    assert_replayed_exactly(original, runs_dir / REPLAYED)

@@ -159,9 +159,9 @@ def test_each_role_on_its_own_endpoint(invoke, runs_dir, tmp_path, monkeypatch):
     manifest = json.loads((only_run(runs_dir) / "run.json").read_text())
     assert schemas.errors(manifest, schemas.RUN_MANIFEST) == []
     endpoints = manifest["stages"]["dialogue"]["role_endpoints"]
-    assert endpoints["Student"]["model"] == "model-a"
-    assert endpoints["Student"]["params"] == {"top_p": 0.5, "seed": 7}
-    assert endpoints["Mentor"]["model"] == "model-b"
+    assert endpoints[0]["model"] == "model-a"  # the Student
+    assert endpoints[0]["params"] == {"top_p": 0.5, "seed": 7}
+    assert endpoints[1]["model"] == "model-b"
     assert manifest["stages"]["director"]["endpoint"]["base_url"] == b.base_url
 
 
