@@ -351,6 +351,7 @@ def _nonempty_task(ctx: click.Context, param: click.Parameter, value: str) -> st
 @_endpoint_options
 @_stage_options(director=True, dialogue=True)
 @click.option("--yes", "-y", is_flag=True, help="Run the dialogue without asking.")
+@click.option("--judge", "judge", is_flag=True, help="Then ask a model to judge the result.")
 def generate(
     task: str,
     runs_dir: Path,
@@ -358,6 +359,7 @@ def generate(
     director_params: DirectorParameters,
     dialogue_params: DialogueParameters,
     yes: bool,
+    judge: bool,
 ) -> None:
     """Write roles for TASK, let you review them, then run the dialogue.
 
@@ -391,6 +393,8 @@ def generate(
                     click.echo(f"\nnot run; to run the dialogue later: {next_command}")
                     return
             _converse(run, models, dialogue_params)
+            if judge:
+                _judge(run, models, dialogue_params.seed)
 
 
 @cli.command()
@@ -425,7 +429,7 @@ def converse(
 
 @cli.command()
 @click.argument("run_id")
-@click.argument("stage", type=click.Choice(["director", "dialogue"]))
+@click.argument("stage", type=click.Choice(["director", "dialogue", "judge"]))
 @_runs_dir_option
 @_endpoint_options
 @_stage_options(director=True, dialogue=True)
@@ -440,7 +444,8 @@ def rerun(
     """Regenerate STAGE of RUN_ID from the run's saved inputs.
 
     The stage's previous files are kept in <stage>/previous-N/. Rerunning the
-    director makes a dialogue that already ran stale (its roles changed).
+    director makes a dialogue that already ran stale (its roles changed), and a new
+    dialogue makes the verdict of the judge stale.
     """
     from .director import load_roles
 
@@ -451,6 +456,8 @@ def rerun(
         with flags.models(run) as models:
             if stage == "dialogue":
                 _converse(run, models, dialogue_params)
+            elif stage == "judge":
+                _judge(run, models, dialogue_params.seed)
             else:
                 _redo_director(run, models.director(), director_params, runs_dir)
 
@@ -582,25 +589,32 @@ def runs_command(runs_dir: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--stage", type=click.Choice(["director", "dialogue"]), help="Show only this stage.")
+@click.option(
+    "--stage", type=click.Choice(["director", "dialogue", "judge"]), help="Show only this stage."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact itself as JSON.")
 @_runs_dir_option
 def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
-    """Show RUN_ID: its stages, the role prompts and opening line, and the transcript.
+    """Show RUN_ID: its stages, the role prompts and opening line, the transcript and the
+    judge's verdict.
 
-    With --json: the manifest, or with --stage the stage's artifact (roles.json, or the
-    transcript as JSON lines).
+    With --json: the manifest, or with --stage the stage's artifact (roles.json, the
+    transcript as JSON lines, verdict.json).
     """
     from .director import ROLES
+    from .judge import VERDICT
 
     run = _open(runs_dir, run_id)
     has_roles = run.path(ROLES).exists()
+    has_verdict = run.path(VERDICT).exists()
     if as_json:
         if stage == "director":
             click.echo(json.dumps(run.read_json(ROLES), indent=2, ensure_ascii=False))
         elif stage == "dialogue":
             for line in run.read_transcript():
                 click.echo(json.dumps(line, ensure_ascii=False))
+        elif stage == "judge":
+            click.echo(json.dumps(run.read_json(VERDICT), indent=2, ensure_ascii=False))
         else:
             click.echo(json.dumps(run.manifest, indent=2, ensure_ascii=False))
         return
@@ -612,6 +626,8 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
         token = run.read_json(ROLES)["termination"]["done_token"] if has_roles else ""
         text = views.transcript_text(run.read_transcript(), token)
         click.echo(text.removeprefix("\n") if stage else text)
+    if stage == "judge" or (stage is None and has_verdict):
+        click.echo(("\n" if stage is None else "") + views.verdict_text(run.read_json(VERDICT)))
 
 
 @cli.command()
@@ -720,6 +736,7 @@ def _redo_director(
     run.archive_stage("director")
     click.echo(f"run {run.run_id}: asking the director ({client.endpoint.model})...", err=True)
     _show_roles(run, run_director(run, client, params))
+    run.mark_stale("judge")
     if run.mark_stale("dialogue"):
         click.echo(
             f"\nthe dialogue ran on the old roles and is now stale; rerun it with: "
@@ -757,6 +774,15 @@ def _converse(
     moderator = models.moderator() if params.floor == "moderator" else None
     run_dialogue(run, clients, params, _Printer(), resume=resume, moderator=moderator)
     click.echo(f"\nrun {run.run_id} done ({views.ending(run.stage('dialogue'))}): {run.folder}")
+
+
+def _judge(run: Run, models: Models, seed: int | None) -> None:
+    from .judge import JudgeParameters, run_judge
+
+    client = models.judge()
+    click.echo(f"run {run.run_id}: asking the judge ({client.endpoint.model})...", err=True)
+    verdict = run_judge(run, client, JudgeParameters(seed=seed))
+    click.echo(views.verdict_text(verdict))
 
 
 def _show_roles(run: Run, roles: dict[str, Any]) -> None:

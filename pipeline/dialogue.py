@@ -316,6 +316,7 @@ def run_dialogue(
     else:
         run.archive_stage(STAGE)
         lines = []
+    run.mark_stale("judge")  # a verdict on an earlier transcript no longer holds
     ending = _Ending(roles_doc, params)
     outcome = None
     for i, line in enumerate(lines):  # a resumed dialogue may already have ended

@@ -216,3 +216,4 @@ def replace_roles(run: Run, roles: dict[str, Any]) -> None:
     entry["artifacts"] = run.stage_files(STAGE)
     run.save()
     run.mark_stale("dialogue")
+    run.mark_stale("judge")

@@ -71,7 +71,15 @@ class Models:
 
     def moderator(self) -> ModelClient:
         """The moderator's client (the director's unless the config assigns one)."""
-        return self._client(self._assigned(lambda c: c.name_for("moderator")))
+        return self._client(
+            self._assigned(lambda c: c.assign.get("moderator") or c.name_for("director"))
+        )
+
+    def judge(self) -> ModelClient:
+        """The judge's client (the director's unless the config assigns one)."""
+        return self._client(
+            self._assigned(lambda c: c.assign.get("judge") or c.name_for("director"))
+        )
 
     def roles(self, roles_doc: dict[str, Any]) -> list[ModelClient]:
         """One client per role of ``roles_doc``, in order."""

@@ -23,6 +23,7 @@ from .config import Endpoint
 from .dialogue import DialogueListener, DialogueParameters, run_dialogue
 from .director import ROLES, DirectorParameters, replace_roles, run_director
 from .errors import RunError
+from .judge import JudgeParameters, run_judge
 from .runs import STAGES, Run, create_run
 
 
@@ -96,6 +97,11 @@ def replay_run(
             listener,
             moderator=moderator,
         )
+        judge = source.stage("judge")
+        if judge["status"] == "done" and judge.get("endpoint"):
+            recording = Recording(source.read_calls("judge"), source.run_id)
+            client = ReplayClient(_endpoint(judge["endpoint"]), recording)
+            run_judge(run, client, JudgeParameters(**judge["parameters"]))
     return run
 
 

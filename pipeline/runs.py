@@ -36,7 +36,11 @@ from .errors import PipelineError, RunError
 from .resources import data_dir, file_sha256
 
 MANIFEST = "run.json"
-STAGES = ("director", "dialogue")
+STAGES = ("director", "dialogue", "judge")
+REQUIRED_STAGES = (
+    "director",
+    "dialogue",
+)  # a run made before the judge stage existed has no judge entry
 TRANSCRIPT = "dialogue/transcript.jsonl"
 RUN_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[a-z0-9-]+$")
 _VERSIONED = ("openai", "jsonschema", "jinja2", "click", "llama-cpp-python")
@@ -176,8 +180,12 @@ class Run:
         return self.folder / relative
 
     def stage(self, name: str) -> dict[str, Any]:
-        """The manifest entry of stage ``name``."""
-        return self.manifest["stages"][name]
+        """The manifest entry of stage ``name`` (a ``pending`` one if the manifest has none)."""
+        stages: dict[str, Any] = self.manifest["stages"]
+        if name not in stages:
+            stages[name] = _empty_stage()
+        entry: dict[str, Any] = stages[name]
+        return entry
 
     def status(self, name: str) -> str:
         """Stage ``name``'s status as a user sees it: the recorded one, except that a stage
@@ -510,7 +518,7 @@ def list_runs(runs_dir: Path) -> list[Run | RunError]:
                 raise RunError(f"{folder / MANIFEST} is missing", path=folder)
             run = open_run(runs_dir, folder.name)
             if not isinstance(run.manifest.get("stages"), dict) or not all(
-                name in run.manifest["stages"] for name in STAGES
+                name in run.manifest["stages"] for name in REQUIRED_STAGES
             ):
                 raise RunError(f"the manifest of run {folder.name} has no stages", path=folder)
             found.append(run)

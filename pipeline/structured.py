@@ -110,6 +110,28 @@ def _strict(node: Any, *, root: bool = False) -> Any:
     return out
 
 
+GRAMMAR_MAX_LENGTH = 1000
+
+
+def grammar_safe(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with every ``maxLength`` capped at 1000: llama.cpp's grammar engine, which
+    turns a ``json_object`` schema into a grammar, refuses longer repetitions. The answer is
+    still validated against the uncapped schema."""
+
+    def cap(node: Any) -> Any:
+        if isinstance(node, list):
+            return [cap(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out = {key: cap(value) for key, value in node.items()}
+        if isinstance(out.get("maxLength"), int):
+            out["maxLength"] = min(out["maxLength"], GRAMMAR_MAX_LENGTH)
+        return out
+
+    capped: dict[str, Any] = cap(schema)
+    return capped
+
+
 def response_format(dialect: str, schema: Schema) -> dict[str, Any] | None:
     """The ``response_format`` request member for ``dialect`` (None for ``prompt``)."""
     if dialect == "json_schema":
@@ -122,7 +144,7 @@ def response_format(dialect: str, schema: Schema) -> dict[str, Any] | None:
             },
         }
     if dialect == "json_object":
-        return {"type": "json_object", "schema": schema.document}
+        return {"type": "json_object", "schema": grammar_safe(schema.document)}
     if dialect == "prompt":
         return None
     raise ValueError(f"unknown structured-output dialect {dialect!r}")

@@ -43,6 +43,18 @@ def transcript_text(lines: Sequence[dict[str, Any]], done_token: str = "") -> st
     )
 
 
+def verdict_text(verdict: dict[str, Any]) -> str:
+    """The judge's verdict as text."""
+    done = "completed" if verdict["completed"] else "not completed"
+    parts = [
+        click.style(f"Verdict: {done}, score {verdict['score']}/10", bold=True),
+        verdict["reasons"],
+    ]
+    if verdict["deliverable"]:
+        parts += [click.style("Deliverable", bold=True), verdict["deliverable"]]
+    return "\n".join(parts)
+
+
 def ending(entry: dict[str, Any]) -> str:
     """How a dialogue stage ended: ``ended by loop at turn 10``."""
     reason = entry.get("termination_reason")

@@ -57,6 +57,7 @@ def test_generate_persists_every_stage(fake, invoke, runs_dir):
     assert {k: v["status"] for k, v in manifest["stages"].items()} == {
         "director": "done",
         "dialogue": "done",
+        "judge": "pending",
     }
     assert manifest["stages"]["director"]["endpoint"]["base_url"] == fake.base_url
     assert manifest["stages"]["dialogue"]["parameters"]["turns"] == 5
