@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,6 +28,7 @@ from .config import STRUCTURED_OUTPUT_CHOICES, resolve_endpoint
 from .errors import PipelineError, RunError
 
 if TYPE_CHECKING:
+    from .batch import Outcome
     from .client import ModelClient
     from .dialogue import DialogueParameters
     from .director import DirectorParameters
@@ -84,7 +86,7 @@ class _EndpointFlags:
     max_retries: int
     config: Path | None
 
-    def models(self, run: Run | None = None) -> Models:
+    def models(self, run: Run | None = None, *, min_retries: int = 0) -> Models:
         """The director's, the moderator's and the roles' clients (see pipeline.models);
         flags beat the config file, which beats the environment, then the endpoint that ran
         ``run``'s director, then the embedded model."""
@@ -108,7 +110,7 @@ class _EndpointFlags:
             recorded=(run.stage("director").get("endpoint") if run else None),
             structured_output=self.structured_output,
             timeout=self.timeout,
-            max_retries=self.max_retries,
+            max_retries=max(self.max_retries, min_retries),
             on_server_start=_announce_server,
         )
 
@@ -473,6 +475,7 @@ def resume(run_id: str, runs_dir: Path, flags: _EndpointFlags) -> None:
     from its last complete turn, with the parameters it was started with. A stale
     dialogue (its roles were edited or regenerated) starts over.
     """
+    from .batch import finish_run
     from .dialogue import DialogueParameters
     from .director import DirectorParameters
 
@@ -482,22 +485,94 @@ def resume(run_id: str, runs_dir: Path, flags: _EndpointFlags) -> None:
         if statuses == {"director": "done", "dialogue": "done"}:
             click.echo(f"run {run.run_id} is complete; nothing to resume")
             return
-        with flags.models(run) as models:
-            if statuses["director"] != "done":
-                asked = run.stage("director")["parameters"]
-                redo = DirectorParameters(**asked) if asked else DirectorParameters()
-                _redo_director(run, models.director(), redo, runs_dir)
-            dialogue = run.stage("dialogue")
-            asked = dialogue["parameters"]
-            params = DialogueParameters(**asked) if asked else DialogueParameters()
-            go_on = dialogue["status"] in ("running", "failed") and statuses["director"] == "done"
+        asked = run.stage("director")["parameters"]
+        director = DirectorParameters(**asked) if asked else DirectorParameters()
+        asked = run.stage("dialogue")["parameters"]
+        dialogue = DialogueParameters(**asked) if asked else DialogueParameters()
+        if statuses["director"] != "done":
+            click.echo(
+                f"run {run.run_id}: the director stage is {statuses['director']}; "
+                "asking the director again...",
+                err=True,
+            )
+            run.mark_stale("judge")
+        elif run.stage("dialogue")["status"] in ("running", "failed"):
             at = len(run.read_transcript()) + 1
-            if go_on and at <= params.turns:
+            if at <= dialogue.turns:
                 click.echo(
-                    f"run {run.run_id}: resuming the dialogue at turn {at} of {params.turns}",
+                    f"run {run.run_id}: resuming the dialogue at turn {at} of {dialogue.turns}",
                     err=True,
                 )
-            _converse(run, models, params, resume=go_on)
+        with flags.models(run) as models:
+            finish_run(run, models, director, dialogue, listener=_Printer())
+        click.echo(f"\nrun {run.run_id} done ({views.ending(run.stage('dialogue'))}): {run.folder}")
+
+
+@cli.command()
+@click.argument("tasks_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Tasks run at the same time.",
+)
+@_runs_dir_option
+@_endpoint_options
+@_stage_options(director=True, dialogue=True)
+@click.option("--judge", is_flag=True, help="Judge each run when its dialogue ends.")
+def batch(
+    tasks_file: Path,
+    jobs: int,
+    runs_dir: Path,
+    flags: _EndpointFlags,
+    director_params: DirectorParameters,
+    dialogue_params: DialogueParameters,
+    judge: bool,
+) -> None:
+    """Run every task of TASKS_FILE, JOBS at a time, each as a normal run.
+
+    One task per line, or a JSON object per line with options of its own, e.g.
+    {"task": "...", "turns": 6, "roles": 3, "judge": true}. Running the same command
+    again skips the runs that are complete and finishes the others. Rate limits (429)
+    are waited out with the SDK's retries (--max-retries, at least 8 here).
+    """
+    from .batch import Batch
+
+    with flags.models(min_retries=8) as models:
+        work = Batch(tasks_file, runs_dir, models, director_params, dialogue_params, judge=judge)
+        counts = {"done": 0, "skipped": 0, "failed": 0}
+
+        def status() -> str:
+            running = min(jobs, len(work.tasks) - sum(counts.values()))
+            rate = work.turns_done / max(time.monotonic() - started, 1e-9)
+            return (
+                f"done {counts['done']}, skipped {counts['skipped']}, failed "
+                f"{counts['failed']}, running {running}, {rate:.1f} turns/s"
+            )
+
+        started = time.monotonic()
+        progress: Any = click.progressbar(
+            length=len(work.tasks),
+            label="tasks",
+            file=sys.stderr,
+            show_pos=True,
+            item_show_func=lambda _: status(),
+        )
+        with progress as bar:
+
+            def done(outcome: Outcome) -> None:
+                counts[outcome.status] += 1
+                bar.update(1)
+
+            outcomes = work.run(jobs, done)
+    click.echo(views.batch_table(outcomes))
+    if counts["failed"]:
+        raise click.ClickException(
+            f"{counts['failed']} of {len(outcomes)} tasks failed; run the same command again "
+            "to retry them"
+        )
 
 
 @cli.command()
@@ -562,6 +637,64 @@ def diff(run_a: str, run_b: str, runs_dir: Path) -> None:
 
     text = diff_runs(_open(runs_dir, run_a), _open(runs_dir, run_b))
     click.echo(text or "no differences")
+
+
+@cli.command()
+@click.argument("run_id", required=False)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["md", "txt", "jsonl", "finetune"]),
+    default="md",
+    show_default=True,
+    help="What to write.",
+)
+@click.option(
+    "--role",
+    metavar="NAME",
+    help="finetune: the role whose point of view to take [default: every role].",
+)
+@click.option("--all", "all_runs", is_flag=True, help="Export every run with a finished dialogue.")
+@click.option(
+    "--min-score",
+    type=click.IntRange(1, 10),
+    help="With --all: only runs the judge scored at least this.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file [default: standard output].",
+)
+@_runs_dir_option
+def export(
+    run_id: str | None,
+    fmt: str,
+    role: str | None,
+    all_runs: bool,
+    min_score: int | None,
+    output: Path | None,
+    runs_dir: Path,
+) -> None:
+    """Export RUN_ID's conversation (or, with --all, every run's) as Markdown, plain text,
+    JSON lines, or an OpenAI chat fine-tuning dataset."""
+    from .export import export_many, export_run
+    from .runs import atomic_write_text, list_runs
+
+    if all_runs == (run_id is not None):
+        raise click.UsageError("give either a RUN_ID or --all")
+    if min_score is not None and not all_runs:
+        raise click.UsageError("--min-score goes with --all")
+    if all_runs:
+        runs = [item for item in list_runs(runs_dir) if not isinstance(item, RunError)]
+        text = export_many(runs, fmt, role=role, min_score=min_score)
+    else:
+        text = export_run(_open(runs_dir, str(run_id)), fmt, role=role)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        atomic_write_text(output, text)
+        click.echo(f"wrote {output}", err=True)
 
 
 @cli.command(name="runs")

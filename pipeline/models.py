@@ -10,6 +10,7 @@ when the :class:`Models` context closes. Clients are shared per endpoint.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +57,7 @@ class Models:
         self._server: LocalServer | None = None
         self._clients: dict[tuple[str, str], ModelClient] = {}
         self._fallback: Any = _UNSET
+        self._lock = threading.RLock()  # a batch asks for clients from several threads
 
     def __enter__(self) -> Models:
         return self
@@ -101,6 +103,10 @@ class Models:
         return self._unassigned()
 
     def _unassigned(self) -> Endpoint | None:
+        with self._lock:
+            return self._resolve_unassigned()
+
+    def _resolve_unassigned(self) -> Endpoint | None:
         if self._fallback is _UNSET:
             found = resolve_endpoint(structured_output=self.structured_output)
             recorded = self.recorded or {}
@@ -117,14 +123,15 @@ class Models:
         return chosen
 
     def _client(self, endpoint: Endpoint | None) -> ModelClient:
-        if endpoint is None:
-            endpoint = self._embedded()
-        key = (endpoint.base_url, endpoint.model)
-        if key not in self._clients:
-            self._clients[key] = ModelClient(
-                endpoint, timeout=self.timeout, max_retries=self.max_retries
-            )
-        return self._clients[key]
+        with self._lock:
+            if endpoint is None:
+                endpoint = self._embedded()
+            key = (endpoint.base_url, endpoint.model)
+            if key not in self._clients:
+                self._clients[key] = ModelClient(
+                    endpoint, timeout=self.timeout, max_retries=self.max_retries
+                )
+            return self._clients[key]
 
     def _embedded(self) -> Endpoint:
         if self._server is None:

@@ -157,3 +157,25 @@ def run_header(run: Run) -> str:
             parts.append(f"error: {entry['error']}")
         lines.append(f"{name.capitalize()}: " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def batch_table(outcomes: Sequence[Any]) -> str:
+    """A batch's summary, one task per line: status, turns, how it ended, run, task."""
+    header = ("STATUS", "TURNS", "ENDED BY", "RUN")
+    rows = [
+        (
+            o.status,
+            str(o.turns),
+            o.ended_by or "-",
+            o.run_id or "-",
+            _cut(o.task.task) + (f"  ({o.error})" if o.error else ""),
+        )
+        for o in outcomes
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)) + "  TASK"]
+    for row in rows:
+        lines.append(
+            "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + f"  {row[4]}"
+        )
+    return "\n".join(lines)

@@ -31,6 +31,8 @@ SAMPLE_DATA = {
     "declares": True,
     "candidates": ["Mentor", "Critic"],
     "cast": ROLES["roles"],
+    "timestamp": "202611251200",
+    "models": [("Student", "model-a"), ("Mentor", "model-b")],
     "roles": ROLES,
     "lines": [
         {"turn": 1, "role": "Student", "role_index": 0, "content": ROLES["opening_line"]},

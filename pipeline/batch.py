@@ -1,0 +1,238 @@
+"""Many conversations at once: one run per task of a tasks file, several at a time.
+
+A tasks file holds one task per line, or a JSON object per line with the task and
+options of its own (``{"task": "...", "turns": 6, "roles": 3, "judge": true}``); blank
+lines and lines starting with ``#`` are skipped. Each task becomes a normal run. The
+batch manifest (``<runs root>/batches/<file name>.json``) records which run each task
+became, so running the same batch again skips the runs that are complete and finishes
+the others (:func:`finish_run`), instead of starting them over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .dialogue import DialogueListener, DialogueParameters, run_dialogue
+from .director import DirectorParameters, load_roles, run_director
+from .errors import ConfigError, PipelineError
+from .judge import JudgeParameters, run_judge
+from .models import Models
+from .runs import Run, atomic_write_json, create_run, open_run
+
+DIRECTOR_OPTIONS = {"roles", "done_token", "temperature", "seed"}
+DIALOGUE_OPTIONS = {
+    "turns", "max_tokens", "temperature", "closing_turns", "max_tokens_total", "floor", "seed",
+}  # fmt: skip
+OPTIONS = DIRECTOR_OPTIONS | DIALOGUE_OPTIONS | {"task", "judge"}
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """One line of a tasks file.
+
+    Attributes:
+        line: its line number (1-based).
+        task: the task text.
+        options: its own options (keys of :data:`OPTIONS` but ``task``).
+        key: what identifies it across runs of the batch: sha256 of its line number and text.
+    """
+
+    line: int
+    task: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(f"{self.line}:{self.task}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class Outcome:
+    """How one task of the batch went: ``done``, ``skipped`` (complete before), ``failed``."""
+
+    task: BatchTask
+    status: str
+    run_id: str | None = None
+    turns: int = 0
+    ended_by: str | None = None
+    error: str | None = None
+
+
+def read_tasks(path: Path) -> list[BatchTask]:
+    """The tasks of a tasks file.
+
+    Raises:
+        ConfigError: the file cannot be read, or a line is bad JSON, has no task or an
+            unknown option; the message names the file and the line.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read the tasks file {path}: {e.strerror}", path=path) from e
+    tasks = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("{"):
+            tasks.append(BatchTask(number, line))
+            continue
+        try:
+            spec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg})", path=path) from e
+        unknown = sorted(set(spec) - OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"{path}:{number}: unknown option {unknown[0]!r} "
+                f"(known: {', '.join(sorted(OPTIONS))})",
+                path=path,
+            )
+        task = str(spec.pop("task", "")).strip()
+        if not task:
+            raise ConfigError(f'{path}:{number}: no "task"', path=path)
+        tasks.append(BatchTask(number, task, spec))
+    if not tasks:
+        raise ConfigError(f"{path} holds no task; write one task per line", path=path)
+    return tasks
+
+
+def finish_run(
+    run: Run,
+    models: Models,
+    director: DirectorParameters,
+    dialogue: DialogueParameters,
+    *,
+    judge: JudgeParameters | None = None,
+    listener: DialogueListener | None = None,
+) -> None:
+    """Bring ``run`` to its end from wherever it stopped: the director stage if it did not
+    finish, then the dialogue (continued from its last complete turn when it was cut
+    short, started over when it is stale or never ran), then, with ``judge``, the judge.
+    Stages that are done are left alone."""
+    if run.stage("director")["status"] != "done":
+        run.archive_stage("director")
+        run_director(run, models.director(), director)
+        run.mark_stale("dialogue")
+    entry = run.stage("dialogue")
+    if entry["status"] != "done":
+        go_on = entry["status"] in ("running", "failed")
+        roles = load_roles(run)
+        moderator = models.moderator() if dialogue.floor == "moderator" else None
+        run_dialogue(
+            run, models.roles(roles), dialogue, listener, resume=go_on, moderator=moderator
+        )
+    if judge is not None and run.stage("judge")["status"] != "done":
+        run_judge(run, models.judge(), judge)
+
+
+class Batch:
+    """A tasks file run against a runs root; see :meth:`run`."""
+
+    def __init__(
+        self,
+        tasks_file: Path,
+        runs_dir: Path,
+        models: Models,
+        director: DirectorParameters,
+        dialogue: DialogueParameters,
+        *,
+        judge: bool = False,
+    ) -> None:
+        self.tasks = read_tasks(tasks_file)
+        self.tasks_file = tasks_file
+        self.runs_dir = runs_dir
+        self.models = models
+        self.director, self.dialogue, self.judge = director, dialogue, judge
+        self.path = runs_dir / "batches" / f"{tasks_file.stem}.json"
+        self._lock = threading.Lock()
+        self.record = self._load()
+        self.turns_done = 0
+
+    def _load(self) -> dict[str, Any]:
+        if self.path.exists():
+            try:
+                record: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8"))
+                return record
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"{self.path} is not valid JSON ({e}); delete it to start over", path=self.path
+                ) from e
+        return {"tasks_file": str(self.tasks_file), "tasks": {}}
+
+    def _note(self, task: BatchTask, **fields: Any) -> None:
+        with self._lock:
+            entry = self.record["tasks"].setdefault(
+                task.key, {"line": task.line, "task": task.task}
+            )
+            entry.update(fields)
+            atomic_write_json(self.path, self.record)
+
+    def _parameters(self, task: BatchTask) -> tuple[DirectorParameters, DialogueParameters]:
+        opts = task.options
+        director = replace(
+            self.director, **{k: v for k, v in opts.items() if k in DIRECTOR_OPTIONS}
+        )
+        dialogue = replace(
+            self.dialogue, **{k: v for k, v in opts.items() if k in DIALOGUE_OPTIONS}
+        )
+        return director, dialogue
+
+    def _process(self, task: BatchTask) -> Outcome:
+        director, dialogue = self._parameters(task)
+        judge = (
+            JudgeParameters(seed=dialogue.seed) if task.options.get("judge", self.judge) else None
+        )
+        run_id = self.record["tasks"].get(task.key, {}).get("run_id")
+        try:
+            if run_id and (self.runs_dir / run_id).exists():
+                run = open_run(self.runs_dir, run_id)
+            else:
+                from dataclasses import asdict
+
+                planned = {"director": asdict(director), "dialogue": asdict(dialogue)}
+                run = create_run(self.runs_dir, task.task, planned)
+                self._note(task, run_id=run.run_id)
+            complete = run.stage("dialogue")["status"] == "done" and (
+                judge is None or run.stage("judge")["status"] == "done"
+            )
+            if complete:
+                return self._outcome(task, run, "skipped")
+            with run.locked():
+                finish_run(run, self.models, director, dialogue, judge=judge)
+        except PipelineError as e:
+            self._note(task, status="failed", error=e.message)
+            return Outcome(task, "failed", run_id, error=e.message)
+        outcome = self._outcome(task, run, "done")
+        with self._lock:
+            self.turns_done += outcome.turns
+        return outcome
+
+    def _outcome(self, task: BatchTask, run: Run, status: str) -> Outcome:
+        entry = run.stage("dialogue")
+        self._note(task, run_id=run.run_id, status="done", error=None)
+        return Outcome(
+            task, status, run.run_id, entry.get("turns") or 0, entry.get("termination_reason")
+        )
+
+    def run(self, jobs: int, on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+        """Process every task, ``jobs`` at a time (threads); call ``on_done`` as each ends.
+        Returns the outcomes in the order of the tasks file."""
+        self.started = time.monotonic()
+        outcomes: dict[str, Outcome] = {}
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(self._process, task): task for task in self.tasks}
+            for future in as_completed(futures):
+                outcome = future.result()
+                outcomes[outcome.task.key] = outcome
+                if on_done:
+                    on_done(outcome)
+        return [outcomes[task.key] for task in self.tasks]
