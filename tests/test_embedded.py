@@ -307,3 +307,38 @@ def test_a_run_on_the_embedded_model_replays_byte_for_byte_with_no_server(tmp_pa
     assert replay.returncode == 0, replay.stderr
     assert "embedded model server started" not in replay.stderr  # no model was needed
     assert_replayed_exactly(original, runs_dir / REPLAYED)
+
+
+def test_the_judge_stage_on_the_embedded_model(tmp_path):
+    runs_dir = tmp_path / "runs"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "generate",
+            "--yes",
+            "--judge",
+            "--turns",
+            "2",
+            "--max-tokens",
+            "24",
+            "--runs-dir",
+            str(runs_dir),
+            TASK,
+        ],
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = only_run(runs_dir)
+    verdict = json.loads((run / "judge" / "verdict.json").read_text())
+    assert schemas.errors(verdict, "verdict.schema.json") == []
+    assert f"Verdict: {'completed' if verdict['completed'] else 'not completed'}, score " in (
+        proc.stdout
+    )
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["stages"]["judge"]["status"] == "done"
+    assert manifest["stages"]["judge"]["structured_output"] == "json_object"
