@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import __version__, views
-from .config import STRUCTURED_OUTPUT_CHOICES, resolve_endpoint
+from . import __version__
+from .choices import FLOORS, STRUCTURED_OUTPUT_CHOICES
 from .errors import PipelineError, RunError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .batch import Outcome
     from .client import ModelClient
     from .dialogue import DialogueParameters
@@ -37,6 +36,22 @@ if TYPE_CHECKING:
     from .runs import Run
 
 REVIEW_QUESTION = "Run the dialogue? [y/N/e]"
+
+
+class _PathType(click.Path):
+    """click.Path giving a pathlib.Path, with pathlib imported only when one is given."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from pathlib import Path
+
+        return Path(os.fsdecode(super().convert(value, param, ctx)))
+
+
+def _views() -> Any:
+    """The rendering module, imported when a command first prints (keeps --help fast)."""
+    from . import views
+
+    return views
 
 
 class _Group(click.Group):
@@ -65,7 +80,7 @@ def _with_options(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
 def _runs_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--runs-dir",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=_PathType(file_okay=False),
         default="runs",
         envvar="PIPELINE_RUNS_DIR",
         show_default=True,
@@ -74,23 +89,33 @@ def _runs_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-@dataclass(frozen=True)
 class _EndpointFlags:
     """The endpoint options of one command, and how to turn them into model clients."""
 
-    base_url: str | None
-    model: str | None
-    api_key_env: str | None
-    structured_output: str
-    timeout: float
-    max_retries: int
-    config: Path | None
+    NAMES = (
+        "base_url",
+        "model",
+        "api_key_env",
+        "structured_output",
+        "timeout",
+        "max_retries",
+        "config",
+    )
+
+    def __init__(self, **values: Any) -> None:
+        self.base_url: str | None = values["base_url"]
+        self.model: str | None = values["model"]
+        self.api_key_env: str | None = values["api_key_env"]
+        self.structured_output: str = values["structured_output"]
+        self.timeout: float = values["timeout"]
+        self.max_retries: int = values["max_retries"]
+        self.config: Path | None = values["config"]
 
     def models(self, run: Run | None = None, *, min_retries: int = 0) -> Models:
         """The director's, the moderator's and the roles' clients (see pipeline.models);
         flags beat the config file, which beats the environment, then the endpoint that ran
         ``run``'s director, then the embedded model."""
-        from .config import load_config
+        from .config import load_config, resolve_endpoint
         from .models import Models
 
         given = any((self.base_url, self.model, self.api_key_env))
@@ -141,7 +166,7 @@ _ENDPOINT_OPTIONS = [
     ),
     click.option(
         "--config",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=_PathType(dir_okay=False),
         help="Config file with named endpoints and their assignments [default: ./pipeline.toml "
         "if present]. Flags override it.",
     ),
@@ -164,11 +189,10 @@ _ENDPOINT_OPTIONS = [
 
 def _endpoint_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Add the endpoint options; the command receives them as one ``flags`` argument."""
-    names = [field.name for field in fields(_EndpointFlags)]
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        flags = _EndpointFlags(**{name: kwargs.pop(name) for name in names})
+        flags = _EndpointFlags(**{name: kwargs.pop(name) for name in _EndpointFlags.NAMES})
         return f(*args, flags=flags, **kwargs)
 
     return _with_options(_ENDPOINT_OPTIONS)(wrapper)
@@ -241,7 +265,7 @@ _DIALOGUE_OPTIONS = [
     ),
     click.option(
         "--floor",
-        type=click.Choice(["round-robin", "moderator"]),
+        type=click.Choice(FLOORS),
         default="round-robin",
         show_default=True,
         help="Who speaks next with three or more roles: in turn, or as a moderator model picks.",
@@ -370,6 +394,8 @@ def generate(
     When standard input is not a terminal and --yes is absent, it stops after the
     director stage and prints the command that continues.
     """
+    from dataclasses import asdict
+
     from .director import run_director
     from .runs import create_run
 
@@ -505,11 +531,13 @@ def resume(run_id: str, runs_dir: Path, flags: _EndpointFlags) -> None:
                 )
         with flags.models(run) as models:
             finish_run(run, models, director, dialogue, listener=_Printer())
-        click.echo(f"\nrun {run.run_id} done ({views.ending(run.stage('dialogue'))}): {run.folder}")
+        click.echo(
+            f"\nrun {run.run_id} done ({_views().ending(run.stage('dialogue'))}): {run.folder}"
+        )
 
 
 @cli.command()
-@click.argument("tasks_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("tasks_file", type=_PathType(dir_okay=False))
 @click.option(
     "-j",
     "--jobs",
@@ -567,7 +595,7 @@ def batch(
                 bar.update(1)
 
             outcomes = work.run(jobs, done)
-    click.echo(views.batch_table(outcomes))
+    click.echo(_views().batch_table(outcomes))
     if counts["failed"]:
         raise click.ClickException(
             f"{counts['failed']} of {len(outcomes)} tasks failed; run the same command again "
@@ -663,7 +691,7 @@ def diff(run_a: str, run_b: str, runs_dir: Path) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=_PathType(dir_okay=False),
     help="Write to this file [default: standard output].",
 )
 @_runs_dir_option
@@ -706,16 +734,18 @@ def runs_command(runs_dir: Path, as_json: bool) -> None:
     A stage whose process died while it ran shows as interrupted (pipeline resume RUN_ID
     continues it); a run whose manifest cannot be read is listed as unreadable.
     """
+    import json
+
     from .runs import list_runs
 
     rows = [
-        views.unreadable(item) if isinstance(item, RunError) else views.summary(item)
+        _views().unreadable(item) if isinstance(item, RunError) else _views().summary(item)
         for item in list_runs(runs_dir)
     ]
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
     elif rows:
-        click.echo(views.runs_table(rows))
+        click.echo(_views().runs_table(rows))
     else:
         click.echo(f"no runs in {runs_dir}", err=True)
 
@@ -734,6 +764,8 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
     With --json: the manifest, or with --stage the stage's artifact (roles.json, the
     transcript as JSON lines, verdict.json).
     """
+    import json
+
     from .director import ROLES
     from .judge import VERDICT
 
@@ -752,15 +784,15 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
             click.echo(json.dumps(run.manifest, indent=2, ensure_ascii=False))
         return
     if stage is None:
-        click.echo(views.run_header(run))
+        click.echo(_views().run_header(run))
     if stage in (None, "director") and has_roles:
-        click.echo(("\n" if stage is None else "") + views.roles_text(run.read_json(ROLES)))
+        click.echo(("\n" if stage is None else "") + _views().roles_text(run.read_json(ROLES)))
     if stage in (None, "dialogue"):
         token = run.read_json(ROLES)["termination"]["done_token"] if has_roles else ""
-        text = views.transcript_text(run.read_transcript(), token)
+        text = _views().transcript_text(run.read_transcript(), token)
         click.echo(text.removeprefix("\n") if stage else text)
     if stage == "judge" or (stage is None and has_verdict):
-        click.echo(("\n" if stage is None else "") + views.verdict_text(run.read_json(VERDICT)))
+        click.echo(("\n" if stage is None else "") + _views().verdict_text(run.read_json(VERDICT)))
 
 
 @cli.command()
@@ -789,6 +821,8 @@ def _announce_server(server: LocalServer) -> None:
 
 
 def _runs_dir_flag(runs_dir: Path) -> str:
+    from pathlib import Path
+
     if runs_dir == Path("runs") and "PIPELINE_RUNS_DIR" not in os.environ:
         return ""
     return f" --runs-dir {click.format_filename(runs_dir)}"
@@ -818,6 +852,8 @@ def _edit_roles(run: Run, roles: dict[str, Any]) -> dict[str, Any] | None:
     Raises:
         PipelineError: the edit is not JSON, or breaks the schema; nothing was saved.
     """
+    import json
+
     from .director import replace_roles
 
     edited = click.edit(json.dumps(roles, indent=2, ensure_ascii=False) + "\n", extension=".json")
@@ -881,7 +917,7 @@ class _Printer:
     """Streams the conversation to stdout as it happens."""
 
     def turn_started(self, turn: int, role: str) -> None:
-        click.echo("\n" + views.turn_header(turn, role))
+        click.echo("\n" + _views().turn_header(turn, role))
 
     def delta(self, text: str) -> None:
         click.echo(text, nl=False)
@@ -906,7 +942,7 @@ def _converse(
     clients = models.roles(roles)
     moderator = models.moderator() if params.floor == "moderator" else None
     run_dialogue(run, clients, params, _Printer(), resume=resume, moderator=moderator)
-    click.echo(f"\nrun {run.run_id} done ({views.ending(run.stage('dialogue'))}): {run.folder}")
+    click.echo(f"\nrun {run.run_id} done ({_views().ending(run.stage('dialogue'))}): {run.folder}")
 
 
 def _judge(run: Run, models: Models, seed: int | None) -> None:
@@ -915,12 +951,12 @@ def _judge(run: Run, models: Models, seed: int | None) -> None:
     client = models.judge()
     click.echo(f"run {run.run_id}: asking the judge ({client.endpoint.model})...", err=True)
     verdict = run_judge(run, client, JudgeParameters(seed=seed))
-    click.echo(views.verdict_text(verdict))
+    click.echo(_views().verdict_text(verdict))
 
 
 def _show_roles(run: Run, roles: dict[str, Any]) -> None:
     """Print the roles, then, on stderr, what the lint step found in them."""
-    click.echo(views.roles_text(roles))
+    click.echo(_views().roles_text(roles))
     for problem in run.stage("director").get("lint", []):
         click.echo(f"check: {problem}", err=True)
 

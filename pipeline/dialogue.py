@@ -21,7 +21,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from . import director, schemas, templates
+from .choices import FLOORS
 from .client import Attempt, Message, ModelClient, calls_to
+
+__all__ = ["FLOORS", "DialogueParameters", "run_dialogue"]
 from .errors import PipelineError, RunError
 from .runs import Run, sha256_of
 from .termination import TokenFilter, detect_loop, said_done, strip_token
@@ -29,7 +32,6 @@ from .termination import TokenFilter, detect_loop, said_done, strip_token
 STAGE = "dialogue"
 TRANSCRIPT_MD = "dialogue/transcript.md"
 NEXT_SPEAKER = "next-speaker.schema.json"
-FLOORS = ("round-robin", "moderator")
 
 
 @dataclass(frozen=True)

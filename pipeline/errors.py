@@ -9,8 +9,10 @@ act on it without parsing the message.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class PipelineError(Exception):
@@ -34,6 +36,8 @@ class PipelineError(Exception):
         self.message = message
         self.stage = stage
         self.run_id = run_id
+        from pathlib import Path  # imported here to keep the CLI's start-up light
+
         self.path = Path(path) if path is not None else None
 
     def __str__(self) -> str:

@@ -28,7 +28,6 @@ import tempfile
 import unicodedata
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +109,8 @@ def _versions() -> dict[str, str | None]:
 
 
 def _version(distribution: str) -> str | None:
+    from importlib import metadata  # imported here: it is slow to import
+
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from . import templates
-from .config import STRUCTURED_OUTPUT_CHOICES
+from .choices import STRUCTURED_OUTPUT_CHOICES
 from .errors import StructuredOutputError, one_line
 from .schemas import Schema
 

@@ -43,6 +43,7 @@ class Reply:
     finish_reason: str = "stop"
     refusal: str | None = None
     pause: float = 0.0  # seconds between streamed chunks
+    delay: float = 0.0  # seconds before answering (a model's thinking time)
     gate: threading.Event | None = None  # answer only once this is set
     usage: dict[str, int] | None = field(
         default_factory=lambda: {"prompt_tokens": 11, "completion_tokens": 7}
@@ -180,8 +181,10 @@ class FakeServer:
                 elif body.get("stream"):
                     if action.gate is not None:
                         action.gate.wait()
+                    server.stopping.wait(action.delay)
                     self._stream(body, action)
                 else:
+                    server.stopping.wait(action.delay)
                     self._json(200, self._completion(body, action))
 
             def _completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:

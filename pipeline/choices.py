@@ -1,0 +1,7 @@
+"""The fixed vocabularies shared by the library and the command line, kept in a module with
+no imports so that the CLI can build its options without loading the library."""
+
+# How structured (JSON) answers are asked for; see pipeline.structured.
+STRUCTURED_OUTPUT_CHOICES = ("auto", "json_schema", "json_object", "prompt")
+# Who speaks next when three or more roles talk; see pipeline.dialogue.
+FLOORS = ("round-robin", "moderator")
