@@ -331,3 +331,27 @@ def test_killing_a_batch_and_running_it_again_finishes_only_what_is_missing(tmp_
     for run_id in record["tasks"].values():
         lines = read_jsonl(runs_dir / run_id["run_id"] / "dialogue" / "transcript.jsonl")
         assert [line["turn"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_rate_limits_slow_a_batch_down_instead_of_failing_it(invoke, runs_dir, tmp_path):
+    from .fakeserver import Status
+
+    path = tasks_file(tmp_path, "one", "two", "three")
+    with FakeServer(conversation) as fake:
+        # five 429s in a row: more than the default 2 retries, fewer than a batch's 8
+        fake.add(*[Status(429, "slow down", headers={"retry-after-ms": "10"})] * 5)
+        result = invoke(
+            "batch",
+            str(path),
+            "-j",
+            "1",
+            "--base-url",
+            fake.base_url,
+            "--model",
+            "m",
+            "--turns",
+            "2",
+        )
+        assert result.exit_code == 0, result.output
+        assert len(fake.chat_requests()) == 5 + 3 * 2
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["done"] * 3
