@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from . import director, schemas, templates
 from .choices import FLOORS
-from .client import Attempt, Message, ModelClient, calls_to
+from .client import Message, ModelClient, calls_to
 
 __all__ = ["FLOORS", "DialogueParameters", "run_dialogue"]
 from .errors import PipelineError, RunError
@@ -187,26 +187,6 @@ class _Ending:
         return None
 
 
-class _ModeratorFiles:
-    """Saves the moderator's attempts for turn N in ``dialogue/moderator/``."""
-
-    def __init__(self, run: Run, turn: int) -> None:
-        self.run, self.turn = run, turn
-
-    def request(self, number: int, body: dict[str, Any]) -> None:
-        self.run.write_json(
-            f"{STAGE}/moderator/turn-{self.turn}.attempt-{number}.request.json", body
-        )
-
-    def response(self, number: int, body: dict[str, Any]) -> None:
-        self.run.write_json(
-            f"{STAGE}/moderator/turn-{self.turn}.attempt-{number}.response.json", body
-        )
-
-    def outcome(self, attempt: Attempt) -> None:
-        pass
-
-
 class _Floor:
     """Who speaks next: round-robin, or a moderator model's schema-checked pick that falls
     back to round-robin when no valid pick comes."""
@@ -273,7 +253,7 @@ class _Floor:
                 remembered=self.run.manifest.get("dialects", {}).get(endpoint.base_url),
             ),
             repair_attempts=1,
-            recorder=_ModeratorFiles(self.run, turn),
+            recorder=self.run.attempts(STAGE, prefix=f"moderator/turn-{turn}."),
             seed=self.params.seed,
         )
         for key in self.usage:

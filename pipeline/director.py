@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import schemas, structured, templates
-from .client import Attempt, ModelClient, calls_to
+from .client import ModelClient, calls_to
 from .errors import RunError, StructuredOutputError
 from .lint import lint_roles
 from .resources import file_sha256
@@ -67,24 +67,6 @@ def answer_schema(params: DirectorParameters) -> schemas.Schema:
     return schemas.Schema(schemas.ROLES, document)
 
 
-class _AttemptFiles:
-    """Saves each attempt as ``director/attempt-N.request.json`` / ``.response.json`` and its
-    outcome in the stage's ``attempts`` list in the manifest."""
-
-    def __init__(self, run: Run) -> None:
-        self.run = run
-
-    def request(self, number: int, body: dict[str, Any]) -> None:
-        self.run.write_json(f"{STAGE}/attempt-{number}.request.json", body)
-
-    def response(self, number: int, body: dict[str, Any]) -> None:
-        self.run.write_json(f"{STAGE}/attempt-{number}.response.json", body)
-
-    def outcome(self, attempt: Attempt) -> None:
-        self.run.stage(STAGE).setdefault("attempts", []).append(asdict(attempt))
-        self.run.save()
-
-
 def run_director(
     run: Run,
     client: ModelClient,
@@ -121,7 +103,6 @@ def run_director(
         "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
         "parameters": asdict(params),
     }
-    files = _AttemptFiles(run)
     with run.stage_running(
         STAGE,
         endpoint=endpoint.describe(),
@@ -140,7 +121,7 @@ def run_director(
                     temperature=params.temperature,
                     dialects=dialects,
                     repair_attempts=params.repair_attempts,
-                    recorder=files,
+                    recorder=run.attempts(STAGE),
                     seed=params.seed,
                 )
         except StructuredOutputError as e:

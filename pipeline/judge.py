@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import director, schemas, structured, templates
-from .client import Attempt, ModelClient, calls_to
+from .client import ModelClient, calls_to
 from .errors import RunError
 from .resources import file_sha256
 from .runs import TRANSCRIPT, Run
@@ -40,21 +40,6 @@ class JudgeParameters:
     temperature: float = 0.0
     repair_attempts: int = 2
     seed: int | None = None
-
-
-class _Files:
-    def __init__(self, run: Run) -> None:
-        self.run = run
-
-    def request(self, number: int, body: dict[str, Any]) -> None:
-        self.run.write_json(f"{STAGE}/attempt-{number}.request.json", body)
-
-    def response(self, number: int, body: dict[str, Any]) -> None:
-        self.run.write_json(f"{STAGE}/attempt-{number}.response.json", body)
-
-    def outcome(self, attempt: Attempt) -> None:
-        self.run.stage(STAGE).setdefault("attempts", []).append(asdict(attempt))
-        self.run.save()
 
 
 def render_prompt(run: Run) -> str:
@@ -118,7 +103,7 @@ def run_judge(run: Run, client: ModelClient, params: JudgeParameters) -> dict[st
             temperature=params.temperature,
             dialects=dialects,
             repair_attempts=params.repair_attempts,
-            recorder=_Files(run),
+            recorder=run.attempts(STAGE),
             seed=params.seed,
         )
         run.write_json(VERDICT, result.value)

@@ -18,6 +18,7 @@ JSON artifacts are written atomically (temporary file in the same folder, fsync,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -125,6 +126,26 @@ def _data_file_hashes() -> dict[str, str]:
             if path.is_file():
                 hashes[f"{folder}/{path.relative_to(base).as_posix()}"] = file_sha256(path)
     return hashes
+
+
+class AttemptFiles:
+    """See :meth:`Run.attempts`."""
+
+    def __init__(self, run: Run, stage: str, prefix: str | None) -> None:
+        self.run, self.stage, self.prefix = run, stage, prefix
+
+    def request(self, number: int, body: dict[str, Any]) -> None:
+        self.run.write_json(f"{self.stage}/{self.prefix or ''}attempt-{number}.request.json", body)
+
+    def response(self, number: int, body: dict[str, Any]) -> None:
+        self.run.write_json(f"{self.stage}/{self.prefix or ''}attempt-{number}.response.json", body)
+
+    def outcome(self, attempt: Any) -> None:
+        if self.prefix is None:
+            self.run.stage(self.stage).setdefault("attempts", []).append(
+                dataclasses.asdict(attempt)
+            )
+            self.run.save()
 
 
 def _alive(pid: Any) -> bool:
@@ -265,6 +286,13 @@ class Run:
         """The calls recorded by the current attempt at ``stage``, in order."""
         folder = self.path(f"{stage}/calls")
         return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+
+    def attempts(self, stage: str, prefix: str | None = None) -> AttemptFiles:
+        """A recorder (:class:`pipeline.client.AttemptRecorder`) that saves structured-output
+        attempts in ``<stage>/``: ``<prefix>attempt-N.request.json`` and ``.response.json``;
+        without a ``prefix``, each outcome also goes to the stage's ``attempts`` in the
+        manifest."""
+        return AttemptFiles(self, stage, prefix)
 
     def append_transcript(self, line: dict[str, Any]) -> None:
         """Append one turn to ``dialogue/transcript.jsonl`` and make it durable (flush + fsync)."""

@@ -41,6 +41,19 @@ def offline_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PIPELINE_"))}
 
 
+def offline_pipeline(
+    runs_dir: Path, *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run `pipeline ARGS --runs-dir RUNS_DIR` with no endpoint configured: the embedded model."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args, "--runs-dir", str(runs_dir)],
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
@@ -80,25 +93,8 @@ def test_director_on_the_embedded_model_returns_schema_valid_roles(embedded, tmp
 
 def test_generate_runs_offline_end_to_end(tmp_path):
     runs_dir = tmp_path / "runs"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "generate",
-            "--yes",
-            "--turns",
-            "3",
-            "--max-tokens",
-            "32",
-            "--runs-dir",
-            str(runs_dir),
-            TASK,
-        ],
-        env=offline_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = offline_pipeline(
+        runs_dir, "generate", "--yes", "--turns", "3", "--max-tokens", "32", TASK
     )
     assert proc.returncode == 0, proc.stderr
     run = only_run(runs_dir)
@@ -235,28 +231,18 @@ def test_auto_finds_json_object_on_an_unknown_llama_cpp_python_server(embedded, 
 
 def test_a_three_role_meeting_on_the_embedded_model(tmp_path):
     runs_dir = tmp_path / "runs"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "generate",
-            "--yes",
-            "--roles",
-            "3",
-            "--turns",
-            "4",
-            "--max-tokens",
-            "24",
-            "--no-loop-detection",
-            "--runs-dir",
-            str(runs_dir),
-            "plan a school trip to a science museum",
-        ],
-        env=offline_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = offline_pipeline(
+        runs_dir,
+        "generate",
+        "--yes",
+        "--roles",
+        "3",
+        "--turns",
+        "4",
+        "--max-tokens",
+        "24",
+        "--no-loop-detection",
+        "plan a school trip to a science museum",
     )
     assert proc.returncode == 0, proc.stderr
     run = only_run(runs_dir)
@@ -276,34 +262,12 @@ def test_a_run_on_the_embedded_model_replays_byte_for_byte_with_no_server(tmp_pa
     from .test_replay import REPLAYED, assert_replayed_exactly
 
     runs_dir = tmp_path / "runs"
-    command = [sys.executable, "-m", "pipeline"]
-    generate = subprocess.run(
-        [
-            *command,
-            "generate",
-            "--yes",
-            "--turns",
-            "3",
-            "--max-tokens",
-            "24",
-            "--runs-dir",
-            str(runs_dir),
-            TASK,
-        ],
-        env=offline_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    generate = offline_pipeline(
+        runs_dir, "generate", "--yes", "--turns", "3", "--max-tokens", "24", TASK
     )
     assert generate.returncode == 0, generate.stderr
     original = only_run(runs_dir)
-    replay = subprocess.run(
-        [*command, "replay", original.name, "--into", REPLAYED, "--runs-dir", str(runs_dir)],
-        env=offline_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    replay = offline_pipeline(runs_dir, "replay", original.name, "--into", REPLAYED)
     assert replay.returncode == 0, replay.stderr
     assert "embedded model server started" not in replay.stderr  # no model was needed
     assert_replayed_exactly(original, runs_dir / REPLAYED)
@@ -311,26 +275,8 @@ def test_a_run_on_the_embedded_model_replays_byte_for_byte_with_no_server(tmp_pa
 
 def test_the_judge_stage_on_the_embedded_model(tmp_path):
     runs_dir = tmp_path / "runs"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "generate",
-            "--yes",
-            "--judge",
-            "--turns",
-            "2",
-            "--max-tokens",
-            "24",
-            "--runs-dir",
-            str(runs_dir),
-            TASK,
-        ],
-        env=offline_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = offline_pipeline(
+        runs_dir, "generate", "--yes", "--judge", "--turns", "2", "--max-tokens", "24", TASK
     )
     assert proc.returncode == 0, proc.stderr
     run = only_run(runs_dir)
