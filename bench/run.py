@@ -56,17 +56,37 @@ def bench_overhead(delay: float) -> dict[str, Any]:
     with FakeServer(_delayed(delay)) as fake, tempfile.TemporaryDirectory() as runs:
         started = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "pipeline", "generate", "--yes", "--turns", str(turns),
-             "--no-loop-detection", "--runs-dir", runs, "--base-url", fake.base_url,
-             "--model", "m", "write a paper"],
-            env=_env(), check=True, stdout=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "generate",
+                "--yes",
+                "--turns",
+                str(turns),
+                "--no-loop-detection",
+                "--runs-dir",
+                runs,
+                "--base-url",
+                fake.base_url,
+                "--model",
+                "m",
+                "write a paper",
+            ],
+            env=_env(),
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
         wall = time.perf_counter() - started
         calls = len(fake.chat_requests())
     served = calls * delay
-    return {"figure": "overhead: wall / server time (20 turns)", "value": wall / served,
-            "target": "<= 1.02", "ok": wall / served <= 1.02,
-            "detail": f"{wall:.2f} s wall for {calls} calls of {delay:.2f} s"}
+    return {
+        "figure": "overhead: wall / server time (20 turns)",
+        "value": wall / served,
+        "target": "<= 1.02",
+        "ok": wall / served <= 1.02,
+        "detail": f"{wall:.2f} s wall for {calls} calls of {delay:.2f} s",
+    }
 
 
 def _median_seconds(command: list[str], runs: int = 15) -> float:
@@ -82,9 +102,13 @@ def bench_startup() -> dict[str, Any]:
     script = Path(sys.executable).parent / "pipeline"  # the console script users run
     cli = _median_seconds([str(script), "--help"])
     click = _median_seconds([sys.executable, "-c", "import click"])
-    return {"figure": "startup: pipeline --help / import click", "value": cli / click,
-            "target": "<= 1.5", "ok": cli / click <= 1.5,
-            "detail": f"{cli * 1000:.0f} ms vs {click * 1000:.0f} ms"}
+    return {
+        "figure": "startup: pipeline --help / import click",
+        "value": cli / click,
+        "target": "<= 1.5",
+        "ok": cli / click <= 1.5,
+        "detail": f"{cli * 1000:.0f} ms vs {click * 1000:.0f} ms",
+    }
 
 
 def bench_batch(delay: float) -> dict[str, Any]:
@@ -101,15 +125,25 @@ def bench_batch(delay: float) -> dict[str, Any]:
                 tasks = Path(tmp) / "tasks.txt"
                 tasks.write_text("".join(f"task number {i}\n" for i in range(20)))
                 models = Models(flags=Endpoint(fake.base_url, "m", None))
-                batch = Batch(tasks, Path(tmp) / "runs", models, DirectorParameters(),
-                              DialogueParameters(turns=3))
+                batch = Batch(
+                    tasks,
+                    Path(tmp) / "runs",
+                    models,
+                    DirectorParameters(),
+                    DialogueParameters(turns=3),
+                )
                 started = time.perf_counter()
                 outcomes = batch.run(jobs)
                 seconds[jobs] = time.perf_counter() - started
                 assert all(o.status == "done" for o in outcomes), outcomes
     ratio = seconds[1] / seconds[8]
-    return {"figure": "batch: 20 tasks, -j 1 / -j 8", "value": ratio, "target": ">= 6",
-            "ok": ratio >= 6, "detail": f"{seconds[1]:.2f} s vs {seconds[8]:.2f} s"}
+    return {
+        "figure": "batch: 20 tasks, -j 1 / -j 8",
+        "value": ratio,
+        "target": ">= 6",
+        "ok": ratio >= 6,
+        "detail": f"{seconds[1]:.2f} s vs {seconds[8]:.2f} s",
+    }
 
 
 def _dialogue_timings(base_url: str, model: str, turns: int, max_tokens: int) -> list[float]:
@@ -120,18 +154,26 @@ def _dialogue_timings(base_url: str, model: str, turns: int, max_tokens: int) ->
 
     client = ModelClient(Endpoint(base_url, model, None))
     roles = ROLES
-    lines: list[dict[str, Any]] = [{"turn": 1, "role": "Student", "role_index": 0,
-                                    "content": roles["opening_line"]}]
+    lines: list[dict[str, Any]] = [
+        {"turn": 1, "role": "Student", "role_index": 0, "content": roles["opening_line"]}
+    ]
     per_token = []
     for turn in range(2, turns + 1):
         speaker = (turn - 1) % 2
-        request = client.chat_request(messages_for(speaker, roles, lines), max_tokens=max_tokens,
-                                      temperature=0.0, seed=1)
+        request = client.chat_request(
+            messages_for(speaker, roles, lines), max_tokens=max_tokens, temperature=0.0, seed=1
+        )
         started = time.perf_counter()
         result = client.stream(request)
         per_token.append((time.perf_counter() - started) / max(result.chunks, 1))
-        lines.append({"turn": turn, "role": roles["roles"][speaker]["name"],
-                      "role_index": speaker, "content": result.content})
+        lines.append(
+            {
+                "turn": turn,
+                "role": roles["roles"][speaker]["name"],
+                "role_index": speaker,
+                "content": result.content,
+            }
+        )
     return per_token
 
 
@@ -141,22 +183,33 @@ def bench_scaling() -> dict[str, Any]:
     with LocalServer() as server:
         per_token = _dialogue_timings(server.base_url, MODEL_NAME, turns=12, max_tokens=120)
     ratio = per_token[-1] / per_token[0]
-    return {"figure": "scaling: s/token at turn 12 / turn 2", "value": ratio, "target": "<= 1.2",
-            "ok": ratio <= 1.2,
-            "detail": f"{per_token[0] * 1000:.1f} ms vs {per_token[-1] * 1000:.1f} ms per token"}
+    return {
+        "figure": "scaling: s/token at turn 12 / turn 2",
+        "value": ratio,
+        "target": "<= 1.2",
+        "ok": ratio <= 1.2,
+        "detail": f"{per_token[0] * 1000:.1f} ms vs {per_token[-1] * 1000:.1f} ms per token",
+    }
 
 
 def bench_engine() -> dict[str, Any]:
     if shutil.which("llama-server") is None:
-        return {"figure": "engine: embedded / llama-server", "value": None, "target": "<= 1.1",
-                "ok": None, "detail": "skipped: llama-server is not on PATH"}
+        return {
+            "figure": "engine: embedded / llama-server",
+            "value": None,
+            "target": "<= 1.1",
+            "ok": None,
+            "detail": "skipped: llama-server is not on PATH",
+        }
     raise NotImplementedError  # pragma: no cover - not reached on this machine
 
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
-    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu}), "
-            f"Python {platform.python_version()}")
+    return (
+        f"{platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu}), "
+        f"Python {platform.python_version()}"
+    )
 
 
 def table(rows: list[dict[str, Any]]) -> str:
