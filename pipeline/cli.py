@@ -10,19 +10,24 @@ commands that need them, so ``pipeline --help`` starts fast.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
-from .choices import FLOORS, STRUCTURED_OUTPUT_CHOICES
 from .errors import PipelineError, RunError
+from .options import (
+    EndpointFlags,
+    PathType,
+    endpoint_options,
+    runs_dir_option,
+    stage_options,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -31,20 +36,10 @@ if TYPE_CHECKING:
     from .client import ModelClient
     from .dialogue import DialogueParameters
     from .director import DirectorParameters
-    from .local import LocalServer
     from .models import Models
     from .runs import Run
 
 REVIEW_QUESTION = "Run the dialogue? [y/N/e]"
-
-
-class _PathType(click.Path):
-    """click.Path giving a pathlib.Path, with pathlib imported only when one is given."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from pathlib import Path
-
-        return Path(os.fsdecode(super().convert(value, param, ctx)))
 
 
 def _views() -> Any:
@@ -64,283 +59,6 @@ class _Group(click.Group):
             if ctx.meta.get("pipeline.debug"):
                 raise
             raise click.ClickException(e.message) from e
-
-
-def _with_options(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
-    """A decorator applying click ``options`` in the order listed (first shown first)."""
-
-    def apply(f: Any) -> Any:
-        for option in reversed(options):
-            f = option(f)
-        return f
-
-    return apply
-
-
-def _runs_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--runs-dir",
-        type=_PathType(file_okay=False),
-        default="runs",
-        envvar="PIPELINE_RUNS_DIR",
-        show_default=True,
-        show_envvar=True,
-        help="Folder that holds the run folders.",
-    )(f)
-
-
-class _EndpointFlags:
-    """The endpoint options of one command, and how to turn them into model clients."""
-
-    NAMES = (
-        "base_url",
-        "model",
-        "api_key_env",
-        "structured_output",
-        "timeout",
-        "max_retries",
-        "config",
-    )
-
-    def __init__(self, **values: Any) -> None:
-        self.base_url: str | None = values["base_url"]
-        self.model: str | None = values["model"]
-        self.api_key_env: str | None = values["api_key_env"]
-        self.structured_output: str = values["structured_output"]
-        self.timeout: float = values["timeout"]
-        self.max_retries: int = values["max_retries"]
-        self.config: Path | None = values["config"]
-
-    def models(self, run: Run | None = None, *, min_retries: int = 0) -> Models:
-        """The director's, the moderator's and the roles' clients (see pipeline.models);
-        flags beat the config file, which beats the environment, then the endpoint that ran
-        ``run``'s director, then the embedded model."""
-        from .config import load_config, resolve_endpoint
-        from .models import Models
-
-        given = any((self.base_url, self.model, self.api_key_env))
-        flags = (
-            resolve_endpoint(
-                base_url=self.base_url,
-                model=self.model,
-                api_key_env=self.api_key_env,
-                structured_output=self.structured_output,
-            )
-            if given
-            else None
-        )
-        return Models(
-            flags=flags,
-            config=None if given else load_config(self.config),
-            recorded=(run.stage("director").get("endpoint") if run else None),
-            structured_output=self.structured_output,
-            timeout=self.timeout,
-            max_retries=max(self.max_retries, min_retries),
-            on_server_start=_announce_server,
-        )
-
-
-_ENDPOINT_OPTIONS = [
-    click.option(
-        "--base-url",
-        metavar="URL",
-        help="OpenAI-compatible API root, e.g. http://localhost:11434/v1 "
-        "[default: $OPENAI_BASE_URL, else OpenAI if $OPENAI_API_KEY is set, "
-        "else the embedded model]",
-    ),
-    click.option(
-        "--model", envvar="PIPELINE_MODEL", show_envvar=True, help="Model name to ask for."
-    ),
-    click.option(
-        "--api-key-env",
-        metavar="NAME",
-        help="Environment variable holding the API key [default: OPENAI_API_KEY].",
-    ),
-    click.option(
-        "--structured-output",
-        type=click.Choice(STRUCTURED_OUTPUT_CHOICES),
-        default="auto",
-        show_default=True,
-        help="How to ask for JSON: OpenAI's json_schema response format, llama-cpp-python's "
-        "json_object, the schema in the prompt, or auto (known per server, else try each).",
-    ),
-    click.option(
-        "--config",
-        type=_PathType(dir_okay=False),
-        help="Config file with named endpoints and their assignments [default: ./pipeline.toml "
-        "if present]. Flags override it.",
-    ),
-    click.option(
-        "--timeout",
-        type=click.FloatRange(min=0.1),
-        default=600.0,
-        show_default=True,
-        help="Seconds to wait for each HTTP request.",
-    ),
-    click.option(
-        "--max-retries",
-        type=click.IntRange(min=0),
-        default=2,
-        show_default=True,
-        help="Retries on 408/409/429/5xx and connection errors (the SDK's policy).",
-    ),
-]
-
-
-def _endpoint_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the endpoint options; the command receives them as one ``flags`` argument."""
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        flags = _EndpointFlags(**{name: kwargs.pop(name) for name in _EndpointFlags.NAMES})
-        return f(*args, flags=flags, **kwargs)
-
-    return _with_options(_ENDPOINT_OPTIONS)(wrapper)
-
-
-_DIRECTOR_OPTIONS = [
-    click.option(
-        "--roles",
-        "n_roles",
-        type=click.IntRange(2, 8),
-        default=2,
-        show_default=True,
-        help="How many roles the director writes (more than two: an AI meeting).",
-    ),
-    click.option(
-        "--done-token",
-        default="<TASK_DONE>",
-        show_default=True,
-        callback=lambda ctx, param, value: _done_token(value),
-        help="The token with which the declaring role ends the conversation.",
-    ),
-    click.option(
-        "--director-max-tokens",
-        type=click.IntRange(min=1),
-        default=2048,
-        show_default=True,
-        help="Most tokens for the director's answer.",
-    ),
-    click.option(
-        "--repair-attempts",
-        type=click.IntRange(0, 10),
-        default=2,
-        show_default=True,
-        help="Times an unusable director answer is sent back to be corrected.",
-    ),
-]
-
-_DIALOGUE_OPTIONS = [
-    click.option(
-        "--turns",
-        type=click.IntRange(1, 1000),
-        default=10,
-        show_default=True,
-        help="Most turns in the dialogue, the opening line included.",
-    ),
-    click.option(
-        "--max-tokens",
-        type=click.IntRange(min=1),
-        default=512,
-        show_default=True,
-        help="Most tokens per dialogue turn.",
-    ),
-    click.option(
-        "--closing-turns",
-        type=click.IntRange(0, 8),
-        default=1,
-        show_default=True,
-        help="Turns the next speaker gets after the done token.",
-    ),
-    click.option(
-        "--max-tokens-total",
-        type=click.IntRange(min=1),
-        help="Stop the dialogue once it has used this many tokens.",
-    ),
-    click.option(
-        "--loop-detection/--no-loop-detection",
-        default=True,
-        show_default=True,
-        help="Stop when the roles only trade pleasantries or repeat themselves.",
-    ),
-    click.option(
-        "--floor",
-        type=click.Choice(FLOORS),
-        default="round-robin",
-        show_default=True,
-        help="Who speaks next with three or more roles: in turn, or as a moderator model picks.",
-    ),
-]
-
-_COMMON_OPTIONS = [
-    click.option(
-        "--temperature",
-        type=click.FloatRange(0, 2),
-        default=0.7,
-        show_default=True,
-        help="Sampling temperature.",
-    ),
-    click.option(
-        "--seed",
-        type=int,
-        help="Sampling seed, sent to servers that accept one. Best effort: to reproduce a "
-        "run exactly, use pipeline replay.",
-    ),
-]
-
-
-def _done_token(value: str) -> str:
-    import re
-
-    if not re.fullmatch(r"<[A-Z][A-Z0-9_]{1,30}>", value):
-        raise click.BadParameter(
-            f"{value!r} is not a done token: use capitals, digits and _ in angle brackets, "
-            "e.g. <TASK_DONE>"
-        )
-    return value
-
-
-def _stage_options(*, director: bool, dialogue: bool) -> Callable[[Any], Any]:
-    """Add the options of the director and/or dialogue stages; the command receives them
-    as ``director_params`` / ``dialogue_params``."""
-    options = (
-        (_DIRECTOR_OPTIONS if director else [])
-        + (_DIALOGUE_OPTIONS if dialogue else [])
-        + _COMMON_OPTIONS
-    )
-
-    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(f)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            from .dialogue import DialogueParameters
-            from .director import DirectorParameters
-
-            temperature, seed = kwargs.pop("temperature"), kwargs.pop("seed")
-            if director:
-                kwargs["director_params"] = DirectorParameters(
-                    max_tokens=kwargs.pop("director_max_tokens"),
-                    temperature=temperature,
-                    repair_attempts=kwargs.pop("repair_attempts"),
-                    roles=kwargs.pop("n_roles"),
-                    done_token=kwargs.pop("done_token"),
-                    seed=seed,
-                )
-            if dialogue:
-                kwargs["dialogue_params"] = DialogueParameters(
-                    turns=kwargs.pop("turns"),
-                    max_tokens=kwargs.pop("max_tokens"),
-                    temperature=temperature,
-                    closing_turns=kwargs.pop("closing_turns"),
-                    max_tokens_total=kwargs.pop("max_tokens_total"),
-                    detect_loops=kwargs.pop("loop_detection"),
-                    floor=kwargs.pop("floor"),
-                    seed=seed,
-                )
-            return f(*args, **kwargs)
-
-        return _with_options(options)(wrapper)
-
-    return decorate
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -373,15 +91,15 @@ def _nonempty_task(ctx: click.Context, param: click.Parameter, value: str) -> st
 
 @cli.command()
 @click.argument("task", callback=_nonempty_task)
-@_runs_dir_option
-@_endpoint_options
-@_stage_options(director=True, dialogue=True)
+@runs_dir_option
+@endpoint_options
+@stage_options(director=True, dialogue=True)
 @click.option("--yes", "-y", is_flag=True, help="Run the dialogue without asking.")
 @click.option("--judge", "judge", is_flag=True, help="Then ask a model to judge the result.")
 def generate(
     task: str,
     runs_dir: Path,
-    flags: _EndpointFlags,
+    flags: EndpointFlags,
     director_params: DirectorParameters,
     dialogue_params: DialogueParameters,
     yes: bool,
@@ -427,11 +145,11 @@ def generate(
 
 @cli.command()
 @click.argument("run_id")
-@_runs_dir_option
-@_endpoint_options
-@_stage_options(director=False, dialogue=True)
+@runs_dir_option
+@endpoint_options
+@stage_options(director=False, dialogue=True)
 def converse(
-    run_id: str, runs_dir: Path, flags: _EndpointFlags, dialogue_params: DialogueParameters
+    run_id: str, runs_dir: Path, flags: EndpointFlags, dialogue_params: DialogueParameters
 ) -> None:
     """Run the dialogue stage of RUN_ID, whose director stage is done.
 
@@ -458,14 +176,14 @@ def converse(
 @cli.command()
 @click.argument("run_id")
 @click.argument("stage", type=click.Choice(["director", "dialogue", "judge"]))
-@_runs_dir_option
-@_endpoint_options
-@_stage_options(director=True, dialogue=True)
+@runs_dir_option
+@endpoint_options
+@stage_options(director=True, dialogue=True)
 def rerun(
     run_id: str,
     stage: str,
     runs_dir: Path,
-    flags: _EndpointFlags,
+    flags: EndpointFlags,
     director_params: DirectorParameters,
     dialogue_params: DialogueParameters,
 ) -> None:
@@ -492,9 +210,9 @@ def rerun(
 
 @cli.command()
 @click.argument("run_id")
-@_runs_dir_option
-@_endpoint_options
-def resume(run_id: str, runs_dir: Path, flags: _EndpointFlags) -> None:
+@runs_dir_option
+@endpoint_options
+def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
     """Continue RUN_ID where it stopped (Ctrl-C, a crash, a failed call).
 
     A director stage that did not finish is done again; an unfinished dialogue goes on
@@ -537,7 +255,7 @@ def resume(run_id: str, runs_dir: Path, flags: _EndpointFlags) -> None:
 
 
 @cli.command()
-@click.argument("tasks_file", type=_PathType(dir_okay=False))
+@click.argument("tasks_file", type=PathType(dir_okay=False))
 @click.option(
     "-j",
     "--jobs",
@@ -546,15 +264,15 @@ def resume(run_id: str, runs_dir: Path, flags: _EndpointFlags) -> None:
     show_default=True,
     help="Tasks run at the same time.",
 )
-@_runs_dir_option
-@_endpoint_options
-@_stage_options(director=True, dialogue=True)
+@runs_dir_option
+@endpoint_options
+@stage_options(director=True, dialogue=True)
 @click.option("--judge", is_flag=True, help="Judge each run when its dialogue ends.")
 def batch(
     tasks_file: Path,
     jobs: int,
     runs_dir: Path,
-    flags: _EndpointFlags,
+    flags: EndpointFlags,
     director_params: DirectorParameters,
     dialogue_params: DialogueParameters,
     judge: bool,
@@ -605,7 +323,7 @@ def batch(
 
 @cli.command()
 @click.argument("run_id")
-@_runs_dir_option
+@runs_dir_option
 def edit(run_id: str, runs_dir: Path) -> None:
     """Edit the roles of RUN_ID in $EDITOR.
 
@@ -637,7 +355,7 @@ def edit(run_id: str, runs_dir: Path) -> None:
 @cli.command()
 @click.argument("run_id")
 @click.option("--into", metavar="NEW_RUN_ID", help="Id of the replayed run [default: a new id].")
-@_runs_dir_option
+@runs_dir_option
 def replay(run_id: str, into: str | None, runs_dir: Path) -> None:
     """Re-execute RUN_ID from its recorded model calls, with no model and no network.
 
@@ -658,7 +376,7 @@ def replay(run_id: str, into: str | None, runs_dir: Path) -> None:
 @cli.command()
 @click.argument("run_a")
 @click.argument("run_b")
-@_runs_dir_option
+@runs_dir_option
 def diff(run_a: str, run_b: str, runs_dir: Path) -> None:
     """Show what differs between RUN_A and RUN_B: inputs, roles, transcript."""
     from .replay import diff_runs
@@ -691,10 +409,10 @@ def diff(run_a: str, run_b: str, runs_dir: Path) -> None:
 @click.option(
     "-o",
     "--output",
-    type=_PathType(dir_okay=False),
+    type=PathType(dir_okay=False),
     help="Write to this file [default: standard output].",
 )
-@_runs_dir_option
+@runs_dir_option
 def export(
     run_id: str | None,
     fmt: str,
@@ -726,7 +444,7 @@ def export(
 
 
 @cli.command(name="runs")
-@_runs_dir_option
+@runs_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
 def runs_command(runs_dir: Path, as_json: bool) -> None:
     """List the runs: id, created, each stage's status, turns, how the dialogue ended, task.
@@ -756,7 +474,7 @@ def runs_command(runs_dir: Path, as_json: bool) -> None:
     "--stage", type=click.Choice(["director", "dialogue", "judge"]), help="Show only this stage."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact itself as JSON.")
-@_runs_dir_option
+@runs_dir_option
 def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
     """Show RUN_ID: its stages, the role prompts and opening line, the transcript and the
     judge's verdict.
@@ -814,10 +532,6 @@ def serve(host: str, port: int) -> None:
 
 
 # -- helpers --------------------------------------------------------------------------
-
-
-def _announce_server(server: LocalServer) -> None:
-    click.echo(f"embedded model server started at {server.base_url} (pid {server.pid})", err=True)
 
 
 def _runs_dir_flag(runs_dir: Path) -> str:
