@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from .director import DirectorParameters, load_roles, run_director
 from .errors import ConfigError, PipelineError
 from .judge import JudgeParameters, run_judge
 from .models import Models
-from .runs import Run, atomic_write_json, create_run, open_run
+from .runs import Run, atomic_write_json, create_run, open_run, slugify, utc_now
 
 DIRECTOR_OPTIONS = {"roles", "done_token", "temperature", "seed"}
 DIALOGUE_OPTIONS = {
@@ -153,7 +154,8 @@ class Batch:
         self.models = models
         self.director, self.dialogue, self.judge = director, dialogue, judge
         self.path = runs_dir / "batches" / f"{tasks_file.stem}.json"
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._reserved: set[str] = set()
         self.record = self._load()
         self.turns_done = 0
 
@@ -176,6 +178,22 @@ class Batch:
             entry.update(fields)
             atomic_write_json(self.path, self.record)
 
+    def _run_id_for(self, task: BatchTask) -> str:
+        """The run id of ``task``: the one recorded, or a new one recorded before the run is
+        created, so that a batch killed at any moment never makes a task's run twice."""
+        with self._lock:
+            recorded = self.record["tasks"].get(task.key, {}).get("run_id")
+            if recorded:
+                return str(recorded)
+            base = f"{utc_now():%Y%m%dT%H%M%SZ}-{slugify(task.task)}"
+            run_id, n = base, 1
+            while run_id in self._reserved or (self.runs_dir / run_id).exists():
+                n += 1
+                run_id = f"{base}-{n}"
+            self._reserved.add(run_id)
+            self._note(task, run_id=run_id)
+            return run_id
+
     def _parameters(self, task: BatchTask) -> tuple[DirectorParameters, DialogueParameters]:
         opts = task.options
         director = replace(
@@ -191,16 +209,16 @@ class Batch:
         judge = (
             JudgeParameters(seed=dialogue.seed) if task.options.get("judge", self.judge) else None
         )
-        run_id = self.record["tasks"].get(task.key, {}).get("run_id")
+        run_id = self._run_id_for(task)
         try:
-            if run_id and (self.runs_dir / run_id).exists():
+            folder = self.runs_dir / run_id
+            if (folder / "run.json").is_file():
                 run = open_run(self.runs_dir, run_id)
             else:
-                from dataclasses import asdict
-
+                if folder.exists():  # a creation cut short: a folder with no manifest yet
+                    shutil.rmtree(folder)
                 planned = {"director": asdict(director), "dialogue": asdict(dialogue)}
-                run = create_run(self.runs_dir, task.task, planned)
-                self._note(task, run_id=run.run_id)
+                run = create_run(self.runs_dir, task.task, planned, run_id=run_id)
             complete = run.stage("dialogue")["status"] == "done" and (
                 judge is None or run.stage("judge")["status"] == "done"
             )

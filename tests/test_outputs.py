@@ -355,3 +355,27 @@ def test_rate_limits_slow_a_batch_down_instead_of_failing_it(invoke, runs_dir, t
         assert result.exit_code == 0, result.output
         assert len(fake.chat_requests()) == 5 + 3 * 2
     assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["done"] * 3
+
+
+def test_a_run_id_is_recorded_before_its_run_is_made(fake, invoke, runs_dir, tmp_path):
+    """A batch killed between choosing a task's run id and creating the run (the folder
+    made, no manifest yet) makes that same run next time, not a second one."""
+    from pipeline.batch import BatchTask
+
+    path = tasks_file(tmp_path, "only task")
+    key = BatchTask(1, "only task").key
+    run_id = "20261125T120000Z-only-task"
+    (runs_dir / "batches").mkdir(parents=True)
+    (runs_dir / run_id).mkdir()  # cut short inside create_run
+    (runs_dir / "batches" / "tasks.json").write_text(
+        json.dumps(
+            {
+                "tasks_file": str(path),
+                "tasks": {key: {"line": 1, "task": "only task", "run_id": run_id}},
+            }
+        )
+    )
+    result = invoke("batch", str(path), "--base-url", fake.base_url, "--model", "m", "--turns", "2")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in runs_dir.iterdir()) == [run_id, "batches"]
+    assert len(read_jsonl(runs_dir / run_id / "dialogue" / "transcript.jsonl")) == 2
