@@ -78,59 +78,60 @@ def assert_complete(run: Path, turns: int = TURNS) -> None:
             assert line["content"].split()[:2] == ["reply", str(line["turn"])]
 
 
-def test_resume_completes_runs_killed_at_random_moments(slow_fake, tmp_path):
-    """SIGKILL `pipeline generate` at random moments; `pipeline resume` must finish each run."""
-    seed = int(os.environ.get("KILL_TEST_SEED", "20261125"))
-    rng = random.Random(seed)
-    # how long one whole run takes here, to spread the kills over it
-    started = time.monotonic()
-    whole = pipeline(
+def _generate(runs_dir: Path, fake: FakeServer) -> subprocess.Popen[str]:
+    return pipeline(
         "generate",
         "--yes",
         "--turns",
         str(TURNS),
         "--runs-dir",
-        str(tmp_path / "whole"),
-        *endpoint(slow_fake),
+        str(runs_dir),
+        *endpoint(fake),
         "x",
     )
-    assert whole.wait(timeout=60) == 0
-    span = time.monotonic() - started
 
-    resumed, early, outcomes = 0, 0, []
+
+def _manifest_appears(runs_dir: Path, proc: subprocess.Popen[str]) -> float:
+    """Wait until the run's manifest exists (or the process ends); return when it did."""
+    deadline = time.monotonic() + 60
+    while not list(runs_dir.glob("*/run.json")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no run was created"
+        time.sleep(0.005)
+    return time.monotonic()
+
+
+def test_resume_completes_runs_killed_at_random_moments(slow_fake, tmp_path):
+    """SIGKILL `pipeline generate` at random moments of its run; `pipeline resume` must
+    finish every run. KILL_TEST_SEED changes the moments."""
+    seed = int(os.environ.get("KILL_TEST_SEED", "20261125"))
+    rng = random.Random(seed)
+    # how long a whole run lasts once its folder exists, to spread the kills over it
+    whole = _generate(tmp_path / "whole", slow_fake)
+    created = _manifest_appears(tmp_path / "whole", whole)
+    assert whole.wait(timeout=60) == 0
+    span = time.monotonic() - created
+
+    outcomes = []
     for trial in range(24):
         runs_dir = tmp_path / f"trial-{trial}"
-        proc = pipeline(
-            "generate",
-            "--yes",
-            "--turns",
-            str(TURNS),
-            "--runs-dir",
-            str(runs_dir),
-            *endpoint(slow_fake),
-            "x",
-        )
-        moment = rng.uniform(0.2, span)
+        proc = _generate(runs_dir, slow_fake)
+        _manifest_appears(runs_dir, proc)
+        moment = rng.uniform(0, span)
         try:
             proc.wait(timeout=moment)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        runs = [p for p in runs_dir.glob("*/run.json")] if runs_dir.exists() else []
-        if not runs:
-            early += 1  # killed before the run existed: nothing to resume
-            continue
-        run = runs[0].parent
-        before = json.loads(runs[0].read_text())["stages"]
+        (manifest,) = runs_dir.glob("*/run.json")
+        run = manifest.parent
+        before = json.loads(manifest.read_text())["stages"]
         outcomes.append((before["director"]["status"], before["dialogue"]["status"]))
         resume = pipeline("resume", run.name, "--runs-dir", str(runs_dir), *endpoint(slow_fake))
         _out, err = resume.communicate(timeout=60)
         assert resume.returncode == 0, (seed, trial, moment, err)
         assert_complete(run)
-        resumed += 1
-    assert resumed >= 20, (seed, resumed, early)
     # the kills landed in different places: during the director and during the dialogue
-    assert ("running", "pending") in outcomes or ("failed", "pending") in outcomes, outcomes
+    assert any(director != "done" for director, _ in outcomes), outcomes
     assert any(dialogue == "running" for _, dialogue in outcomes), outcomes
 
 
