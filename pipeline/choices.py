@@ -5,3 +5,7 @@ no imports so that the CLI can build its options without loading the library."""
 STRUCTURED_OUTPUT_CHOICES = ("auto", "json_schema", "json_object", "prompt")
 # Who speaks next when three or more roles talk; see pipeline.dialogue.
 FLOORS = ("round-robin", "moderator")
+# What `pipeline export` writes; see pipeline.export.
+EXPORT_FORMATS = ("md", "txt", "jsonl", "finetune")
+# The stages of a run, in order; see pipeline.runs.
+STAGES = ("director", "dialogue", "judge")

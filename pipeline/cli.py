@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
+from .choices import EXPORT_FORMATS, STAGES
 from .errors import PipelineError, RunError
 from .options import (
     EndpointFlags,
@@ -175,7 +176,7 @@ def converse(
 
 @cli.command()
 @click.argument("run_id")
-@click.argument("stage", type=click.Choice(["director", "dialogue", "judge"]))
+@click.argument("stage", type=click.Choice(STAGES))
 @runs_dir_option
 @endpoint_options
 @stage_options(director=True, dialogue=True)
@@ -390,7 +391,7 @@ def diff(run_a: str, run_b: str, runs_dir: Path) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["md", "txt", "jsonl", "finetune"]),
+    type=click.Choice(EXPORT_FORMATS),
     default="md",
     show_default=True,
     help="What to write.",
@@ -470,9 +471,7 @@ def runs_command(runs_dir: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("run_id")
-@click.option(
-    "--stage", type=click.Choice(["director", "dialogue", "judge"]), help="Show only this stage."
-)
+@click.option("--stage", type=click.Choice(STAGES), help="Show only this stage.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact itself as JSON.")
 @runs_dir_option
 def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:

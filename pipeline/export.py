@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from . import schemas, templates
+from .choices import EXPORT_FORMATS
 from .dialogue import messages_for, render_markdown
 from .director import ROLES, load_roles
 from .errors import PipelineError, RunError
@@ -31,13 +32,12 @@ from .judge import VERDICT
 from .runs import Run
 from .termination import strip_token
 
-FORMATS = ("md", "txt", "jsonl", "finetune")
 FINETUNE_SCHEMA = "finetune.schema.json"
 
 
 def export_run(run: Run, fmt: str, *, role: str | None = None) -> str:
-    """``run``'s dialogue in format ``fmt`` (one of :data:`FORMATS`); for ``finetune``, from
-    the point of view of ``role`` (a role name), or of every role when None.
+    """``run``'s dialogue in format ``fmt`` (one of ``EXPORT_FORMATS``); for ``finetune``,
+    from the point of view of ``role`` (a role name), or of every role when None.
 
     Raises:
         RunError: the run has no roles or no transcript, or ``role`` is not one of its roles.
@@ -55,7 +55,7 @@ def export_run(run: Run, fmt: str, *, role: str | None = None) -> str:
     if fmt == "finetune":
         examples = finetune_examples(run, roles_doc, lines, role)
         return "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples)
-    raise ValueError(f"unknown export format {fmt!r}")
+    raise ValueError(f"unknown export format {fmt!r}; one of {', '.join(EXPORT_FORMATS)}")
 
 
 def _text(run: Run, roles_doc: dict[str, Any], lines: list[dict[str, Any]]) -> str:

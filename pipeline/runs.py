@@ -32,11 +32,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .choices import STAGES
 from .errors import PipelineError, RunError
 from .resources import data_dir, file_sha256
 
 MANIFEST = "run.json"
-STAGES = ("director", "dialogue", "judge")
 REQUIRED_STAGES = (
     "director",
     "dialogue",

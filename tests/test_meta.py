@@ -133,3 +133,10 @@ def test_every_string_in_the_roles_schema_is_bounded():
     for string in found:
         assert string.get("maxLength", 0) <= 1000
         assert "maxLength" in string or string["pattern"].endswith("{1,30}>$")
+
+
+def test_the_manifest_schema_knows_every_termination_reason():
+    from pipeline.termination import REASONS
+
+    stage = schemas.load(schemas.RUN_MANIFEST)["$defs"]["stage"]["properties"]
+    assert tuple(stage["termination_reason"]["enum"]) == REASONS
