@@ -14,7 +14,6 @@ import hashlib
 import json
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
@@ -244,7 +243,6 @@ class Batch:
     def run(self, jobs: int, on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
         """Process every task, ``jobs`` at a time (threads); call ``on_done`` as each ends.
         Returns the outcomes in the order of the tasks file."""
-        self.started = time.monotonic()
         outcomes: dict[str, Outcome] = {}
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = {pool.submit(self._process, task): task for task in self.tasks}

@@ -24,10 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .choices import STRUCTURED_OUTPUT_CHOICES
 from .errors import ConfigError
-
-__all__ = ["STRUCTURED_OUTPUT_CHOICES", "Config", "Endpoint", "load_config", "resolve_endpoint"]
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"

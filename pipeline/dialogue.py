@@ -21,10 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from . import director, schemas, templates
-from .choices import FLOORS
 from .client import Message, ModelClient, calls_to
-
-__all__ = ["FLOORS", "DialogueParameters", "run_dialogue"]
 from .errors import PipelineError, RunError
 from .runs import Run, sha256_of
 from .termination import TokenFilter, detect_loop, said_done, strip_token

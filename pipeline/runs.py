@@ -188,6 +188,7 @@ class Run:
     def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
         self.folder = folder
         self.manifest = manifest
+        self._calls_made: dict[str, int] = {}  # per stage, counted from disk once
 
     @property
     def run_id(self) -> str:
@@ -277,10 +278,13 @@ class Run:
     def record_call(self, record: dict[str, Any]) -> None:
         """Save one model call (a record from :func:`pipeline.client.calls_to`) as
         ``<stage>/calls/NNNN.json``, numbered in the order the calls were made."""
-        folder = self.path(f"{record['stage']}/calls")
-        folder.mkdir(parents=True, exist_ok=True)
-        number = len(list(folder.glob("*.json"))) + 1
-        atomic_write_json(folder / f"{number:04d}.json", record)
+        stage = record["stage"]
+        folder = self.path(f"{stage}/calls")
+        if stage not in self._calls_made:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._calls_made[stage] = len(list(folder.glob("*.json")))
+        self._calls_made[stage] += 1
+        atomic_write_json(folder / f"{self._calls_made[stage]:04d}.json", record)
 
     def read_calls(self, stage: str) -> list[dict[str, Any]]:
         """The calls recorded by the current attempt at ``stage``, in order."""
@@ -350,6 +354,7 @@ class Run:
         archive.mkdir()
         for p in current:
             shutil.move(str(p), archive / p.name)
+        self._calls_made.pop(name, None)  # its calls/ moved with it
         return archive
 
     # -- manifest ----------------------------------------------------------------

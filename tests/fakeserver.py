@@ -193,6 +193,7 @@ class FakeServer:
                     "object": "chat.completion",
                     "created": 1_700_000_000,
                     "model": body.get("model", server.model),
+                    "system_fingerprint": "fp-fake",
                     "choices": [
                         {
                             "index": 0,
@@ -219,6 +220,7 @@ class FakeServer:
                     "object": "chat.completion.chunk",
                     "created": 1_700_000_000,
                     "model": body.get("model", server.model),
+                    "system_fingerprint": "fp-fake",
                 }
                 words = reply.content.split(" ")
                 pieces = (

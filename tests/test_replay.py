@@ -76,9 +76,11 @@ def test_every_call_is_recorded_with_its_hash_and_no_credentials(fake, invoke, r
         0
     ]
     assert record["response"]["choices"][0]["message"]["content"] == json.dumps(ROLES)
+    assert record["system_fingerprint"] == "fp-fake"
     turn = json.loads(dialogue[1].read_text())
     assert "".join(turn["stream"]["pieces"]) == "reply 3"
     assert turn["usage"] == {"prompt_tokens": 11, "completion_tokens": 7}
+    assert turn["system_fingerprint"] == "fp-fake"
     assert all(r["seed"] == 42 for r in fake.chat_requests())
     for path in run.rglob("*"):
         if path.is_file():

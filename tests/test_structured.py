@@ -235,6 +235,12 @@ def test_auto_falls_back_when_llama_cpp_python_rejects_json_schema_and_remembers
     kinds = [r["response_format"]["type"] for r in llama_cpp_python.chat_requests()]
     assert kinds == ["json_schema", "json_object", "json_object"]  # no second probe
     assert (run / "director" / "previous-1" / "roles.json").exists()
+    # each attempt's calls are numbered from 1, the earlier ones kept with their attempt
+    assert sorted(p.name for p in (run / "director" / "calls").iterdir()) == ["0001.json"]
+    assert sorted(p.name for p in (run / "director" / "previous-1" / "calls").iterdir()) == [
+        "0001.json",
+        "0002.json",
+    ]
 
 
 def test_auto_uses_json_schema_on_lm_studio(lm_studio, invoke):
