@@ -16,9 +16,11 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .config import DEFAULT_KEY_ENV, Endpoint
 from .errors import EndpointError, ReplayError, StructuredOutputError, one_line
@@ -29,6 +31,7 @@ if TYPE_CHECKING:  # the SDK is imported on first use, not at CLI start-up
     from .schemas import Schema
 
 Message = dict[str, str]
+T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MAX_RETRIES = 2
 
@@ -315,11 +318,15 @@ class ModelClient:
     def _send(self, request: dict[str, Any]) -> dict[str, Any]:
         import openai
 
-        try:
-            response = self.sdk.chat.completions.create(**request)
-        except openai.APIError as e:
-            raise self._explain(e) from e
-        return response.model_dump(mode="json", exclude_none=True)
+        def send() -> Iterator[Any]:
+            try:
+                yield self.sdk.chat.completions.create(**request)
+            except openai.APIError as e:
+                raise self._explain(e) from e
+
+        (response,) = off_main_thread(send)
+        dumped: dict[str, Any] = response.model_dump(mode="json", exclude_none=True)
+        return dumped
 
     def _send_streaming(
         self, request: dict[str, Any], on_delta: Callable[[str], None] | None
@@ -328,31 +335,34 @@ class ModelClient:
         system_fingerprint}``, ``pieces`` being the texts in the order they came."""
         import openai
 
+        def chunks() -> Iterator[Any]:
+            try:
+                yield from self.sdk.chat.completions.create(**request)
+            except openai.APIError as e:
+                raise self._explain(e) from e
+
         streamed: dict[str, Any] = {
             "pieces": [], "finish_reason": None, "model": None, "usage": None,
             "system_fingerprint": None,
         }  # fmt: skip
-        try:
-            for chunk in self.sdk.chat.completions.create(**request):
-                streamed["model"] = chunk.model or streamed["model"]
-                streamed["system_fingerprint"] = (
-                    getattr(chunk, "system_fingerprint", None) or streamed["system_fingerprint"]
-                )
-                if chunk.usage is not None:
-                    streamed["usage"] = {
-                        "prompt_tokens": chunk.usage.prompt_tokens,
-                        "completion_tokens": chunk.usage.completion_tokens,
-                    }
-                for choice in chunk.choices:
-                    text = choice.delta.content if choice.delta else None
-                    if text:
-                        streamed["pieces"].append(text)
-                        if on_delta:
-                            on_delta(text)
-                    if choice.finish_reason:
-                        streamed["finish_reason"] = choice.finish_reason
-        except openai.APIError as e:
-            raise self._explain(e) from e
+        for chunk in off_main_thread(chunks):
+            streamed["model"] = chunk.model or streamed["model"]
+            streamed["system_fingerprint"] = (
+                getattr(chunk, "system_fingerprint", None) or streamed["system_fingerprint"]
+            )
+            if chunk.usage is not None:
+                streamed["usage"] = {
+                    "prompt_tokens": chunk.usage.prompt_tokens,
+                    "completion_tokens": chunk.usage.completion_tokens,
+                }
+            for choice in chunk.choices:
+                text = choice.delta.content if choice.delta else None
+                if text:
+                    streamed["pieces"].append(text)
+                    if on_delta:
+                        on_delta(text)
+                if choice.finish_reason:
+                    streamed["finish_reason"] = choice.finish_reason
         return streamed
 
     def _explain(self, e: Exception) -> EndpointError:
@@ -434,6 +444,44 @@ CallSink = Callable[[dict[str, Any]], None]
 _SINK: contextvars.ContextVar[tuple[str, CallSink] | None] = contextvars.ContextVar(
     "pipeline_call_sink", default=None
 )
+
+
+def off_main_thread(produce: Callable[[], Iterator[T]]) -> Iterator[T]:
+    """Yield what ``produce()`` yields; on the main thread, run it on a daemon thread.
+
+    Python raises ``KeyboardInterrupt`` (Ctrl-C; SIGTERM in the CLI) in the main thread
+    between any two bytecodes, including inside the HTTP stack right after it took one of
+    its locks, which then stays held and hangs the clean-up that follows. Waiting here, on
+    a queue, the interruption lands in this function instead; the request is left to the
+    daemon thread, which dies with the process. Off the main thread (a batch's workers),
+    ``produce()`` runs in place.
+
+    Raises:
+        whatever ``produce()`` raises, re-raised on the calling thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield from produce()
+        return
+    items: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+    def work() -> None:
+        try:
+            for item in produce():
+                items.put((True, item))
+        except BaseException as e:  # handed to the caller
+            items.put((False, e))
+        else:
+            items.put((False, None))
+
+    threading.Thread(target=work, name="pipeline-request", daemon=True).start()
+    while True:
+        more, item = items.get()
+        if more:
+            yield item
+        elif item is None:
+            return
+        else:
+            raise item
 
 
 @contextlib.contextmanager

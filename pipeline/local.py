@@ -170,15 +170,17 @@ class LocalServer:
         return lines[-1][:300] if lines else "no output"
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``grace`` seconds) and reap it."""
+        """Stop the server (SIGTERM, then SIGKILL after ``grace`` seconds; SIGKILL at once
+        when ``grace`` is 0) and reap it."""
         process = self.process
         if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(grace)
-            except subprocess.TimeoutExpired:
+            if grace > 0:
+                process.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(grace)
+            if process.poll() is None:
                 process.kill()
-                process.wait()
+            process.wait()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -187,8 +189,11 @@ class LocalServer:
         self.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        # On Ctrl-C a request may still be in flight, and a graceful shutdown would wait
+        # for the model to finish it: nothing on the server is worth that wait.
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.stop(grace=0 if interrupted else 5.0)
 
 
 def serve(host: str, port: int) -> int:

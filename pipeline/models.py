@@ -62,8 +62,8 @@ class Models:
     def __enter__(self) -> Models:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._stack.close()
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stack.__exit__(*exc_info)  # the server stops at once on Ctrl-C
 
     # -- the slots -------------------------------------------------------------------
 

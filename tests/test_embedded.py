@@ -3,6 +3,7 @@ with the real openai client. Few turns and small token limits keep these quick."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -123,7 +124,7 @@ def test_no_orphan_server_when_pipeline_is_stopped(tmp_path, signum):
     runs_dir = tmp_path / "runs"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "generate", "--yes", "--runs-dir", str(runs_dir), TASK],
-        env=offline_env(),
+        env={**offline_env(), "PYTHONFAULTHANDLER": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -144,7 +145,11 @@ def test_no_orphan_server_when_pipeline_is_stopped(tmp_path, signum):
 
         assert wait_until(director_running)
         proc.send_signal(signum)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is
+            pytest.fail(f"pipeline did not stop; its stacks:\n{proc.stderr.read()[-8000:]}")
         rest = proc.stderr.read()
     finally:
         proc.kill()
@@ -161,6 +166,24 @@ def test_no_orphan_server_when_pipeline_is_stopped(tmp_path, signum):
         run = only_run(runs_dir)
         assert f"interrupted; run {run.name} is kept in {run}\n" in rest
         assert (only_run(runs_dir) / "director" / "prompt.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("interrupted", "how"), [(False, -signal.SIGTERM), (True, -signal.SIGKILL)]
+)
+def test_the_server_stops_politely_unless_interrupted(interrupted, how):
+    """After Ctrl-C a request may be in flight; the server is killed rather than left to
+    finish it."""
+
+    class Interrupted(KeyboardInterrupt):
+        pass
+
+    server = LocalServer()
+    with contextlib.suppress(Interrupted), server:
+        if interrupted:
+            raise Interrupted
+    assert server.process is not None
+    assert server.process.returncode == how
 
 
 def test_serve_answers_in_the_foreground_and_stops_on_ctrl_c():

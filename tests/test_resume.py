@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -406,3 +407,65 @@ def test_commands_that_read_runs_take_runs_dir(invoke, runs_dir, command):
     result = invoke(*args)
     assert result.exit_code == (0 if command == "runs" else 1)
     assert str(runs_dir) in result.stderr  # the root it looked in, from --runs-dir
+
+
+def test_ctrl_c_during_a_request_lands_in_the_caller_not_in_the_http_stack():
+    """A request holding a lock (as the HTTP stack does) runs to its end when Ctrl-C comes;
+    the KeyboardInterrupt is raised where the main thread waits for it."""
+    from pipeline.client import off_main_thread
+
+    lock = threading.Lock()
+    inside, gate = threading.Event(), threading.Event()
+    finished: list[str] = []
+
+    def request() -> Iterator[str]:
+        with lock:
+            inside.set()
+            gate.wait(30)
+            finished.append(threading.current_thread().name)
+        yield "answer"
+
+    def ctrl_c() -> None:
+        inside.wait(30)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    threading.Thread(target=ctrl_c).start()
+    with pytest.raises(KeyboardInterrupt):
+        list(off_main_thread(request))
+    assert lock.locked() and finished == []  # the request is still running, untouched
+    gate.set()
+    assert lock.acquire(timeout=30)
+    assert finished == ["pipeline-request"]
+
+
+@pytest.mark.parametrize("on_main_thread", [True, False])
+def test_requests_give_back_their_items_and_errors_on_any_thread(on_main_thread):
+    from pipeline.client import off_main_thread
+    from pipeline.errors import EndpointError
+
+    failure = EndpointError("the server said no")
+    seen: dict[str, Any] = {}
+
+    def request() -> Iterator[str]:
+        seen["thread"] = threading.current_thread()
+        yield from ("a", "b")
+        raise failure
+
+    def call() -> None:
+        items: list[str] = []
+        try:
+            items.extend(off_main_thread(request))
+        except EndpointError as e:
+            seen["error"] = e
+        seen["items"] = items
+        seen["caller"] = threading.current_thread()
+
+    if on_main_thread:
+        call()
+    else:
+        worker = threading.Thread(target=call)
+        worker.start()
+        worker.join(30)
+    assert seen["items"] == ["a", "b"]
+    assert seen["error"] is failure
+    assert (seen["thread"] is seen["caller"]) is not on_main_thread
