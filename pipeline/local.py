@@ -9,9 +9,17 @@ child is also asked to receive SIGTERM if the parent dies (``PR_SET_PDEATHSIG``)
 so even a killed ``pipeline`` leaves no orphan server behind.
 
 Settings (see :func:`server_command`): every core for generation and prompt
-processing, and llama-cpp-python's state cache, without which each dialogue turn
-re-reads the whole conversation (measured on a 2-core machine: turn time grew
-from 3.4 s to 11.2 s over six turns without the cache, and stayed flat with it).
+processing. A llama.cpp context keeps the tokens it last evaluated and re-evaluates only
+what follows the longest common prefix, so a conversation whose prompt only ever grows
+costs one new message per turn. Two roles alternating on one server break that (each
+role's prompt starts with its own system prompt), so :class:`~pipeline.models.Models`
+gives each role a server of its own. llama-cpp-python's state cache is the alternative
+for servers shared by interleaved conversations (``pipeline serve``, a batch run with
+``-j`` above 1); it saves and restores the context around every request, which costs
+more per turn as the conversation grows. Measured on a 2-core machine with
+``bench/run.py``'s 12-turn dialogue: one shared server with the state cache took 32.8 s
+(seconds per token at turn 12 2.1x turn 2); a server per role without it, 22.7 s (1.2x
+to 1.4x, the rest being attention over the longer context).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import IO
@@ -69,8 +78,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def server_command(host: str, port: int, model: Path | None = None) -> list[str]:
-    """The command line that serves the embedded model on ``host:port``."""
+def server_command(
+    host: str, port: int, model: Path | None = None, *, state_cache: bool = False
+) -> list[str]:
+    """The command line that serves the embedded model on ``host:port``; ``state_cache``
+    turns on llama-cpp-python's RAM state cache (for servers shared by conversations)."""
     threads = str(os.cpu_count() or 1)
     return [
         sys.executable, "-m", "llama_cpp.server",
@@ -81,7 +93,7 @@ def server_command(host: str, port: int, model: Path | None = None) -> list[str]
         "--n_ctx", str(CONTEXT_TOKENS),
         "--n_threads", threads,
         "--n_threads_batch", threads,
-        "--cache", "true",
+        "--cache", "true" if state_cache else "false",
         "--verbose", "false",
     ]  # fmt: skip
 
@@ -100,16 +112,26 @@ class LocalServer:
         pid: the child's process id, once started.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int | None = None, *, state_cache: bool = False
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.base_url = f"http://{host}:{self.port}/v1"
+        self.state_cache = state_cache
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._timeout = self._deadline = 0.0
+        self._ready = False
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
+
+    @property
+    def ready(self) -> bool:
+        """True once the server has answered."""
+        return self._ready
 
     def endpoint(self, structured_output: str = "auto") -> Endpoint:
         """The :class:`~pipeline.config.Endpoint` for this server."""
@@ -121,14 +143,29 @@ class LocalServer:
             embedded=True,
         )
 
-    def start(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Start the server and wait until ``/v1/models`` answers.
+    def start(
+        self, timeout: float = START_TIMEOUT_S, while_loading: Callable[[], None] | None = None
+    ) -> None:
+        """Start the server and wait until ``/v1/models`` answers, calling ``while_loading``
+        (if given) in between, while the server loads the model.
 
         Raises:
             ConfigError: the ``local`` extra is missing.
             LocalServerError: the server exited or did not answer within ``timeout`` seconds.
         """
-        command = server_command(self.host, self.port)
+        self.launch(timeout)
+        if while_loading is not None:
+            while_loading()
+        self.wait_ready()
+
+    def launch(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Start the server process and return at once; :meth:`wait_ready` waits for it,
+        up to ``timeout`` seconds from now.
+
+        Raises:
+            ConfigError: the ``local`` extra is missing.
+        """
+        command = server_command(self.host, self.port, state_cache=self.state_cache)
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             command,
@@ -138,8 +175,18 @@ class LocalServer:
             start_new_session=True,  # Ctrl-C reaches pipeline, which stops the server in order
             preexec_fn=_die_with_parent,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+
+    def wait_ready(self) -> None:
+        """Wait until the launched server answers ``/v1/models`` (at once when it already
+        did).
+
+        Raises:
+            LocalServerError: the server exited, or did not answer by the launch's deadline.
+        """
+        assert self.process is not None, "launch() first"
+        while not self._ready and time.monotonic() < self._deadline:
             if self.process.poll() is not None:
                 tail = self._log_tail()
                 self.stop()
@@ -147,13 +194,15 @@ class LocalServer:
                     f"the embedded model server exited during start-up "
                     f"(code {self.process.returncode}): {tail}"
                 )
-            if self._answers():
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise LocalServerError(
-            f"the embedded model server did not answer on {self.base_url} within {timeout:.0f} s"
-        )
+            self._ready = self._answers()
+            if not self._ready:
+                time.sleep(0.1)
+        if not self._ready:
+            self.stop()
+            raise LocalServerError(
+                f"the embedded model server did not answer on {self.base_url} "
+                f"within {self._timeout:.0f} s"
+            )
 
     def _answers(self) -> bool:
         try:
@@ -199,7 +248,9 @@ class LocalServer:
 def serve(host: str, port: int) -> int:
     """Run the embedded server in the foreground until it exits or Ctrl-C; return its exit
     code. Its log goes to this process's terminal."""
-    process = subprocess.Popen(server_command(host, port), preexec_fn=_die_with_parent)
+    process = subprocess.Popen(
+        server_command(host, port, state_cache=True), preexec_fn=_die_with_parent
+    )
     try:
         return process.wait()
     except KeyboardInterrupt:

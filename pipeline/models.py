@@ -3,8 +3,11 @@
 Each is resolved in the order of :mod:`pipeline.config`: command-line flags (one
 endpoint for everything), then the config file's assignments, then the environment,
 then, for an existing run, the endpoint that ran its director, then the embedded model.
-The embedded server is started the first time a client needs it, once, and stopped
-when the :class:`Models` context closes. Clients are shared per endpoint.
+Slots on the embedded model get a server each (each role, the moderator; the director and
+the judge share the first role's), so that every conversation a server holds only grows
+and is never re-read (see :mod:`pipeline.local`). A server is started the first time a
+client needs it and stopped when the :class:`Models` context closes. Clients are shared
+per endpoint.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, ModelClient
 from .config import Config, Endpoint, resolve_endpoint
-from .local import LocalServer, model_path
+
+if TYPE_CHECKING:
+    from .local import LocalServer
 
 _UNSET = object()
+Slot = int | str  # which embedded server: a role's index, or "moderator"
 
 
 class Models:
@@ -32,7 +38,10 @@ class Models:
         structured_output: the ``--structured-output`` choice for endpoints that do not
             set their own (flags, environment, embedded).
         timeout, max_retries: passed to every :class:`~pipeline.client.ModelClient`.
-        on_server_start: called once the embedded server answers.
+        on_server_start: called when an embedded server starts answering.
+        shared_embedded: one embedded server, with llama-cpp-python's state cache, for
+            every slot (for interleaved conversations: a batch with ``-j`` above 1), instead
+            of one per role plus one for the moderator; the director and judge use role 1's.
     """
 
     def __init__(
@@ -45,6 +54,7 @@ class Models:
         timeout: float = DEFAULT_TIMEOUT_S,
         max_retries: int = DEFAULT_MAX_RETRIES,
         on_server_start: Callable[[LocalServer], None] | None = None,
+        shared_embedded: bool = False,
     ) -> None:
         self.flags = flags
         self.config = config
@@ -54,7 +64,8 @@ class Models:
         self.max_retries = max_retries
         self.on_server_start = on_server_start
         self._stack = contextlib.ExitStack()
-        self._server: LocalServer | None = None
+        self.shared_embedded = shared_embedded
+        self._servers: dict[Slot, LocalServer] = {}
         self._clients: dict[tuple[str, str], ModelClient] = {}
         self._fallback: Any = _UNSET
         self._lock = threading.RLock()  # a batch asks for clients from several threads
@@ -74,7 +85,8 @@ class Models:
     def moderator(self) -> ModelClient:
         """The moderator's client (the director's unless the config assigns one)."""
         return self._client(
-            self._assigned(lambda c: c.assign.get("moderator") or c.name_for("director"))
+            self._assigned(lambda c: c.assign.get("moderator") or c.name_for("director")),
+            "moderator",
         )
 
     def judge(self) -> ModelClient:
@@ -84,11 +96,17 @@ class Models:
         )
 
     def roles(self, roles_doc: dict[str, Any]) -> list[ModelClient]:
-        """One client per role of ``roles_doc``, in order."""
-        return [
-            self._client(self._assigned(_role_picker(i, role["name"])))
+        """One client per role of ``roles_doc``, in order. Roles on the embedded model get
+        a server each (see :mod:`pipeline.local`), all loading at once."""
+        endpoints = [
+            self._assigned(_role_picker(i, role["name"]))
             for i, role in enumerate(roles_doc["roles"])
         ]
+        with self._lock:
+            for i, endpoint in enumerate(endpoints):
+                if endpoint is None:
+                    self._launch(i)
+            return [self._client(endpoint, i) for i, endpoint in enumerate(endpoints)]
 
     # -- resolution ------------------------------------------------------------------
 
@@ -122,10 +140,10 @@ class Models:
         chosen: Endpoint | None = self._fallback
         return chosen
 
-    def _client(self, endpoint: Endpoint | None) -> ModelClient:
+    def _client(self, endpoint: Endpoint | None, slot: Slot = 0) -> ModelClient:
         with self._lock:
             if endpoint is None:
-                endpoint = self._embedded()
+                endpoint = self._embedded(slot)
             key = (endpoint.base_url, endpoint.model)
             if key not in self._clients:
                 self._clients[key] = ModelClient(
@@ -133,13 +151,31 @@ class Models:
                 )
             return self._clients[key]
 
-    def _embedded(self) -> Endpoint:
-        if self._server is None:
+    def _launch(self, slot: Slot) -> LocalServer:
+        """The embedded server of ``slot``, launched if it was not (without waiting)."""
+        from .local import LocalServer, model_path
+
+        slot = 0 if self.shared_embedded else slot
+        if slot not in self._servers:
             model_path()  # a clear error when the local extra is missing
-            self._server = self._stack.enter_context(LocalServer())
+            server = LocalServer(state_cache=self.shared_embedded)
+            self._stack.push(server)  # stopped with this context, even if Ctrl-C cuts start-up
+            server.launch()
+            self._servers[slot] = server
+        return self._servers[slot]
+
+    def _embedded(self, slot: Slot) -> Endpoint:
+        server = self._launch(slot)
+        if not server.ready:
+            _import_sdk()  # the SDK's 0.4 s import overlaps with the model loading
+            server.wait_ready()
             if self.on_server_start:
-                self.on_server_start(self._server)
-        return self._server.endpoint(self.structured_output)
+                self.on_server_start(server)
+        return server.endpoint(self.structured_output)
+
+
+def _import_sdk() -> None:
+    import openai  # noqa: F401
 
 
 def _role_picker(index: int, name: str) -> Callable[[Config], str | None]:

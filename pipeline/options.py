@@ -80,10 +80,13 @@ class EndpointFlags:
         self.max_retries: int = values["max_retries"]
         self.config: Path | None = values["config"]
 
-    def models(self, run: Run | None = None, *, min_retries: int = 0) -> Models:
+    def models(
+        self, run: Run | None = None, *, min_retries: int = 0, shared_embedded: bool = False
+    ) -> Models:
         """The director's, the moderator's and the roles' clients (see pipeline.models);
         flags beat the config file, which beats the environment, then the endpoint that ran
-        ``run``'s director, then the embedded model."""
+        ``run``'s director, then the embedded model (one server for all slots when
+        ``shared_embedded``)."""
         from .config import load_config, resolve_endpoint
         from .models import Models
 
@@ -106,6 +109,7 @@ class EndpointFlags:
             timeout=self.timeout,
             max_retries=max(self.max_retries, min_retries),
             on_server_start=announce_server,
+            shared_embedded=shared_embedded,
         )
 
 

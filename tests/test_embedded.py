@@ -11,8 +11,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,9 +116,13 @@ def test_generate_runs_offline_end_to_end(tmp_path):
     assert [manifest["stages"][s]["status"] for s in ("director", "dialogue")] == ["done", "done"]
     assert manifest["stages"]["director"]["endpoint"]["embedded"] is True
 
-    match = SERVER_LINE.search(proc.stderr)
-    assert match, proc.stderr
-    assert not alive(int(match.group(2)))  # stopped on a normal exit
+    # a server per role, so each holds one conversation that only grows; the director's
+    # is the first role's
+    servers = dict(SERVER_LINE.findall(proc.stderr))
+    role_urls = [e["base_url"] for e in manifest["stages"]["dialogue"]["role_endpoints"]]
+    assert sorted(role_urls) == sorted(servers) and len(set(role_urls)) == 2
+    assert manifest["stages"]["director"]["endpoint"]["base_url"] == role_urls[0]
+    assert not any(alive(int(pid)) for pid in servers.values())  # stopped on a normal exit
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
@@ -184,6 +190,38 @@ def test_the_server_stops_politely_unless_interrupted(interrupted, how):
             raise Interrupted
     assert server.process is not None
     assert server.process.returncode == how
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_embedded_servers_per_role_or_one_shared_with_a_state_cache(shared, monkeypatch):
+    from pipeline import local
+    from pipeline.models import Models
+
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PIPELINE_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    commands: list[list[str]] = []
+    real_command = local.server_command
+
+    def server_command(*args: Any, **kwargs: Any) -> list[str]:
+        commands.append(real_command(*args, **kwargs))
+        return commands[-1]
+
+    monkeypatch.setattr(local, "server_command", server_command)
+    roles_doc = {"roles": [{"name": "A"}, {"name": "B"}, {"name": "C"}]}
+    with Models(shared_embedded=shared) as models:
+        urls = [c.endpoint.base_url for c in models.roles(roles_doc)]
+        director, moderator = models.director().endpoint, models.moderator().endpoint
+        assert director.embedded and director.base_url == urls[0]
+        for url in {*urls, moderator.base_url}:  # every one answers
+            with urllib.request.urlopen(f"{url}/models", timeout=10) as response:
+                assert json.load(response)["data"][0]["id"] == MODEL_NAME
+    caches = [c[c.index("--cache") + 1] for c in commands]
+    if shared:
+        assert len(set(urls)) == 1 and moderator.base_url == urls[0]
+        assert caches == ["true"]
+    else:
+        assert len({*urls, moderator.base_url}) == 4
+        assert caches == ["false"] * 4
 
 
 def test_serve_answers_in_the_foreground_and_stops_on_ctrl_c():
