@@ -123,11 +123,16 @@ def render_markdown(task: str, roles_doc: dict[str, Any], lines: Sequence[dict[s
 def dialogue_inputs(
     roles_doc: dict[str, Any], clients: Sequence[ModelClient], params: DialogueParameters
 ) -> dict[str, Any]:
-    """What the dialogue stage depends on; its sha256 is the stage's input hash."""
+    """What the dialogue stage depends on; its sha256 is the stage's input hash. The
+    embedded model counts as one endpoint, whatever local port it was served on."""
     return {
         "roles_sha256": sha256_of(roles_doc),
         "endpoints": [
-            {"base_url": c.endpoint.base_url, "model": c.endpoint.model} for c in clients
+            {
+                "base_url": "embedded" if c.endpoint.embedded else c.endpoint.base_url,
+                "model": c.endpoint.model,
+            }
+            for c in clients
         ],
         "parameters": asdict(params),
     }

@@ -41,7 +41,7 @@ class Models:
         on_server_start: called when an embedded server starts answering.
         shared_embedded: one embedded server, with llama-cpp-python's state cache, for
             every slot (for interleaved conversations: a batch with ``-j`` above 1), instead
-            of one per role plus one for the moderator; the director and judge use role 1's.
+            of one per role plus one for the moderator.
     """
 
     def __init__(

@@ -257,6 +257,23 @@ def test_converse_does_not_redo_a_dialogue_done_with_the_same_inputs(fake, invok
     assert len(read_jsonl(run / "dialogue" / "previous-1" / "transcript.jsonl")) == 3
 
 
+def test_the_embedded_model_is_one_input_whatever_port_it_was_served_on():
+    from pipeline.client import ModelClient
+    from pipeline.config import Endpoint
+    from pipeline.dialogue import DialogueParameters, dialogue_inputs
+
+    def inputs(*urls: str, embedded: bool) -> dict[str, Any]:
+        clients = [ModelClient(Endpoint(url, "m", None, embedded=embedded)) for url in urls]
+        return dialogue_inputs(ROLES, clients, DialogueParameters())
+
+    first = inputs("http://127.0.0.1:40001/v1", "http://127.0.0.1:40002/v1", embedded=True)
+    again = inputs("http://127.0.0.1:50001/v1", "http://127.0.0.1:50002/v1", embedded=True)
+    assert first == again
+    served = inputs("http://127.0.0.1:40001/v1", "http://127.0.0.1:40002/v1", embedded=False)
+    moved = inputs("http://127.0.0.1:50001/v1", "http://127.0.0.1:50002/v1", embedded=False)
+    assert served != moved  # another server is another input
+
+
 EDITOR = textwrap.dedent(
     """
     import json, os, sys
