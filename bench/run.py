@@ -9,8 +9,8 @@ each a ratio measured side by side in this one run, with its target.
   startup      `pipeline --help` over `python -c "import click"` (medians of 15 runs)
   batch        a batch of 20 tasks with -j 1 over the same batch with -j 8 (fake server)
   scaling      embedded model, as the pipeline runs it (a server per role): seconds per
-               generated token at turn 12 over turn 2; and the same on one shared server
-               with llama-cpp-python's state cache, for comparison
+               generated token at turn 12 over turn 2; and, for comparison, the same on
+               one shared server with llama-cpp-python's state cache and on llama-server
   engine       embedded servers over llama.cpp's llama-server (one per role too) on the
                same 6-turn dialogue; skipped, with a note, when neither $LLAMA_SERVER nor
                llama-server on PATH names one
@@ -205,25 +205,46 @@ def _scaling(timings: list[list[tuple[float, int]]]) -> tuple[float, float, floa
 
 def bench_scaling() -> list[dict[str, Any]]:
     """Turn 12 against turn 2, best of two fresh 12-turn dialogues, as the pipeline runs
-    them; then, for comparison, on one server with the state cache."""
+    them; then, for comparison, on one server with the state cache, and on llama.cpp's
+    llama-server (one per role) when there is one."""
+    from pipeline.client import ModelClient
+    from pipeline.config import Endpoint
+    from pipeline.local import MODEL_NAME
+
+    def on_llama_server() -> list[tuple[float, int]]:
+        with _LlamaServers(str(_llama_server()), 2) as urls:
+            clients = [ModelClient(Endpoint(url, MODEL_NAME, None)) for url in urls]
+            return _dialogue_timings(clients, 12, max_tokens=120)
+
+    setups: list[tuple[str, Callable[[], list[tuple[float, int]]], int]] = [
+        ("a server per role", lambda: _embedded_dialogue(12), 2),
+        ("one shared server + state cache", lambda: _embedded_dialogue(12, shared=True), 1),
+    ]
+    if _llama_server():
+        setups.append(("llama-server per role", on_llama_server, 1))
     rows = []
-    for shared, repeats in ((False, 2), (True, 1)):
+    for setup, dialogue, repeats in setups:
         started = time.perf_counter()
-        timings = [_embedded_dialogue(12, shared) for _ in range(repeats)]
+        timings = [dialogue() for _ in range(repeats)]
         wall = (time.perf_counter() - started) / repeats
         first, last, ratio = _scaling(timings)
-        setup = "one shared server + state cache" if shared else "a server per role"
+        product = setup == "a server per role"
         rows.append(
             {
                 "figure": f"scaling: s/token at turn 12 / turn 2 ({setup})",
                 "value": ratio,
-                "target": "(compare)" if shared else "<= 1.2",
-                "ok": None if shared else ratio <= 1.2,
+                "target": "<= 1.2" if product else "(compare)",
+                "ok": ratio <= 1.2 if product else None,
                 "detail": f"{first * 1000:.1f} ms vs {last * 1000:.1f} ms per token; "
                 f"{wall:.1f} s per dialogue",
             }
         )
     return rows
+
+
+def _llama_server() -> str | None:
+    """llama.cpp's server binary: ``$LLAMA_SERVER``, else ``llama-server`` on PATH."""
+    return os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
 
 
 class _LlamaServers:
@@ -273,7 +294,7 @@ def bench_engine() -> dict[str, Any]:
     from pipeline.config import Endpoint
     from pipeline.local import MODEL_NAME
 
-    binary = os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+    binary = _llama_server()
     if binary is None:
         return {
             "figure": "engine: embedded / llama-server",
@@ -308,6 +329,19 @@ def machine() -> str:
         f"{platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu}), "
         f"Python {platform.python_version()}"
     )
+
+
+def engines() -> str:
+    """The engines compared: llama-cpp-python's version, and llama-server's if any."""
+    from importlib.metadata import version
+
+    found = f"Embedded engine: llama-cpp-python {version('llama-cpp-python')}"
+    binary = _llama_server()
+    if binary:
+        printed = subprocess.run([binary, "--version"], capture_output=True, text=True)
+        first = (printed.stdout + printed.stderr).strip().splitlines()[:1]
+        found += f"; llama.cpp's llama-server: {first[0] if first else binary}"
+    return found
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -350,8 +384,8 @@ def main() -> None:
     print(text)
     if args.markdown:
         args.markdown.write_text(
-            f"# Benchmark results\n\nMachine: {machine()}\n\nCommand: `python bench/run.py`\n\n"
-            f"{text}\n"
+            f"# Benchmark results\n\nMachine: {machine()}\n\n{engines()}\n\n"
+            f"Command: `python bench/run.py`\n\n{text}\n"
         )
 
 

@@ -9,17 +9,24 @@ child is also asked to receive SIGTERM if the parent dies (``PR_SET_PDEATHSIG``)
 so even a killed ``pipeline`` leaves no orphan server behind.
 
 Settings (see :func:`server_command`): every core for generation and prompt
-processing. A llama.cpp context keeps the tokens it last evaluated and re-evaluates only
-what follows the longest common prefix, so a conversation whose prompt only ever grows
-costs one new message per turn. Two roles alternating on one server break that (each
-role's prompt starts with its own system prompt), so :class:`~pipeline.models.Models`
-gives each role a server of its own. llama-cpp-python's state cache is the alternative
-for servers shared by interleaved conversations (``pipeline serve``, a batch run with
-``-j`` above 1); it saves and restores the context around every request, which costs
-more per turn as the conversation grows. Measured on a 2-core machine with
-``bench/run.py``'s 12-turn dialogue: one shared server with the state cache took 32.8 s
-(seconds per token at turn 12 2.1x turn 2); a server per role without it, 22.7 s (1.2x
-to 1.4x, the rest being attention over the longer context).
+processing, and flash attention (on the 6-turn dialogue of ``bench/run.py``, 2 cores:
+12.7 -> 10.5 ms per generated token, 3.3 -> 2.9 s of waiting for first tokens).
+
+A llama.cpp context keeps the tokens it last evaluated and re-evaluates only what follows
+the longest common prefix, so a conversation whose prompt only ever grows costs one new
+message per turn. Two roles alternating on one server break that (each role's prompt
+starts with its own system prompt), so :class:`~pipeline.models.Models` gives each role
+a server of its own. llama-cpp-python's state cache is the alternative for servers shared
+by interleaved conversations (``pipeline serve``, a batch run with ``-j`` above 1); it
+saves and restores the context around every request, which costs more per turn as the
+conversation grows. On ``bench/run.py``'s 12-turn dialogue, 2 cores: one shared server
+with the state cache took 32.8 s (seconds per token at turn 12 2.1x turn 2); a server per
+role without it, 22.7 s (1.2x to 1.4x, the rest being attention over a longer context).
+
+Settings that did not help here: one thread for generation (contention with the
+server's Python loop is smaller, but 14.6 ms per token), a larger ``n_batch`` (no
+change), an 8-bit KV cache (slower), ``OMP_WAIT_POLICY`` either way (PASSIVE doubled the
+time per token; ACTIVE keeps idle servers spinning on every core).
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ def server_command(
         "--n_ctx", str(CONTEXT_TOKENS),
         "--n_threads", threads,
         "--n_threads_batch", threads,
+        "--flash_attn", "true",
         "--cache", "true" if state_cache else "false",
         "--verbose", "false",
     ]  # fmt: skip
