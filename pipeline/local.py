@@ -43,7 +43,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import IO
@@ -151,19 +150,15 @@ class LocalServer:
             embedded=True,
         )
 
-    def start(
-        self, timeout: float = START_TIMEOUT_S, while_loading: Callable[[], None] | None = None
-    ) -> None:
-        """Start the server and wait until ``/v1/models`` answers, calling ``while_loading``
-        (if given) in between, while the server loads the model.
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Start the server and wait until ``/v1/models`` answers (:meth:`launch`, then
+        :meth:`wait_ready`).
 
         Raises:
             ConfigError: the ``local`` extra is missing.
             LocalServerError: the server exited or did not answer within ``timeout`` seconds.
         """
         self.launch(timeout)
-        if while_loading is not None:
-            while_loading()
         self.wait_ready()
 
     def launch(self, timeout: float = START_TIMEOUT_S) -> None:
