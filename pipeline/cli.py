@@ -138,6 +138,7 @@ def generate(
                     )
                     click.echo(next_command)
                     return
+                models.prepare(roles)  # the embedded servers load while the user reads
                 if not _review(run, roles):
                     click.echo(f"\nnot run; to run the dialogue later: {next_command}")
                     return

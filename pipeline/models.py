@@ -98,6 +98,14 @@ class Models:
     def roles(self, roles_doc: dict[str, Any]) -> list[ModelClient]:
         """One client per role of ``roles_doc``, in order. Roles on the embedded model get
         a server each (see :mod:`pipeline.local`), all loading at once."""
+        with self._lock:
+            endpoints = self.prepare(roles_doc)
+            return [self._client(endpoint, i) for i, endpoint in enumerate(endpoints)]
+
+    def prepare(self, roles_doc: dict[str, Any]) -> list[Endpoint | None]:
+        """Start loading the embedded servers that :meth:`roles` will need, without waiting
+        (say, while the user reviews the roles); return each role's endpoint, None for the
+        embedded model."""
         endpoints = [
             self._assigned(_role_picker(i, role["name"]))
             for i, role in enumerate(roles_doc["roles"])
@@ -106,7 +114,7 @@ class Models:
             for i, endpoint in enumerate(endpoints):
                 if endpoint is None:
                     self._launch(i)
-            return [self._client(endpoint, i) for i, endpoint in enumerate(endpoints)]
+        return endpoints
 
     # -- resolution ------------------------------------------------------------------
 

@@ -209,6 +209,8 @@ def test_embedded_servers_per_role_or_one_shared_with_a_state_cache(shared, monk
     monkeypatch.setattr(local, "server_command", server_command)
     roles_doc = {"roles": [{"name": "A"}, {"name": "B"}, {"name": "C"}]}
     with Models(shared_embedded=shared) as models:
+        assert models.prepare(roles_doc) == [None, None, None]  # launched, not waited for
+        assert len(commands) == (1 if shared else 3)
         urls = [c.endpoint.base_url for c in models.roles(roles_doc)]
         director, moderator = models.director().endpoint, models.moderator().endpoint
         assert director.embedded and director.base_url == urls[0]
