@@ -229,7 +229,7 @@ class _Floor:
 
     def _ask(self, turn: int, lines: Sequence[dict[str, Any]], candidates: list[str]) -> Any:
         assert self.moderator is not None
-        from .structured import dialect_plan
+        from .structured import plan_in_run, remember_in_run
 
         document = schemas.load(NEXT_SPEAKER)
         document = {**document, "properties": {**document["properties"]}}
@@ -248,16 +248,12 @@ class _Floor:
             schemas.Schema(NEXT_SPEAKER, document),
             max_tokens=200,
             temperature=0.2,
-            dialects=dialect_plan(
-                endpoint.structured_output,
-                base_url=endpoint.base_url,
-                embedded=endpoint.embedded,
-                remembered=self.run.manifest.get("dialects", {}).get(endpoint.base_url),
-            ),
+            dialects=plan_in_run(endpoint, self.run.manifest),
             repair_attempts=1,
             recorder=self.run.attempts(STAGE, prefix=f"moderator/turn-{turn}."),
             seed=self.params.seed,
         )
+        remember_in_run(endpoint, self.run.manifest, result.dialect)
         for key in self.usage:
             self.usage[key] += result.usage.get(key, 0)
         return result.value

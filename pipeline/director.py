@@ -89,13 +89,7 @@ def run_director(
         EndpointError: the endpoint failed.
     """
     endpoint = client.endpoint
-    remembered = run.manifest.get("dialects", {}).get(endpoint.base_url)
-    dialects = dialects or structured.dialect_plan(
-        endpoint.structured_output,
-        base_url=endpoint.base_url,
-        embedded=endpoint.embedded,
-        remembered=remembered,
-    )
+    dialects = dialects or structured.plan_in_run(endpoint, run.manifest)
     inputs = {
         "task": run.task,
         "template_sha256": file_sha256(templates.template_path(TEMPLATE)),
@@ -136,7 +130,7 @@ def run_director(
         run.write_json(REQUEST, result.request)
         run.write_json(RESPONSE, result.response)
         run.write_json(ROLES, result.value)
-    run.manifest.setdefault("dialects", {})[endpoint.base_url] = result.dialect
+    structured.remember_in_run(endpoint, run.manifest, result.dialect)
     entry["structured_output"] = result.dialect
     entry["lint"] = lint_roles(result.value)
     run.finish_stage(STAGE, usage=result.usage)

@@ -80,12 +80,7 @@ def run_judge(run: Run, client: ModelClient, params: JudgeParameters) -> dict[st
         "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
         "parameters": asdict(params),
     }
-    dialects = structured.dialect_plan(
-        endpoint.structured_output,
-        base_url=endpoint.base_url,
-        embedded=endpoint.embedded,
-        remembered=run.manifest.get("dialects", {}).get(endpoint.base_url),
-    )
+    dialects = structured.plan_in_run(endpoint, run.manifest)
     run.archive_stage(STAGE)
     with (
         run.stage_running(
@@ -107,7 +102,7 @@ def run_judge(run: Run, client: ModelClient, params: JudgeParameters) -> dict[st
             seed=params.seed,
         )
         run.write_json(VERDICT, result.value)
-    run.manifest.setdefault("dialects", {})[endpoint.base_url] = result.dialect
+    structured.remember_in_run(endpoint, run.manifest, result.dialect)
     run.finish_stage(STAGE, usage=result.usage, structured_output=result.dialect)
     verdict: dict[str, Any] = result.value
     return verdict

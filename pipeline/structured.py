@@ -24,13 +24,16 @@ from __future__ import annotations
 import copy
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from . import templates
 from .choices import STRUCTURED_OUTPUT_CHOICES
 from .errors import StructuredOutputError, one_line
 from .schemas import Schema
+
+if TYPE_CHECKING:
+    from .config import Endpoint
 
 AUTO, *_dialects = STRUCTURED_OUTPUT_CHOICES
 DIALECTS = tuple(_dialects)  # json_schema, json_object, prompt: the order auto tries them
@@ -71,6 +74,24 @@ def dialect_plan(
         return ["json_object"]
     known = _KNOWN_HOSTS.get(urlparse(base_url).hostname or "")
     return [known] if known else list(DIALECTS)
+
+
+def plan_in_run(endpoint: Endpoint, manifest: dict[str, Any]) -> list[str]:
+    """:func:`dialect_plan` for ``endpoint`` within a run whose manifest is ``manifest``:
+    the dialect that already worked for the endpoint there (see :func:`remember_in_run`)
+    comes first."""
+    return dialect_plan(
+        endpoint.structured_output,
+        base_url=endpoint.base_url,
+        embedded=endpoint.embedded,
+        remembered=manifest.get("dialects", {}).get(endpoint.base_url),
+    )
+
+
+def remember_in_run(endpoint: Endpoint, manifest: dict[str, Any], dialect: str) -> None:
+    """Record in ``manifest`` (under ``dialects``, by base URL) that ``dialect`` worked for
+    ``endpoint``, so that the rest of the run asks in it at once."""
+    manifest.setdefault("dialects", {})[endpoint.base_url] = dialect
 
 
 def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:

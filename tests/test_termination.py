@@ -16,7 +16,7 @@ from pipeline.lint import lint_roles
 from pipeline.termination import TokenFilter, detect_loop, is_pleasantry, strip_token
 
 from .conftest import ROLES, only_run, read_jsonl
-from .fakeserver import Action, FakeServer, Reply
+from .fakeserver import LLAMA_CPP_PYTHON, Action, FakeServer, Reply
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "000_fbe6a6fd1cc72c24.txt"
 
@@ -334,6 +334,37 @@ def test_an_invalid_moderator_pick_is_repaired_then_falls_back_to_round_robin(in
     assert stage(runs_dir)["moderator_fallbacks"] == 2
     for line in lines:
         assert schemas.errors(line, schemas.TRANSCRIPT_LINE) == []
+
+
+def test_a_moderator_on_its_own_endpoint_finds_its_dialect_once(
+    invoke, runs_dir, tmp_path, monkeypatch
+):
+    def pick_last(body: dict[str, Any]) -> Action:
+        response_format = body["response_format"]
+        schema = response_format.get("schema") or response_format["json_schema"]["schema"]
+        allowed = schema["properties"]["next_speaker"]["enum"]
+        return Reply(json.dumps({"next_speaker": allowed[-1], "reason": "r"}))
+
+    with (
+        FakeServer(three_roles()) as main,
+        FakeServer(pick_last, rejects=LLAMA_CPP_PYTHON) as moderator,  # no json_schema there
+    ):
+        (tmp_path / "pipeline.toml").write_text(
+            f'[endpoints.main]\nbase_url = "{main.base_url}"\nmodel = "m"\n'
+            f'[endpoints.moderator]\nbase_url = "{moderator.base_url}"\nmodel = "m"\n'
+            '[assign]\ndefault = "main"\nmoderator = "moderator"\n'
+        )
+        monkeypatch.chdir(tmp_path)
+        result = invoke("generate", "--yes", "--roles", "3", "--floor", "moderator",
+                        "--turns", "4", "x")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        asked = [r["response_format"]["type"] for r in moderator.chat_requests()]
+    # turns 2, 3 and 4 are moderated; json_schema is refused once (a 500, which the SDK
+    # retries twice), then json_object is remembered
+    assert asked == ["json_schema"] * 3 + ["json_object"] * 3
+    manifest = json.loads((only_run(runs_dir) / "run.json").read_text())
+    assert manifest["dialects"][moderator.base_url] == "json_object"
+    assert stage(runs_dir)["moderator_fallbacks"] == 0
 
 
 @pytest.mark.parametrize(
