@@ -195,6 +195,17 @@ def _embedded_dialogue(turns: int, shared: bool = False) -> list[tuple[float, in
         return _dialogue_timings(models.roles(ROLES), turns, max_tokens=120)
 
 
+def _llama_server_dialogue(binary: str, turns: int) -> list[tuple[float, int]]:
+    """The same dialogue on llama.cpp's llama-server, one per role."""
+    from pipeline.client import ModelClient
+    from pipeline.config import Endpoint
+    from pipeline.local import MODEL_NAME
+
+    with _LlamaServers(binary, 2) as urls:
+        clients = [ModelClient(Endpoint(url, MODEL_NAME, None)) for url in urls]
+        return _dialogue_timings(clients, turns, max_tokens=120)
+
+
 def _scaling(timings: list[list[tuple[float, int]]]) -> tuple[float, float, float]:
     """Seconds per token at the first and last generated turn (best of the runs given)
     and their ratio."""
@@ -207,21 +218,13 @@ def bench_scaling() -> list[dict[str, Any]]:
     """Turn 12 against turn 2, best of two fresh 12-turn dialogues, as the pipeline runs
     them; then, for comparison, on one server with the state cache, and on llama.cpp's
     llama-server (one per role) when there is one."""
-    from pipeline.client import ModelClient
-    from pipeline.config import Endpoint
-    from pipeline.local import MODEL_NAME
-
-    def on_llama_server() -> list[tuple[float, int]]:
-        with _LlamaServers(str(_llama_server()), 2) as urls:
-            clients = [ModelClient(Endpoint(url, MODEL_NAME, None)) for url in urls]
-            return _dialogue_timings(clients, 12, max_tokens=120)
-
     setups: list[tuple[str, Callable[[], list[tuple[float, int]]], int]] = [
         ("a server per role", lambda: _embedded_dialogue(12), 2),
         ("one shared server + state cache", lambda: _embedded_dialogue(12, shared=True), 1),
     ]
-    if _llama_server():
-        setups.append(("llama-server per role", on_llama_server, 1))
+    binary = _llama_server()
+    if binary:
+        setups.append(("llama-server per role", lambda: _llama_server_dialogue(binary, 12), 1))
     rows = []
     for setup, dialogue, repeats in setups:
         started = time.perf_counter()
@@ -290,10 +293,6 @@ class _LlamaServers:
 def bench_engine() -> dict[str, Any]:
     """Seconds per token over the same 6-turn dialogue: embedded servers over llama-server
     (``$LLAMA_SERVER`` or ``llama-server`` on PATH), best of two each, interleaved."""
-    from pipeline.client import ModelClient
-    from pipeline.config import Endpoint
-    from pipeline.local import MODEL_NAME
-
     binary = _llama_server()
     if binary is None:
         return {
@@ -310,9 +309,7 @@ def bench_engine() -> dict[str, Any]:
     embedded, reference = [], []
     for _ in range(2):
         embedded.append(per_token(_embedded_dialogue(6)))
-        with _LlamaServers(binary, 2) as urls:
-            clients = [ModelClient(Endpoint(url, MODEL_NAME, None)) for url in urls]
-            reference.append(per_token(_dialogue_timings(clients, 6, max_tokens=120)))
+        reference.append(per_token(_llama_server_dialogue(binary, 6)))
     ratio = min(embedded) / min(reference)
     return {
         "figure": "engine: embedded / llama-server (s/token, 6 turns)",

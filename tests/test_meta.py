@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jinja2
 import pytest
@@ -47,6 +49,34 @@ def test_every_command_has_help(command):
     assert result.exit_code == 0
     assert result.stdout.startswith(f"Usage: cli {command} [OPTIONS]")
     assert cli.commands[command].help
+
+
+HEAVY = ("openai", "jsonschema", "jinja2", "llama_cpp")
+LISTS_HEAVY_IMPORTS = f"""
+import json, sys
+from pipeline.cli import cli
+for args in json.loads(sys.argv[1]):
+    try:
+        cli(args)
+    except SystemExit:
+        pass
+print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)), file=sys.stderr)
+"""
+
+
+def test_help_and_listing_runs_import_no_model_library(tmp_path):
+    """`pipeline --help` stays fast: openai, jsonschema, jinja2 and llama_cpp are imported
+    by the commands that need them, not at start-up (bench/run.py measures the time)."""
+    argument_lists = [["--help"], *([c, "--help"] for c in sorted(cli.commands))]
+    argument_lists.append(["runs", "--runs-dir", str(tmp_path)])
+    child = subprocess.run(
+        [sys.executable, "-c", LISTS_HEAVY_IMPORTS, json.dumps(argument_lists)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stderr.splitlines()[-1]) == []
 
 
 @pytest.mark.parametrize("command", ["generate", "converse"])
