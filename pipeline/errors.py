@@ -111,6 +111,29 @@ class LocalServerError(PipelineError):
     """The embedded model server could not be found, started or reached."""
 
 
+class ModelFileError(PipelineError):
+    """A GGUF model file could not be pulled from the Hugging Face Hub or listed from the
+    cache: huggingface_hub is missing, the repository, revision or file does not exist,
+    the file is not a GGUF file, or the Hub could not be reached.
+
+    Attributes:
+        repo: the Hub repository concerned (``"owner/name"``), or None.
+        filename: the file concerned, as named in the repository, or None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        repo: str | None = None,
+        filename: str | None = None,
+        **context: Any,
+    ) -> None:
+        super().__init__(message, **context)
+        self.repo = repo
+        self.filename = filename
+
+
 def one_line(text: object, limit: int = 300) -> str:
     """``text`` with its white space folded to single spaces, cut to ``limit`` characters."""
     folded = " ".join(str(text).split())
