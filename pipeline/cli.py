@@ -679,6 +679,54 @@ def _show_roles(run: Run, roles: dict[str, Any]) -> None:
         click.echo(f"check: {problem}", err=True)
 
 
+# -- models: GGUF files from the Hugging Face Hub ---------------------------------------
+
+
+@cli.group(name="models")
+def models_group() -> None:
+    """Download GGUF model files from the Hugging Face Hub and list the ones at hand.
+
+    Files are kept in the user's cache folder (PIPELINE_CACHE_DIR overrides it).
+    """
+
+
+@models_group.command(name="pull")
+@click.argument("repo")
+@click.argument("file")
+@click.option("--revision", metavar="REV", help="Branch, tag or commit [default: main].")
+def models_pull(repo: str, file: str, revision: str | None) -> None:
+    """Download a GGUF file from the Hub and print its path.
+
+    FILE is a .gguf file of the Hub model repository REPO (owner/name). It goes into the
+    cache, unless it is there already, and its local path is printed on standard output,
+    so "$(pipeline models pull REPO FILE)" gives a script the path. HF_TOKEN gives access
+    to private and gated repositories; HF_ENDPOINT points at a mirror.
+    """
+    from .hub import pull
+
+    click.echo(f"pulling {file} from {repo}...", err=True)
+    click.echo(str(pull(repo, file, revision=revision)))
+
+
+@models_group.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+def models_list(as_json: bool) -> None:
+    """List the GGUF files at hand.
+
+    Every file pulled into the cache (its repository, file, size in MB, path), and the
+    embedded default model, downloaded or not.
+    """
+    import json
+
+    from .hub import list_models, table
+
+    entries = list_models()
+    if as_json:
+        click.echo(json.dumps([e.as_dict() for e in entries], indent=2, ensure_ascii=False))
+    else:
+        click.echo(table(entries))
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # run the same clean-up as Ctrl-C: stop servers, record the stage
 
