@@ -140,8 +140,8 @@ def pull(
         )
     except errors.HFValidationError as e:
         raise ModelFileError(
-            f"{repo!r} is not a valid repository id ({one_line(e, 120)}): "
-            "give it as owner/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct",
+            f"{repo!r} is not a valid repository id: give it as owner/name, with letters, "
+            "digits, '-', '_' or '.', e.g. HuggingFaceTB/SmolLM2-135M-Instruct",
             **where,
         ) from e
     except errors.GatedRepoError as e:
