@@ -446,9 +446,11 @@ def test_ctrl_c_during_a_request_lands_in_the_caller_not_in_the_http_stack():
         inside.wait(30)
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
-    threading.Thread(target=ctrl_c).start()
+    sender = threading.Thread(target=ctrl_c)
+    sender.start()
     with pytest.raises(KeyboardInterrupt):
         list(off_main_thread(request))
+    sender.join(30)
     assert lock.locked() and finished == []  # the request is still running, untouched
     gate.set()
     assert lock.acquire(timeout=30)
