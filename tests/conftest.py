@@ -51,8 +51,9 @@ def conversation(body: dict[str, Any]) -> Action:
 # no test can stop. Nothing needs one yet.
 ALLOWED_THREAD_PREFIXES: tuple[str, ...] = ()
 
-# Every signal whose handler a test could change (SIGINT and SIGTERM: cli.main sets them).
-SIGNALS = [s for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)]
+# Every signal whose handler a test could change (SIGINT and SIGTERM: cli.main sets them),
+# but SIGALRM: pytest-timeout's, which it resets itself when a test fails.
+SIGNALS = [s for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGALRM)]
 
 
 def environment() -> dict[str, str]:
