@@ -453,8 +453,10 @@ def off_main_thread(produce: Callable[[], Iterator[T]]) -> Iterator[T]:
     between any two bytecodes, including inside the HTTP stack right after it took one of
     its locks, which then stays held and hangs the clean-up that follows. Waiting here, on
     a queue, the interruption lands in this function instead; the request is left to the
-    daemon thread, which dies with the process. Off the main thread (a batch's workers),
-    ``produce()`` runs in place.
+    daemon thread, which dies with the process. The wait wakes every 0.1 s: a signal
+    whose handler ran just before it blocked (after the interpreter last checked for
+    signals) would otherwise be raised only when the request ends. Off the main thread
+    (a batch's workers), ``produce()`` runs in place.
 
     Raises:
         whatever ``produce()`` raises, re-raised on the calling thread.
@@ -475,7 +477,10 @@ def off_main_thread(produce: Callable[[], Iterator[T]]) -> Iterator[T]:
 
     threading.Thread(target=work, name="pipeline-request", daemon=True).start()
     while True:
-        more, item = items.get()
+        try:
+            more, item = items.get(timeout=0.1)
+        except queue.Empty:
+            continue  # a pending KeyboardInterrupt is raised here, at the loop's jump back
         if more:
             yield item
         elif item is None:

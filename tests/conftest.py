@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +47,83 @@ def conversation(body: dict[str, Any]) -> Action:
     return Reply(f"reply {len(body['messages'])}")
 
 
+# Threads a test may leave running, by name prefix: a library's own long-lived threads that
+# no test can stop. Nothing needs one yet.
+ALLOWED_THREAD_PREFIXES: tuple[str, ...] = ()
+
+# Every signal whose handler a test could change (SIGINT and SIGTERM: cli.main sets them),
+# but SIGALRM: pytest-timeout's, which it resets itself when a test fails.
+SIGNALS = [s for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGALRM)]
+
+
+def environment() -> dict[str, str]:
+    """os.environ but for what pytest itself changes during a test."""
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """What one test can change for the tests after it: signal handlers, the main thread's
+    signal mask, running threads, the environment. Take it on the main thread."""
+
+    handlers: dict[signal.Signals, Any]
+    mask: set[int | signal.Signals]
+    threads: set[threading.Thread]
+    environ: dict[str, str]
+
+    @classmethod
+    def now(cls) -> ProcessState:
+        return cls(
+            handlers={signum: signal.getsignal(signum) for signum in SIGNALS},
+            mask=signal.pthread_sigmask(signal.SIG_BLOCK, []),
+            threads=set(threading.enumerate()),
+            environ=environment(),
+        )
+
+    def left_behind(self, allowed_threads: tuple[str, ...] = ALLOWED_THREAD_PREFIXES) -> list[str]:
+        """What differs from this state now, one sentence each; what can be put back (all
+        but threads) is put back. New daemon threads, and new threads whose name starts
+        with one of ``allowed_threads``, do not count."""
+        leaks = []
+        for signum, handler in self.handlers.items():
+            if (now := signal.getsignal(signum)) != handler:
+                leaks.append(f"the {signum.name} handler is {now!r}, was {handler!r}")
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(signum, handler)
+        if (mask := signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)) != self.mask:
+            leaks.append(f"the blocked signals are {sorted(mask)}, were {sorted(self.mask)}")
+        for thread in threading.enumerate():
+            if (
+                thread not in self.threads
+                and not thread.daemon
+                and not thread.name.startswith(allowed_threads)
+            ):
+                leaks.append(f"thread {thread.name!r} is still running")
+        if (environ := environment()) != self.environ:
+            changed = {name for name, _ in environ.items() ^ self.environ.items()}
+            leaks.append(f"the environment variables {sorted(changed)} changed")
+            for name in environ.keys() - self.environ.keys():
+                del os.environ[name]
+            os.environ.update(self.environ)
+        return leaks
+
+
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test sees the developer's endpoint settings or keys."""
+def leaves_the_process_as_it_found_it() -> Iterator[None]:
+    """Fail (at teardown) a test that leaves process-wide state behind for the tests after
+    it (join the threads you start; restore what you change, e.g. with monkeypatch). Set
+    up before the other fixtures (clean_env, the first to ask for monkeypatch, needs it),
+    so torn down after them: what they put back is not reported."""
+    before = ProcessState.now()
+    yield
+    if leaks := before.left_behind():
+        pytest.fail("the test left process-wide state behind: " + "; ".join(leaks))
+
+
+@pytest.fixture(autouse=True)
+def clean_env(leaves_the_process_as_it_found_it: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's endpoint settings or keys. (After the state check is
+    set up, so that monkeypatch has put the environment back when the check runs.)"""
     for name in (
         "OPENAI_API_KEY",
         "OPENAI_BASE_URL",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 
 import jinja2
 import pytest
@@ -17,7 +20,7 @@ from pipeline.director import render_prompt
 from pipeline.errors import PipelineError
 from pipeline.resources import data_dir
 
-from .conftest import ROLES
+from .conftest import ROLES, ProcessState
 
 SAMPLE_DATA = {
     "task": "write a short paper on the ethics of AI",
@@ -172,3 +175,33 @@ def test_the_manifest_schema_knows_every_termination_reason():
 
     stage = schemas.load(schemas.RUN_MANIFEST)["$defs"]["stage"]["properties"]
     assert tuple(stage["termination_reason"]["enum"]) == REASONS
+
+
+def test_what_a_test_leaves_behind_for_the_next_ones_is_reported_and_put_back():
+    """What the autouse fixture leaves_the_process_as_it_found_it fails a test for."""
+    before = ProcessState.now()
+    handler = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+    os.environ["PIPELINE_LEFT_BEHIND"] = "1"
+    release = threading.Event()
+    threads = [
+        threading.Thread(target=release.wait, name=name, daemon=daemon)
+        for name, daemon in [("left", False), ("engine-1", False), ("helper", True)]
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        leaks = before.left_behind(allowed_threads=("engine-",))
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(30)
+    assert leaks == [
+        f"the SIGTERM handler is {signal.SIG_IGN!r}, was {handler!r}",
+        f"the blocked signals are {sorted(before.mask | {signal.SIGUSR1})}, "
+        f"were {sorted(before.mask)}",
+        "thread 'left' is still running",
+        "the environment variables ['PIPELINE_LEFT_BEHIND'] changed",
+    ]
+    assert before.left_behind() == []  # put back (and the threads joined)

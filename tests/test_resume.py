@@ -3,6 +3,7 @@ listing and showing runs. Real subprocesses against the fake server where it mat
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import random
@@ -446,13 +447,51 @@ def test_ctrl_c_during_a_request_lands_in_the_caller_not_in_the_http_stack():
         inside.wait(30)
         signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
 
-    threading.Thread(target=ctrl_c).start()
+    sender = threading.Thread(target=ctrl_c)
+    sender.start()
     with pytest.raises(KeyboardInterrupt):
         list(off_main_thread(request))
+    sender.join(30)
     assert lock.locked() and finished == []  # the request is still running, untouched
     gate.set()
     assert lock.acquire(timeout=30)
     assert finished == ["pipeline-request"]
+
+
+def test_ctrl_c_just_before_the_wait_for_a_request_still_lands_while_it_runs():
+    """A SIGINT whose handler ran just before the main thread blocked waiting for the
+    request cannot interrupt that wait: nothing was blocked yet when it came (issue 18).
+    interrupt_main() trips SIGINT as the handler does but interrupts nothing; sent while
+    the main thread is blocked, it is that case, every time."""
+    from pipeline.client import off_main_thread
+
+    inside, gate = threading.Event(), threading.Event()
+    finished: list[bool] = []
+
+    def request() -> Iterator[str]:
+        inside.set()
+        gate.wait(30)
+        finished.append(True)
+        yield "answer"
+
+    def ctrl_c() -> None:
+        inside.wait(30)
+        main = threading.main_thread().ident or 0
+        # This thread holds the GIL, so a main thread whose innermost frame is
+        # off_main_thread's is in a call from it that let go of the GIL: the wait.
+        deadline = time.monotonic() + 30
+        while sys._current_frames()[main].f_code is not off_main_thread.__code__:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)  # polls for the main thread to be waiting
+        _thread.interrupt_main()
+
+    sender = threading.Thread(target=ctrl_c)
+    sender.start()
+    with pytest.raises(KeyboardInterrupt):
+        list(off_main_thread(request))
+    sender.join(30)
+    assert finished == []  # raised while the request still runs, not when it ended
+    gate.set()
 
 
 @pytest.mark.parametrize("on_main_thread", [True, False])
