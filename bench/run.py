@@ -8,12 +8,17 @@ each a ratio measured side by side in this one run, with its target.
                per turn, from runs that wait for nothing
   startup      `pipeline --help` over `python -c "import click"` (medians of 15 runs)
   batch        a batch of 20 tasks with -j 1 over the same batch with -j 8 (fake server)
-  scaling      embedded model, as the pipeline runs it (a server per role): seconds per
-               generated token at turn 12 over turn 2; and, for comparison, the same on
-               one shared server with llama-cpp-python's state cache and on llama-server
-  engine       embedded servers over llama.cpp's llama-server (one per role too) on the
-               same 6-turn dialogue; skipped, with a note, when neither $LLAMA_SERVER nor
-               llama-server on PATH names one
+  scaling      embedded model, as the pipeline runs it (one server, a slot per role):
+               seconds per generated token at turn 12 over turn 2; and, for comparison, the
+               same on llama-server
+  engine       the embedded server over llama.cpp's llama-server set up the same way (same
+               GGUF, slots, unified KV cache, threads) on the same 6-turn dialogue; skipped,
+               with a note, when neither $LLAMA_SERVER nor llama-server on PATH names one
+  memory       peak resident memory of every model process over a 6-turn two-role
+               dialogue (VmHWM), embedded and llama-server, beside the figure before the
+               engine changed
+  throughput   `pipeline batch` of 4 tasks on the embedded model at -j 1 and -j 4:
+               aggregate completion tokens per second (every stage's usage)
 
 `--quick` shortens the delays (figures are then noisier); `--only NAME...` runs some;
 `--markdown FILE` also writes the table as Markdown with a description of the machine.
@@ -44,7 +49,11 @@ from tests.fakeserver import FakeServer, Reply  # noqa: E402
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PIPELINE_"))}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "PIPELINE_")) or k == "PIPELINE_CACHE_DIR"
+    }
 
 
 def _delayed(delay: float) -> Callable[[dict[str, Any]], Reply]:
@@ -186,24 +195,39 @@ def _dialogue_timings(clients: list[Any], turns: int, max_tokens: int) -> list[t
     return timings
 
 
-def _embedded_dialogue(turns: int, shared: bool = False) -> list[tuple[float, int]]:
-    """A dialogue on the embedded model as the pipeline runs it: a server per role, or
-    one shared server with llama-cpp-python's state cache (``shared``)."""
+def _embedded_dialogue(turns: int, memory: list[int] | None = None) -> list[tuple[float, int]]:
+    """A dialogue on the embedded model as the pipeline runs it: one server, a slot per
+    role. ``memory`` receives the peak resident memory of its model processes (bytes)."""
     from pipeline.models import Models
 
-    with Models(shared_embedded=shared) as models:
-        return _dialogue_timings(models.roles(ROLES), turns, max_tokens=120)
+    with Models() as models:
+        timings = _dialogue_timings(models.roles(ROLES), turns, max_tokens=120)
+        if memory is not None:
+            memory.append(sum(_peak_rss(server.pid) for server in models.servers))
+        return timings
 
 
-def _llama_server_dialogue(binary: str, turns: int) -> list[tuple[float, int]]:
-    """The same dialogue on llama.cpp's llama-server, one per role."""
+def _llama_server_dialogue(
+    binary: str, turns: int, memory: list[int] | None = None
+) -> list[tuple[float, int]]:
+    """The same dialogue on llama.cpp's llama-server, set up as the embedded server is."""
     from pipeline.client import ModelClient
     from pipeline.config import Endpoint
-    from pipeline.local import MODEL_NAME
 
-    with _LlamaServers(binary, 2) as urls:
-        clients = [ModelClient(Endpoint(url, MODEL_NAME, None)) for url in urls]
-        return _dialogue_timings(clients, turns, max_tokens=120)
+    with _LlamaServer(binary) as (url, pid):
+        clients = [ModelClient(Endpoint(url, "m", None)) for _ in range(2)]
+        timings = _dialogue_timings(clients, turns, max_tokens=120)
+        if memory is not None:
+            memory.append(_peak_rss(pid))
+        return timings
+
+
+def _peak_rss(pid: int | None) -> int:
+    """The peak resident memory of process ``pid`` so far, in bytes (Linux's VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _scaling(timings: list[list[tuple[float, int]]]) -> tuple[float, float, float]:
@@ -216,22 +240,20 @@ def _scaling(timings: list[list[tuple[float, int]]]) -> tuple[float, float, floa
 
 def bench_scaling() -> list[dict[str, Any]]:
     """Turn 12 against turn 2, best of two fresh 12-turn dialogues, as the pipeline runs
-    them; then, for comparison, on one server with the state cache, and on llama.cpp's
-    llama-server (one per role) when there is one."""
+    them; then, for comparison, on llama.cpp's llama-server when there is one."""
     setups: list[tuple[str, Callable[[], list[tuple[float, int]]], int]] = [
-        ("a server per role", lambda: _embedded_dialogue(12), 2),
-        ("one shared server + state cache", lambda: _embedded_dialogue(12, shared=True), 1),
+        ("embedded, a slot per role", lambda: _embedded_dialogue(12), 2),
     ]
     binary = _llama_server()
     if binary:
-        setups.append(("llama-server per role", lambda: _llama_server_dialogue(binary, 12), 1))
+        setups.append(("llama-server, same setup", lambda: _llama_server_dialogue(binary, 12), 1))
     rows = []
     for setup, dialogue, repeats in setups:
         started = time.perf_counter()
         timings = [dialogue() for _ in range(repeats)]
         wall = (time.perf_counter() - started) / repeats
         first, last, ratio = _scaling(timings)
-        product = setup == "a server per role"
+        product = setup.startswith("embedded")
         rows.append(
             {
                 "figure": f"scaling: s/token at turn 12 / turn 2 ({setup})",
@@ -250,44 +272,42 @@ def _llama_server() -> str | None:
     return os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
 
 
-class _LlamaServers:
-    """llama.cpp's own llama-server, one per role like the embedded servers, with the same
-    GGUF, context size and threads."""
+class _LlamaServer:
+    """llama.cpp's own llama-server, set up as the embedded server is: the same GGUF, KV
+    cache size, slots (a unified KV cache) and threads. Gives ``(base_url, pid)``."""
 
-    def __init__(self, binary: str, count: int) -> None:
-        self.binary, self.count = binary, count
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.urls: list[str] = []
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> list[str]:
-        from pipeline.local import CONTEXT_TOKENS, free_port, model_path
+    def __enter__(self) -> tuple[str, int]:
+        from pipeline.local import SLOTS, context_tokens, free_port, resolve_model
 
+        model = resolve_model()
         threads = str(os.cpu_count() or 1)
-        for _ in range(self.count):
-            port = free_port()
-            command = [
-                self.binary, "-m", str(model_path()), "--host", "127.0.0.1",
-                "--port", str(port), "-c", str(CONTEXT_TOKENS), "-np", "1",
-                "-t", threads, "-tb", threads,
-            ]  # fmt: skip
-            self.processes.append(
-                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            )
-            self.urls.append(f"http://127.0.0.1:{port}/v1")
-        for url in self.urls:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    with urllib.request.urlopen(f"{url}/models", timeout=1):
-                        break
-                except OSError:
-                    time.sleep(0.1)
-        return self.urls
+        port = free_port()
+        command = [
+            self.binary, "-m", model.path, "--host", "127.0.0.1", "--port", str(port),
+            "-c", str(context_tokens(model)), "-np", str(SLOTS), "--kv-unified",
+            "-t", threads, "-tb", threads, "--no-warmup",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        return url, self.process.pid
 
     def __exit__(self, *exc_info: object) -> None:
-        for process in self.processes:
-            process.terminate()
-            process.wait()
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait()
 
 
 def bench_engine() -> dict[str, Any]:
@@ -307,16 +327,90 @@ def bench_engine() -> dict[str, Any]:
         return sum(s for s, _ in timings) / sum(c for _, c in timings)
 
     embedded, reference = [], []
-    for _ in range(2):
+    for _ in range(3):
         embedded.append(per_token(_embedded_dialogue(6)))
         reference.append(per_token(_llama_server_dialogue(binary, 6)))
     ratio = min(embedded) / min(reference)
     return {
         "figure": "engine: embedded / llama-server (s/token, 6 turns)",
         "value": ratio,
-        "target": "<= 1.1",
-        "ok": ratio <= 1.1,
-        "detail": f"{min(embedded) * 1000:.1f} ms vs {min(reference) * 1000:.1f} ms per token",
+        "target": "<= 1.05",
+        "ok": ratio <= 1.05,
+        "detail": f"{min(embedded) * 1000:.1f} ms vs {min(reference) * 1000:.1f} ms per token; "
+        "best of 3 each, interleaved",
+    }
+
+
+BEFORE_MEMORY_MB = 740  # two llama-cpp-python servers of about 370 MB (bench/RESULTS.md, 2026-11)
+
+
+def bench_memory() -> list[dict[str, Any]]:
+    """Peak resident memory of the model processes over a 6-turn two-role dialogue."""
+    embedded: list[int] = []
+    _embedded_dialogue(6, memory=embedded)
+    rows = [
+        {
+            "figure": "memory: peak MB of the model processes, 2-role dialogue (embedded)",
+            "value": embedded[0] / 1e6,
+            "target": f"(before: {BEFORE_MEMORY_MB})",
+            "ok": None,
+            "detail": "one server; before: two llama-cpp-python servers, ~370 MB each",
+        }
+    ]
+    binary = _llama_server()
+    if binary:
+        reference: list[int] = []
+        _llama_server_dialogue(binary, 6, memory=reference)
+        rows.append(
+            {
+                "figure": "memory: peak MB, 2-role dialogue (llama-server, same setup)",
+                "value": reference[0] / 1e6,
+                "target": "(compare)",
+                "ok": None,
+                "detail": "one llama-server",
+            }
+        )
+    return rows
+
+
+THROUGHPUT_TASKS = [
+    "write a haiku about rain",
+    "list three uses of a paperclip",
+    "plan a picnic for four friends",
+    "explain what a hash table is",
+]
+
+
+def bench_throughput() -> dict[str, Any]:
+    """``pipeline batch`` of 4 tasks on the embedded model, -j 1 against -j 4: aggregate
+    completion tokens per second, from every stage's recorded usage."""
+    rates = {}
+    for jobs in (1, 4):
+        with tempfile.TemporaryDirectory() as folder:
+            tasks = Path(folder) / "tasks.txt"
+            tasks.write_text("\n".join(THROUGHPUT_TASKS) + "\n")
+            runs = Path(folder) / "runs"
+            command = [sys.executable, "-m", "pipeline", "batch", str(tasks), "-j", str(jobs),
+                       "--turns", "6", "--max-tokens", "64", "--runs-dir", str(runs),
+                       "--director-max-tokens", "1024"]  # fmt: skip
+            started = time.perf_counter()
+            subprocess.run(command, env=_env(), capture_output=True, check=True)
+            wall = time.perf_counter() - started
+            tokens = 0
+            for manifest in runs.glob("*/run.json"):
+                for stage in json.loads(manifest.read_text())["stages"].values():
+                    tokens += (stage.get("usage") or {}).get("completion_tokens", 0)
+            rates[jobs] = (tokens / wall, tokens, wall)
+    ratio = rates[4][0] / rates[1][0]
+    return {
+        "figure": "throughput: batch of 4 on the embedded model, tokens/s -j 4 / -j 1",
+        "value": ratio,
+        "target": "(report)",
+        "ok": None,
+        "detail": "; ".join(
+            f"-j {j}: {rate:.1f} tokens/s ({tokens} tokens in {wall:.1f} s)"
+            for j, (rate, tokens, wall) in rates.items()
+        ),
     }
 
 
@@ -329,10 +423,10 @@ def machine() -> str:
 
 
 def engines() -> str:
-    """The engines compared: llama-cpp-python's version, and llama-server's if any."""
+    """The engines compared: xllamacpp's version, and llama-server's if any."""
     from importlib.metadata import version
 
-    found = f"Embedded engine: llama-cpp-python {version('llama-cpp-python')}"
+    found = f"Embedded engine: xllamacpp {version('xllamacpp')} (llama.cpp's server)"
     binary = _llama_server()
     if binary:
         printed = subprocess.run([binary, "--version"], capture_output=True, text=True)
@@ -360,7 +454,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these benchmarks")
     args = parser.parse_args()
     delay = 0.5 if args.quick else 2.0
-    for name in [k for k in os.environ if k.startswith(("OPENAI_", "PIPELINE_"))]:
+    for name in [
+        k
+        for k in os.environ
+        if k.startswith(("OPENAI_", "PIPELINE_")) and k != "PIPELINE_CACHE_DIR"
+    ]:
         del os.environ[name]  # the embedded model, and the fakes' own endpoints, only
     benches: dict[str, Callable[[], dict[str, Any] | list[dict[str, Any]]]] = {
         "overhead": lambda: bench_overhead(delay),
@@ -368,6 +466,8 @@ def main() -> None:
         "batch": lambda: bench_batch(0.3),
         "scaling": bench_scaling,
         "engine": bench_engine,
+        "memory": bench_memory,
+        "throughput": bench_throughput,
     }
     rows = []
     for name, bench in benches.items():

@@ -292,7 +292,7 @@ def batch(
 
     # Concurrent runs would take turns on a per-role server and re-read each other's
     # conversations; one server with a state cache serves them better.
-    with flags.models(min_retries=8, shared_embedded=jobs > 1) as models:
+    with flags.models(min_retries=8, sessions=jobs) as models:
         work = Batch(tasks_file, runs_dir, models, director_params, dialogue_params, judge=judge)
         counts = {"done": 0, "skipped": 0, "failed": 0}
 
@@ -520,17 +520,22 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-def serve(host: str, port: int) -> None:
+@click.option(
+    "--model-file",
+    type=PathType(dir_okay=False),
+    help="GGUF file to serve [default: SmolLM2-135M-Instruct, downloaded on first use].",
+)
+def serve(host: str, port: int, model_file: Path | None) -> None:
     """Serve the embedded model as an OpenAI-compatible API, in the foreground.
 
     Point any OpenAI client (or another pipeline) at http://HOST:PORT/v1. Ctrl-C stops it.
     """
-    from .local import MODEL_NAME, model_path
+    from .local import resolve_model
     from .local import serve as serve_embedded
 
-    model_path()  # clear error when the local extra is missing
-    click.echo(f"serving {MODEL_NAME} at http://{host}:{port}/v1 (Ctrl-C to stop)", err=True)
-    code = serve_embedded(host, port)
+    model = resolve_model(model_file, notify=lambda message: click.echo(message, err=True))
+    click.echo(f"serving {model.name} at http://{host}:{port}/v1 (Ctrl-C to stop)", err=True)
+    code = serve_embedded(host, port, model)
     if code not in (0, -signal.SIGTERM, -signal.SIGINT):
         raise click.ClickException(f"the embedded model server exited with code {code}")
 

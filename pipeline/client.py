@@ -121,11 +121,15 @@ def _for_dialect(messages: list[Message], dialect: str, schema: Schema) -> list[
         return messages
     from .structured import schema_instructions
 
+    return _noted(messages, schema_instructions(schema))
+
+
+def _noted(messages: list[Message], note: str) -> list[Message]:
+    """``messages`` with ``note`` added, as a new paragraph, to the last user message."""
     out = list(messages)
-    instructions = schema_instructions(schema)
     for i in range(len(out) - 1, -1, -1):
         if out[i]["role"] == "user":
-            out[i] = {**out[i], "content": f"{out[i]['content']}\n\n{instructions}"}
+            out[i] = {**out[i], "content": f"{out[i]['content']}\n\n{note}"}
             break
     return out
 
@@ -198,17 +202,24 @@ class ModelClient:
         repair_attempts: int,
         recorder: AttemptRecorder | None = None,
         seed: int | None = None,
+        check: Callable[[Any], list[str]] | None = None,
+        narrow: Callable[[Any, Schema], Schema] | None = None,
     ) -> StructuredResult:
         """Ask for JSON satisfying ``schema`` and return it validated.
 
         Tries ``dialects`` in order while the server rejects the response format (see
         :mod:`pipeline.structured`); re-asks up to ``repair_attempts`` times when the answer
-        is not valid JSON or breaks the schema, sending back the answer and the problems.
+        is not valid JSON, breaks the schema, or has problems ``check`` finds (a list of
+        ``"<json path>: <message>"``), sending back the answer and the problems; after a
+        ``check`` problem, the re-ask's schema is ``narrow(answer, schema)`` (a subset of
+        ``schema`` that rules the problem out, which a grammar-enforcing server then
+        enforces). An answer cut off at ``max_tokens`` is asked again once, with a note
+        stating the budget.
         ``recorder`` sees every attempt's request, raw response and outcome.
 
         Raises:
             StructuredOutputError: the last attempt's answer was unusable, or the answer was
-                cut off, filtered or refused (not repaired: asking again cannot help).
+                filtered, refused, or cut off twice (asking again cannot help).
             EndpointError: the endpoint failed, or rejected the last dialect to try.
         """
         from . import structured
@@ -218,6 +229,7 @@ class ModelClient:
         dialect = plan.pop(0)
         conversation = _for_dialect(list(messages), dialect, schema)
         repairs_left = repair_attempts
+        budget_noted = False
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         number = 0
         while True:
@@ -230,7 +242,9 @@ class ModelClient:
                 "model": self.endpoint.model,
                 "messages": conversation,
             }
-            response_format = structured.response_format(dialect, schema)
+            response_format = structured.response_format(
+                dialect, schema, self.endpoint.server, max_tokens
+            )
             if response_format is not None:
                 request["response_format"] = response_format
             record.request(number, request)
@@ -259,13 +273,19 @@ class ModelClient:
                 if key in usage and isinstance(value, int):
                     usage[key] += value
             try:
-                value = structured.parse(response, schema, dialect=dialect)
+                value = structured.parse(response, schema, dialect=dialect, check=check)
             except StructuredOutputError as e:
                 record.outcome(Attempt(number, dialect, e.kind, e.errors or [e.message]))
+                if e.kind == "length" and not budget_noted:
+                    budget_noted = True
+                    conversation = _noted(conversation, structured.budget_request(max_tokens))
+                    continue
                 if not e.repairable or repairs_left == 0:
                     raise
                 repairs_left -= 1
                 answer = response["choices"][0]["message"].get("content") or ""
+                if e.kind == "semantic" and narrow is not None:
+                    schema = narrow(json.loads(answer, strict=False), schema)
                 conversation = [
                     *conversation,
                     {"role": "assistant", "content": answer},
@@ -415,6 +435,42 @@ class ModelClient:
         else:
             message = f"request to {url} failed: {one_line(str(e))}"
         return EndpointError(message, status=status, detail=detail)
+
+
+PROBE_TIMEOUT_S = 3.0
+
+
+def identify_server(endpoint: Endpoint, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """What kind of server ``endpoint`` is, by what it says about itself: ``"llama.cpp"``
+    when its ``/props`` answer has llama.cpp's ``default_generation_settings`` or its
+    ``/v1/models`` entries are ``owned_by: llamacpp``; None when neither says so or the
+    server does not answer within ``timeout`` seconds (the first real request then
+    reports the problem).
+
+    ``/props``: https://github.com/ggml-org/llama.cpp/tree/master/tools/server#get-props
+    """
+    import urllib.error
+    import urllib.request
+
+    root = endpoint.base_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {endpoint.api_key()}"}
+    for url in (root.removesuffix("/v1") + "/props", root + "/models"):
+        try:
+            request = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                body = json.loads(answer.read(1 << 20))
+        except (urllib.error.URLError, OSError, ValueError):
+            continue
+        if not isinstance(body, dict):
+            continue
+        if "default_generation_settings" in body:
+            return "llama.cpp"
+        models = body.get("data")
+        if isinstance(models, list) and any(
+            isinstance(m, dict) and m.get("owned_by") == "llamacpp" for m in models
+        ):
+            return "llama.cpp"
+    return None
 
 
 def _is_connect_error(cause: BaseException | None) -> bool:

@@ -43,6 +43,10 @@ class Endpoint:
             :mod:`pipeline.structured`.
         embedded: True for the embedded offline model.
         params: extra request parameters sent with every call (``top_p``, ``seed``...).
+        server: what kind of server this is, when known: ``"llama.cpp"`` (the embedded
+            engine, or a server that said so at ``/props``), which decides the schema form
+            of structured output (:mod:`pipeline.structured`); None when unknown.
+        gguf, gguf_sha256: for the embedded model, the GGUF file served and its sha256.
     """
 
     base_url: str
@@ -51,6 +55,9 @@ class Endpoint:
     structured_output: str = "auto"
     embedded: bool = False
     params: dict[str, Any] = field(default_factory=dict, compare=False)
+    server: str | None = None
+    gguf: str | None = None
+    gguf_sha256: str | None = None
 
     def api_key(self, environ: Mapping[str, str] | None = None) -> str:
         """The key to send: the value of ``api_key_env``, or a placeholder for servers that
@@ -67,7 +74,36 @@ class Endpoint:
             "structured_output": self.structured_output,
             "api_key_env": self.api_key_env,
             **({"params": self.params} if self.params else {}),
+            **({"server": self.server} if self.server else {}),
+            **({"gguf": self.gguf, "gguf_sha256": self.gguf_sha256} if self.gguf else {}),
         }
+
+    @classmethod
+    def from_description(cls, described: dict[str, Any]) -> Endpoint:
+        """The endpoint a manifest recorded with :meth:`describe`."""
+        return cls(
+            base_url=described["base_url"],
+            model=described["model"],
+            api_key_env=described.get("api_key_env"),
+            structured_output=described.get("structured_output", "auto"),
+            embedded=described.get("embedded", False),
+            params=dict(described.get("params", {})),
+            server=described.get("server"),
+            gguf=described.get("gguf"),
+            gguf_sha256=described.get("gguf_sha256"),
+        )
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """The embedded engine as a configured endpoint.
+
+    Attributes:
+        gguf: the GGUF file to serve; None for the command's model file (``--model-file``)
+            or, failing that, the default model.
+    """
+
+    gguf: Path | None = None
 
 
 def resolve_endpoint(
@@ -127,13 +163,13 @@ class Config:
 
     Attributes:
         path: where it was read from.
-        endpoints: the named endpoints; None stands for the embedded model.
+        endpoints: the named endpoints, :class:`EmbeddedModel` for the embedded engine.
         assign: ``default``, ``director``, ``moderator`` (endpoint names) and ``roles``
             (a list by position, or a table by role name or 1-based position).
     """
 
     path: Path
-    endpoints: dict[str, Endpoint | None]
+    endpoints: dict[str, Endpoint | EmbeddedModel]
     assign: dict[str, Any]
 
     def name_for(self, stage: str) -> str | None:
@@ -186,11 +222,19 @@ def load_config(path: Path | None, *, cwd: Path | None = None) -> Config | None:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})", path=path) from e
     _check_shape(path, data)
-    endpoints: dict[str, Endpoint | None] = {}
+    endpoints: dict[str, Endpoint | EmbeddedModel] = {}
     for name, spec in data["endpoints"].items():
         if spec.get("embedded"):
-            endpoints[name] = None
+            gguf = spec.get("gguf")
+            # a relative path is relative to the config file, as in most tools' configs
+            endpoints[name] = EmbeddedModel(path.parent / Path(gguf).expanduser() if gguf else None)
             continue
+        if "gguf" in spec:
+            raise ConfigError(
+                f"{path}: endpoints.{name}.gguf: only an embedded endpoint serves a GGUF file "
+                "(add embedded = true, or remove gguf)",
+                path=path,
+            )
         missing = [k for k in ("base_url", "model") if k not in spec]
         if missing:
             raise ConfigError(

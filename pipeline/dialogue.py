@@ -124,13 +124,14 @@ def dialogue_inputs(
     roles_doc: dict[str, Any], clients: Sequence[ModelClient], params: DialogueParameters
 ) -> dict[str, Any]:
     """What the dialogue stage depends on; its sha256 is the stage's input hash. The
-    embedded model counts as one endpoint, whatever local port it was served on."""
+    embedded model counts as one endpoint per GGUF file, whatever local port served it."""
     return {
         "roles_sha256": sha256_of(roles_doc),
         "endpoints": [
             {
                 "base_url": "embedded" if c.endpoint.embedded else c.endpoint.base_url,
                 "model": c.endpoint.model,
+                **({"gguf_sha256": c.endpoint.gguf_sha256} if c.endpoint.gguf_sha256 else {}),
             }
             for c in clients
         ],

@@ -16,7 +16,7 @@ from typing import Any
 from . import schemas, structured, templates
 from .client import ModelClient, calls_to
 from .errors import RunError, StructuredOutputError
-from .lint import lint_roles
+from .lint import lint_roles, roles_problems
 from .resources import file_sha256
 from .runs import Run
 from .termination import DEFAULT_DONE_TOKEN
@@ -67,6 +67,31 @@ def answer_schema(params: DirectorParameters) -> schemas.Schema:
     return schemas.Schema(schemas.ROLES, document)
 
 
+def narrow_schema(answer: dict[str, Any], schema: schemas.Schema) -> schemas.Schema:
+    """``schema`` narrowed after ``answer`` had a problem of
+    :func:`pipeline.lint.roles_problems`: each role's name is pinned to the answer's (a
+    repeated name gets its position added: ``Student 2``), and ``declared_by`` must be one
+    of those names. The next answer then cannot repeat either problem on a server that
+    enforces the schema as a grammar; on others, the problems are still checked."""
+    names: list[str] = []
+    for i, role in enumerate(answer["roles"]):
+        name = role["name"].strip() or f"Role {i + 1}"
+        names.append(f"{name} {i + 1}" if name.casefold() in map(str.casefold, names) else name)
+    document = copy.deepcopy(schema.document)
+    roles = document["properties"]["roles"]
+    item = roles.pop("items")
+    roles["prefixItems"] = [
+        {**item, "properties": {**item["properties"], "name": {"type": "string", "const": name}}}
+        for name in names
+    ]
+    # minItems = maxItems = the number of names, so no item beyond prefixItems is allowed
+    document["properties"]["termination"]["properties"]["declared_by"] = {
+        "type": "string",
+        "enum": names,
+    }
+    return schemas.Schema(schema.name, document)
+
+
 def run_director(
     run: Run,
     client: ModelClient,
@@ -78,8 +103,10 @@ def run_director(
 
     The answer is asked for in the structured-output dialect planned for the endpoint
     (:func:`pipeline.structured.dialect_plan`; a dialect that worked earlier in the run is
-    reused; ``dialects`` overrides the plan, as a replay does), validated, and repaired up
-    to ``params.repair_attempts`` times. The stage is
+    reused; ``dialects`` overrides the plan, as a replay does), validated against the
+    schema and :func:`pipeline.lint.roles_problems`, and repaired up to
+    ``params.repair_attempts`` times (an answer cut off at the token limit is asked again
+    once, shorter). The stage is
     ``running`` in the manifest while it works, then ``done``, or ``failed`` with the error;
     every artifact written before a failure stays on disk.
 
@@ -117,6 +144,8 @@ def run_director(
                     repair_attempts=params.repair_attempts,
                     recorder=run.attempts(STAGE),
                     seed=params.seed,
+                    check=roles_problems,
+                    narrow=narrow_schema,
                 )
         except StructuredOutputError as e:
             hint = " (raise --director-max-tokens)" if e.kind == "length" else ""
@@ -132,6 +161,8 @@ def run_director(
         run.write_json(ROLES, result.value)
     structured.remember_in_run(endpoint, run.manifest, result.dialect)
     entry["structured_output"] = result.dialect
+    if result.dialect == "json_schema":
+        entry["schema_form"] = structured.schema_form(endpoint.server)
     entry["lint"] = lint_roles(result.value)
     run.finish_stage(STAGE, usage=result.usage)
     roles: dict[str, Any] = result.value
@@ -171,12 +202,16 @@ def replace_roles(run: Run, roles: dict[str, Any]) -> None:
     a dialogue that already ran ``stale``.
 
     Raises:
-        StructuredOutputError: ``roles`` does not match the schema; nothing is changed.
+        StructuredOutputError: ``roles`` does not match the schema, or has a problem of
+            :func:`pipeline.lint.roles_problems`; nothing is changed.
     """
     problems = schemas.errors(roles, schemas.ROLES)
+    what = f"do not match {schemas.ROLES}"
+    if not problems:
+        problems, what = roles_problems(roles), "are unusable"
     if problems:
         raise StructuredOutputError(
-            f"the edited roles do not match {schemas.ROLES}: {'; '.join(problems[:3])}",
+            f"the edited roles {what}: {'; '.join(problems[:3])}",
             errors=problems,
             run_id=run.run_id,
             stage=STAGE,

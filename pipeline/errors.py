@@ -76,11 +76,12 @@ class StructuredOutputError(PipelineError):
 
     Attributes:
         errors: the problems, each ``"<json path>: <message>"``.
-        kind: ``"invalid_json"`` or ``"schema"`` (a re-ask may repair these), or
-            ``"length"``, ``"content_filter"``, ``"refusal"``, ``"no_answer"`` (final).
+        kind: ``"invalid_json"``, ``"schema"`` or ``"semantic"`` (a re-ask may repair
+            these), ``"length"`` (cut off at the token limit: one shorter re-ask may help),
+            or ``"content_filter"``, ``"refusal"``, ``"no_answer"`` (final).
     """
 
-    REPAIRABLE = frozenset({"invalid_json", "schema"})
+    REPAIRABLE = frozenset({"invalid_json", "schema", "semantic"})
 
     def __init__(
         self,

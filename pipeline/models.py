@@ -3,28 +3,31 @@
 Each is resolved in the order of :mod:`pipeline.config`: command-line flags (one
 endpoint for everything), then the config file's assignments, then the environment,
 then, for an existing run, the endpoint that ran its director, then the embedded model.
-Slots on the embedded model get a server each (each role, the moderator; the director and
-the judge share the first role's), so that every conversation a server holds only grows
-and is never re-read (see :mod:`pipeline.local`). A server is started the first time a
-client needs it and stopped when the :class:`Models` context closes. Clients are shared
-per endpoint.
+The embedded model gets one server per GGUF file, with a slot for each conversation (see
+:mod:`pipeline.local`); it is started the first time a client needs it and stopped when
+the :class:`Models` context closes. An existing run continues only on the GGUF file it was
+made with (by sha256). Clients are shared per endpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, ModelClient
-from .config import Config, Endpoint, resolve_endpoint
+from .client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, ModelClient, identify_server
+from .config import Config, EmbeddedModel, Endpoint, resolve_endpoint
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .local import LocalServer
+    from .modelfiles import GGUFInfo
 
 _UNSET = object()
-Slot = int | str  # which embedded server: a role's index, or "moderator"
+Assigned = Endpoint | EmbeddedModel
 
 
 class Models:
@@ -39,9 +42,13 @@ class Models:
             set their own (flags, environment, embedded).
         timeout, max_retries: passed to every :class:`~pipeline.client.ModelClient`.
         on_server_start: called when an embedded server starts answering.
-        shared_embedded: one embedded server, with llama-cpp-python's state cache, for
-            every slot (for interleaved conversations: a batch with ``-j`` above 1), instead
-            of one per role plus one for the moderator.
+        sessions: how many dialogues run at once (a batch's ``-j``): an embedded server's
+            slots and KV cache are sized for that many.
+        model_file: the GGUF for the embedded model where the config names none (the
+            default model when None).
+        recorded_models: the embedded GGUF files an existing run was made with, as
+            ``{sha256: path}``; serving any other file is an error.
+        notify: called with one-line progress messages (a model download).
     """
 
     def __init__(
@@ -54,7 +61,10 @@ class Models:
         timeout: float = DEFAULT_TIMEOUT_S,
         max_retries: int = DEFAULT_MAX_RETRIES,
         on_server_start: Callable[[LocalServer], None] | None = None,
-        shared_embedded: bool = False,
+        sessions: int = 1,
+        model_file: Path | None = None,
+        recorded_models: dict[str, str] | None = None,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         self.flags = flags
         self.config = config
@@ -64,9 +74,13 @@ class Models:
         self.max_retries = max_retries
         self.on_server_start = on_server_start
         self._stack = contextlib.ExitStack()
-        self.shared_embedded = shared_embedded
-        self._servers: dict[Slot, LocalServer] = {}
+        self.sessions = sessions
+        self.model_file = model_file
+        self.recorded_models = recorded_models or {}
+        self.notify = notify
+        self._servers: dict[Path | None, LocalServer] = {}
         self._clients: dict[tuple[str, str], ModelClient] = {}
+        self._kinds: dict[str, str | None] = {}
         self._fallback: Any = _UNSET
         self._lock = threading.RLock()  # a batch asks for clients from several threads
 
@@ -75,6 +89,11 @@ class Models:
 
     def __exit__(self, *exc_info: Any) -> None:
         self._stack.__exit__(*exc_info)  # the server stops at once on Ctrl-C
+
+    @property
+    def servers(self) -> list[LocalServer]:
+        """The embedded servers launched so far."""
+        return list(self._servers.values())
 
     # -- the slots -------------------------------------------------------------------
 
@@ -85,8 +104,7 @@ class Models:
     def moderator(self) -> ModelClient:
         """The moderator's client (the director's unless the config assigns one)."""
         return self._client(
-            self._assigned(lambda c: c.assign.get("moderator") or c.name_for("director")),
-            "moderator",
+            self._assigned(lambda c: c.assign.get("moderator") or c.name_for("director"))
         )
 
     def judge(self) -> ModelClient:
@@ -96,30 +114,27 @@ class Models:
         )
 
     def roles(self, roles_doc: dict[str, Any]) -> list[ModelClient]:
-        """One client per role of ``roles_doc``, in order. Roles on the embedded model get
-        a server each (see :mod:`pipeline.local`), all loading at once."""
+        """One client per role of ``roles_doc``, in order."""
         with self._lock:
-            endpoints = self.prepare(roles_doc)
-            return [self._client(endpoint, i) for i, endpoint in enumerate(endpoints)]
+            return [self._client(assigned) for assigned in self.prepare(roles_doc)]
 
-    def prepare(self, roles_doc: dict[str, Any]) -> list[Endpoint | None]:
+    def prepare(self, roles_doc: dict[str, Any]) -> list[Assigned]:
         """Start loading the embedded servers that :meth:`roles` will need, without waiting
-        (say, while the user reviews the roles); return each role's endpoint, None for the
-        embedded model."""
-        endpoints = [
+        (say, while the user reviews the roles); return what each role is assigned."""
+        assigned = [
             self._assigned(_role_picker(i, role["name"]))
             for i, role in enumerate(roles_doc["roles"])
         ]
         with self._lock:
-            for i, endpoint in enumerate(endpoints):
-                if endpoint is None:
-                    self._launch(i)
-        return endpoints
+            for choice in assigned:
+                if isinstance(choice, EmbeddedModel):
+                    self._launch(choice)
+        return assigned
 
     # -- resolution ------------------------------------------------------------------
 
-    def _assigned(self, pick: Callable[[Config], str | None]) -> Endpoint | None:
-        """The endpoint for one slot; None means the embedded model."""
+    def _assigned(self, pick: Callable[[Config], str | None]) -> Assigned:
+        """The endpoint for one slot, or the embedded model."""
         if self.flags is not None:
             return self.flags
         if self.config is not None:
@@ -128,30 +143,23 @@ class Models:
                 return self.config.endpoints[name]
         return self._unassigned()
 
-    def _unassigned(self) -> Endpoint | None:
+    def _unassigned(self) -> Assigned:
         with self._lock:
-            return self._resolve_unassigned()
+            if self._fallback is _UNSET:
+                found = resolve_endpoint(structured_output=self.structured_output)
+                recorded = self.recorded or {}
+                if found is None and recorded and not recorded.get("embedded"):
+                    found = Endpoint.from_description(recorded)
+                self._fallback = found or EmbeddedModel()
+            chosen: Assigned = self._fallback
+            return chosen
 
-    def _resolve_unassigned(self) -> Endpoint | None:
-        if self._fallback is _UNSET:
-            found = resolve_endpoint(structured_output=self.structured_output)
-            recorded = self.recorded or {}
-            if found is None and recorded and not recorded.get("embedded"):
-                found = Endpoint(
-                    base_url=recorded["base_url"],
-                    model=recorded["model"],
-                    api_key_env=recorded.get("api_key_env"),
-                    structured_output=recorded.get("structured_output", "auto"),
-                    params=dict(recorded.get("params", {})),
-                )
-            self._fallback = found
-        chosen: Endpoint | None = self._fallback
-        return chosen
-
-    def _client(self, endpoint: Endpoint | None, slot: Slot = 0) -> ModelClient:
+    def _client(self, assigned: Assigned) -> ModelClient:
         with self._lock:
-            if endpoint is None:
-                endpoint = self._embedded(slot)
+            if isinstance(assigned, EmbeddedModel):
+                endpoint = self._embedded(assigned)
+            else:
+                endpoint = self._identified(assigned)
             key = (endpoint.base_url, endpoint.model)
             if key not in self._clients:
                 self._clients[key] = ModelClient(
@@ -159,27 +167,73 @@ class Models:
                 )
             return self._clients[key]
 
-    def _launch(self, slot: Slot) -> LocalServer:
-        """The embedded server of ``slot``, launched if it was not (without waiting)."""
-        from .local import LocalServer, model_path
+    def _identified(self, endpoint: Endpoint) -> Endpoint:
+        """``endpoint`` with the kind of server it is (asked once per base URL), which
+        decides the schema form of structured answers; endpoints that never ask for a
+        schema, or whose host is known, are not asked."""
+        from urllib.parse import urlparse
 
-        slot = 0 if self.shared_embedded else slot
-        if slot not in self._servers:
-            model_path()  # a clear error when the local extra is missing
-            server = LocalServer(state_cache=self.shared_embedded)
+        from .structured import KNOWN_HOSTS
+
+        if (
+            endpoint.server is not None
+            or endpoint.structured_output == "prompt"
+            or urlparse(endpoint.base_url).hostname in KNOWN_HOSTS
+        ):
+            return endpoint
+        if endpoint.base_url not in self._kinds:
+            self._kinds[endpoint.base_url] = identify_server(endpoint)
+        return dataclasses.replace(endpoint, server=self._kinds[endpoint.base_url])
+
+    def _launch(self, choice: EmbeddedModel) -> LocalServer:
+        """The embedded server for ``choice``'s GGUF file, launched if it was not (without
+        waiting for it to load).
+
+        Raises:
+            ConfigError: the ``local`` extra is missing, or the file is not the one the
+                run was made with.
+            ModelFileError: the file is missing or not GGUF, or the download failed.
+        """
+        from .local import LocalServer, resolve_model
+
+        gguf = choice.gguf or self.model_file
+        if gguf not in self._servers:
+            model = resolve_model(gguf, self.notify)
+            self._check_recorded(model)
+            server = LocalServer(model, sessions=self.sessions)
             self._stack.push(server)  # stopped with this context, even if Ctrl-C cuts start-up
             server.launch()
-            self._servers[slot] = server
-        return self._servers[slot]
+            self._servers[gguf] = server
+        return self._servers[gguf]
 
-    def _embedded(self, slot: Slot) -> Endpoint:
-        server = self._launch(slot)
+    def _check_recorded(self, model: GGUFInfo) -> None:
+        if self.recorded_models and model.sha256 not in self.recorded_models:
+            made_with = ", ".join(sorted(set(self.recorded_models.values())))
+            raise ConfigError(
+                f"this run was made with the embedded model {made_with}, not "
+                f"{model.path} (sha256 {model.sha256[:12]}...): continue it on the same file "
+                "with --model-file PATH, or start a new run with pipeline generate"
+            )
+
+    def _embedded(self, choice: EmbeddedModel) -> Endpoint:
+        server = self._launch(choice)
         if not server.ready:
             _import_sdk()  # the SDK's 0.4 s import overlaps with the model loading
             server.wait_ready()
             if self.on_server_start:
                 self.on_server_start(server)
         return server.endpoint(self.structured_output)
+
+
+def recorded_models(manifest: dict[str, Any]) -> dict[str, str]:
+    """The embedded GGUF files a run's stages were made with, as ``{sha256: path}`` (empty
+    for a run made before GGUF files were recorded, or on no embedded model)."""
+    stages = manifest.get("stages", {})
+    described: list[dict[str, Any]] = []
+    for entry in stages.values():
+        described += [entry.get("endpoint") or {}, entry.get("moderator_endpoint") or {}]
+        described += entry.get("role_endpoints") or []
+    return {d["gguf_sha256"]: d.get("gguf", "?") for d in described if d.get("gguf_sha256")}
 
 
 def _import_sdk() -> None:

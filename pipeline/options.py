@@ -69,6 +69,7 @@ class EndpointFlags:
         "timeout",
         "max_retries",
         "config",
+        "model_file",
     )
 
     def __init__(self, **values: Any) -> None:
@@ -79,16 +80,15 @@ class EndpointFlags:
         self.timeout: float = values["timeout"]
         self.max_retries: int = values["max_retries"]
         self.config: Path | None = values["config"]
+        self.model_file: Path | None = values["model_file"]
 
-    def models(
-        self, run: Run | None = None, *, min_retries: int = 0, shared_embedded: bool = False
-    ) -> Models:
+    def models(self, run: Run | None = None, *, min_retries: int = 0, sessions: int = 1) -> Models:
         """The director's, the moderator's and the roles' clients (see pipeline.models);
         flags beat the config file, which beats the environment, then the endpoint that ran
-        ``run``'s director, then the embedded model (one server for all slots when
-        ``shared_embedded``)."""
+        ``run``'s director, then the embedded model (sized for ``sessions`` dialogues at
+        once; an existing run continues only on the GGUF file it was made with)."""
         from .config import load_config, resolve_endpoint
-        from .models import Models
+        from .models import Models, recorded_models
 
         given = any((self.base_url, self.model, self.api_key_env))
         flags = (
@@ -109,7 +109,10 @@ class EndpointFlags:
             timeout=self.timeout,
             max_retries=max(self.max_retries, min_retries),
             on_server_start=announce_server,
-            shared_embedded=shared_embedded,
+            sessions=sessions,
+            model_file=self.model_file,
+            recorded_models=recorded_models(run.manifest) if run else None,
+            notify=lambda message: click.echo(message, err=True),
         )
 
 
@@ -134,14 +137,20 @@ _ENDPOINT_OPTIONS = [
         type=click.Choice(STRUCTURED_OUTPUT_CHOICES),
         default="auto",
         show_default=True,
-        help="How to ask for JSON: OpenAI's json_schema response format, llama-cpp-python's "
-        "json_object, the schema in the prompt, or auto (known per server, else try each).",
+        help="How to ask for JSON: the json_schema response format, json_object with a "
+        "schema, the schema in the prompt, or auto (known per server, else try each).",
     ),
     click.option(
         "--config",
         type=PathType(dir_okay=False),
         help="Config file with named endpoints and their assignments [default: ./pipeline.toml "
         "if present]. Flags override it.",
+    ),
+    click.option(
+        "--model-file",
+        type=PathType(dir_okay=False),
+        help="GGUF file for the embedded model [default: SmolLM2-135M-Instruct, "
+        "downloaded on first use]. See pipeline models.",
     ),
     click.option(
         "--timeout",

@@ -27,17 +27,6 @@ from .judge import JudgeParameters, run_judge
 from .runs import STAGES, Run, create_run
 
 
-def _endpoint(described: dict[str, Any]) -> Endpoint:
-    return Endpoint(
-        base_url=described["base_url"],
-        model=described["model"],
-        api_key_env=described.get("api_key_env"),
-        structured_output=described.get("structured_output", "auto"),
-        embedded=described.get("embedded", False),
-        params=dict(described.get("params", {})),
-    )
-
-
 def replay_run(
     source: Run,
     runs_dir: Path,
@@ -68,7 +57,7 @@ def replay_run(
     run.save()
     with run.locked():
         recording = Recording(source.read_calls("director"), source.run_id)
-        client = ReplayClient(_endpoint(director_entry["endpoint"]), recording)
+        client = ReplayClient(Endpoint.from_description(director_entry["endpoint"]), recording)
         run_director(
             run,
             client,
@@ -82,11 +71,11 @@ def replay_run(
             return run
         recording = Recording(source.read_calls("dialogue"), source.run_id)
         clients = [
-            ReplayClient(_endpoint(described), recording)
+            ReplayClient(Endpoint.from_description(described), recording)
             for described in dialogue["role_endpoints"]
         ]
         moderator = (
-            ReplayClient(_endpoint(dialogue["moderator_endpoint"]), recording)
+            ReplayClient(Endpoint.from_description(dialogue["moderator_endpoint"]), recording)
             if dialogue.get("moderator_endpoint")
             else None
         )
@@ -100,7 +89,7 @@ def replay_run(
         judge = source.stage("judge")
         if judge["status"] == "done" and judge.get("endpoint"):
             recording = Recording(source.read_calls("judge"), source.run_id)
-            client = ReplayClient(_endpoint(judge["endpoint"]), recording)
+            client = ReplayClient(Endpoint.from_description(judge["endpoint"]), recording)
             run_judge(run, client, JudgeParameters(**judge["parameters"]))
     return run
 

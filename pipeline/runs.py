@@ -43,7 +43,7 @@ REQUIRED_STAGES = (
 )  # a run made before the judge stage existed has no judge entry
 TRANSCRIPT = "dialogue/transcript.jsonl"
 RUN_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[a-z0-9-]+$")
-_VERSIONED = ("openai", "jsonschema", "jinja2", "click", "llama-cpp-python")
+_VERSIONED = ("openai", "jsonschema", "jinja2", "click", "xllamacpp")
 
 
 def utc_now() -> datetime:

@@ -6,11 +6,16 @@ project picks a *dialect* per endpoint and always validates the answer itself:
 ``json_schema``
     OpenAI's ``response_format={"type": "json_schema", "json_schema": {"name", "schema",
     "strict": true}}`` (OpenAI, vLLM, llama.cpp's llama-server, Ollama, LM Studio,
-    OpenRouter). The schema sent is the strict form of the schema file
-    (:func:`strict_schema`); https://platform.openai.com/docs/guides/structured-outputs
+    OpenRouter). The schema is sent in one of two *forms*: the strict form
+    (:func:`strict_schema`, https://platform.openai.com/docs/guides/structured-outputs),
+    or, for llama.cpp's server (:data:`GRAMMAR_SERVERS`), the grammar form
+    (:func:`grammar_schema`): llama.cpp turns the schema into a grammar that enforces
+    ``minLength``/``maxLength``, ``enum``, ``const``, ``minItems``/``maxItems`` and closed
+    objects, but not the long ``pattern`` the strict form makes of a length bound, so a
+    small model would run on to its token limit.
 ``json_object``
-    ``{"type": "json_object", "schema": ...}``, the only form llama-cpp-python's server
-    accepts (it answers 500 to ``json_schema``); the schema becomes a grammar there.
+    ``{"type": "json_object", "schema": ...}`` (llama.cpp's servers, llama-cpp-python's
+    among them, which answers 500 to ``json_schema``); the schema becomes a grammar there.
 ``prompt``
     No ``response_format``; the schema is written into the prompt (for servers that
     ignore ``response_format``, such as Anthropic's OpenAI-compatible API).
@@ -24,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -48,19 +54,27 @@ STRICT_KEYWORDS = frozenset(
         "minItems", "maxItems",
     }
 )  # fmt: skip
-_KNOWN_HOSTS = {"api.openai.com": "json_schema", "api.anthropic.com": "prompt"}
+KNOWN_HOSTS = {"api.openai.com": "json_schema", "api.anthropic.com": "prompt"}
+GRAMMAR_SERVERS = frozenset({"llama.cpp"})  # servers that get the grammar form
+STRICT_FORM, GRAMMAR_FORM = "strict", "grammar"
 
 
 def dialect_plan(
-    requested: str, *, base_url: str, embedded: bool, remembered: str | None = None
+    requested: str,
+    *,
+    base_url: str,
+    embedded: bool,
+    remembered: str | None = None,
+    server: str | None = None,
 ) -> list[str]:
     """The dialects to try, in order, for one endpoint.
 
     Args:
         requested: ``auto`` or one of :data:`DIALECTS`.
         base_url: the endpoint's API root.
-        embedded: True for the embedded llama-cpp-python server.
+        embedded: True for the embedded engine (llama.cpp's server).
         remembered: the dialect that already worked for this endpoint in this run.
+        server: the kind of server, when known (``"llama.cpp"``).
 
     Returns:
         A single dialect when it is explicit or known; otherwise ``json_schema``,
@@ -70,10 +84,16 @@ def dialect_plan(
         return [requested]
     if remembered:
         return [remembered]
-    if embedded:
-        return ["json_object"]
-    known = _KNOWN_HOSTS.get(urlparse(base_url).hostname or "")
+    if embedded or server in GRAMMAR_SERVERS:
+        return ["json_schema"]
+    known = KNOWN_HOSTS.get(urlparse(base_url).hostname or "")
     return [known] if known else list(DIALECTS)
+
+
+def schema_form(server: str | None) -> str:
+    """``"grammar"`` for a server that turns schemas into llama.cpp grammars, else
+    ``"strict"`` (see the module docstring)."""
+    return GRAMMAR_FORM if server in GRAMMAR_SERVERS else STRICT_FORM
 
 
 def plan_in_run(endpoint: Endpoint, manifest: dict[str, Any]) -> list[str]:
@@ -85,6 +105,7 @@ def plan_in_run(endpoint: Endpoint, manifest: dict[str, Any]) -> list[str]:
         base_url=endpoint.base_url,
         embedded=endpoint.embedded,
         remembered=manifest.get("dialects", {}).get(endpoint.base_url),
+        server=endpoint.server,
     )
 
 
@@ -120,6 +141,8 @@ def _strict(node: Any, *, root: bool = False) -> Any:
         out["pattern"] = f"^[\\s\\S]{{{low},{high}}}$"
     if "oneOf" in node:  # strict mode knows anyOf, not oneOf
         out["anyOf"] = _strict(node["oneOf"])
+    if "prefixItems" in node:  # nor prefixItems: any of the positions' schemas
+        out["items"] = {"anyOf": _strict(node["prefixItems"])}
     if out.get("type") == "object" or "properties" in out:
         properties = out.setdefault("properties", {})
         required = set(node.get("required", []))
@@ -153,14 +176,82 @@ def grammar_safe(schema: dict[str, Any]) -> dict[str, Any]:
     return capped
 
 
-def response_format(dialect: str, schema: Schema) -> dict[str, Any] | None:
-    """The ``response_format`` request member for ``dialect`` (None for ``prompt``)."""
+CHARS_PER_TOKEN = 3  # a low estimate for English and code; fewer tokens fit other scripts
+
+
+def grammar_schema(schema: dict[str, Any], max_tokens: int | None = None) -> dict[str, Any]:
+    """The grammar form of ``schema`` for llama.cpp's server: the schema itself, less the
+    annotations a grammar has no use for (``$schema``, ``$id``, ``title``,
+    ``description``), with every object closed. The input is not modified.
+
+    With ``max_tokens``, every bounded string's ``maxLength`` is also capped at an equal
+    share of what fits in that many tokens (:data:`CHARS_PER_TOKEN` characters per token,
+    shared among the answer's bounded strings, arrays counted at their ``maxItems``; never
+    below the string's ``minLength``). The grammar then keeps a small model from running
+    past the token limit inside one string, while the schema file keeps bounds that fit a
+    capable model's answer."""
+    cap = None
+    if max_tokens is not None:
+        cap = max_tokens * CHARS_PER_TOKEN // max(1, _bounded_strings(schema))
+
+    def strip(node: Any, *, in_properties: bool = False) -> Any:
+        if isinstance(node, list):
+            return [strip(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if in_properties:  # keys here are property names, not keywords
+            return {name: strip(sub) for name, sub in node.items()}
+        out = {
+            key: strip(value, in_properties=key in ("properties", "$defs"))
+            for key, value in node.items()
+            if key not in ("$schema", "$id", "title", "description")
+        }
+        if out.get("type") == "object":
+            out.setdefault("additionalProperties", False)
+        if cap is not None and isinstance(out.get("maxLength"), int):
+            out["maxLength"] = max(min(out["maxLength"], cap), out.get("minLength", 0))
+        return out
+
+    stripped: dict[str, Any] = strip(schema)
+    return stripped
+
+
+def _bounded_strings(node: Any, times: int = 1) -> int:
+    """How many strings with a ``maxLength`` an instance of ``node`` holds at most."""
+    if isinstance(node, list):
+        return sum(_bounded_strings(item, times) for item in node)
+    if not isinstance(node, dict):
+        return 0
+    count = times if "maxLength" in node else 0
+    for key, value in node.items():
+        if key == "properties" and isinstance(value, dict):
+            count += sum(_bounded_strings(sub, times) for sub in value.values())
+        elif key == "items":
+            count += _bounded_strings(value, times * int(node.get("maxItems", 1)))
+        elif key == "prefixItems":
+            count += sum(_bounded_strings(sub, times) for sub in value)
+        elif key in ("anyOf", "oneOf"):
+            count += max((_bounded_strings(sub, times) for sub in value), default=0)
+    return count
+
+
+def response_format(
+    dialect: str, schema: Schema, server: str | None = None, max_tokens: int | None = None
+) -> dict[str, Any] | None:
+    """The ``response_format`` request member for ``dialect`` (None for ``prompt``), with
+    the schema in the form that ``server`` enforces (:func:`schema_form`; the grammar form
+    fitted to ``max_tokens``)."""
     if dialect == "json_schema":
+        form = schema_form(server)
         return {
             "type": "json_schema",
             "json_schema": {
                 "name": re.sub(r"[^A-Za-z0-9_-]", "_", schema.name.removesuffix(".schema.json")),
-                "schema": strict_schema(schema.document),
+                "schema": (
+                    grammar_schema(schema.document, max_tokens)
+                    if form == GRAMMAR_FORM
+                    else strict_schema(schema.document)
+                ),
                 "strict": True,
             },
         }
@@ -183,17 +274,32 @@ def repair_request(answer: str, problems: list[str]) -> str:
     return templates.render("repair.j2", answer=answer, problems=problems)
 
 
+def budget_request(max_tokens: int) -> str:
+    """The note added to the request when an answer was cut off at ``max_tokens`` tokens
+    (``templates/budget.j2``)."""
+    return templates.render("budget.j2", max_tokens=max_tokens)
+
+
 _FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(.*?)\n\s*```\s*$", re.DOTALL)
 
 
-def parse(response: dict[str, Any], schema: Schema, *, dialect: str) -> Any:
+Check = Callable[[Any], list[str]]
+
+
+def parse(
+    response: dict[str, Any], schema: Schema, *, dialect: str, check: Check | None = None
+) -> Any:
     """The JSON answer in a raw chat completion, validated against ``schema``
-    (Draft 2020-12). In the ``prompt`` dialect a surrounding Markdown code fence is removed.
+    (Draft 2020-12), then by ``check`` (problems a schema cannot express, as
+    ``"<json path>: <message>"``). In the ``prompt`` dialect a surrounding Markdown code
+    fence is removed. Control characters inside strings (a raw newline) are accepted: the
+    answer is otherwise valid, and a model asked again tends to repeat them.
 
     Raises:
         StructuredOutputError: with ``kind`` ``"no_answer"``, ``"refusal"``,
-            ``"content_filter"``, ``"length"`` (final: repairing cannot help), or
-            ``"invalid_json"``, ``"schema"`` (repairable); ``errors`` lists the problems.
+            ``"content_filter"`` (final: repairing cannot help), ``"length"`` (cut off:
+            worth one shorter re-ask), or ``"invalid_json"``, ``"schema"``, ``"semantic"``
+            (repairable); ``errors`` lists the problems.
     """
     choices = response.get("choices") or []
     if not choices:
@@ -219,7 +325,7 @@ def parse(response: dict[str, Any], schema: Schema, *, dialect: str) -> Any:
     if dialect == "prompt" and (fenced := _FENCE.match(content)):
         content = fenced.group(1)
     try:
-        value = json.loads(content)
+        value = json.loads(content, strict=False)
     except json.JSONDecodeError as e:
         problem = f"$: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         raise StructuredOutputError(
@@ -234,5 +340,12 @@ def parse(response: dict[str, Any], schema: Schema, *, dialect: str) -> Any:
             f"the answer does not match {schema.name}: {'; '.join(problems[:3])}{more}",
             errors=problems,
             kind="schema",
+        )
+    problems = check(value) if check else []
+    if problems:
+        raise StructuredOutputError(
+            f"the answer is unusable: {'; '.join(problems[:3])}",
+            errors=problems,
+            kind="semantic",
         )
     return value

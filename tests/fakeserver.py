@@ -13,6 +13,8 @@ script is empty, asks ``responder(body)`` for one. Actions:
 ``rejects`` maps a ``response_format.type`` to the (status, message) the server answers
 it with, imitating a real server: :data:`LLAMA_CPP_PYTHON` (500 to ``json_schema``, with
 the message llama-cpp-python 0.3 gives) or :data:`LM_STUDIO` (400 to ``json_object``).
+``props``, when given, is the answer to ``GET /props`` (llama.cpp's self-description, e.g.
+:data:`LLAMA_CPP_PROPS`); otherwise that path is a 404, as on most servers.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ LLAMA_CPP_PYTHON = {
     )
 }
 LM_STUDIO = {"json_object": (400, "'response_format.type' must be 'json_schema' or 'text'")}
+# What llama.cpp's server says of itself at GET /props (abridged).
+LLAMA_CPP_PROPS = {
+    "default_generation_settings": {"n_ctx": 8192, "params": {}},
+    "total_slots": 1,
+    "model_path": "model.gguf",
+    "build_info": "b0-unknown",
+}
 
 
 @dataclass
@@ -86,8 +95,10 @@ class FakeServer:
         *,
         model: str = "fake-model",
         rejects: dict[str, tuple[int, str]] | None = None,
+        props: dict[str, Any] | None = None,
     ) -> None:
         self.script: deque[Action] = deque()
+        self.props = props
         self.responder = responder or (lambda body: Reply("ok"))
         self.model = model
         self.rejects = rejects or {}
@@ -144,6 +155,8 @@ class FakeServer:
                     self._json(
                         200, {"object": "list", "data": [{"id": server.model, "object": "model"}]}
                     )
+                elif self.path == "/props" and server.props is not None:
+                    self._json(200, server.props)
                 else:
                     self._json(404, {"error": {"message": "not found"}})
 

