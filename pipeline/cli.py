@@ -290,8 +290,7 @@ def batch(
     """
     from .batch import Batch
 
-    # Concurrent runs would take turns on a per-role server and re-read each other's
-    # conversations; one server with a state cache serves them better.
+    # The embedded server gets slots and KV cache for `jobs` dialogues at once.
     with flags.models(min_retries=8, sessions=jobs) as models:
         work = Batch(tasks_file, runs_dir, models, director_params, dialogue_params, judge=judge)
         counts = {"done": 0, "skipped": 0, "failed": 0}

@@ -289,7 +289,7 @@ class ModelClient:
                 conversation = [
                     *conversation,
                     {"role": "assistant", "content": answer},
-                    {"role": "user", "content": structured.repair_request(answer, e.errors)},
+                    {"role": "user", "content": structured.repair_request(e.errors)},
                 ]
                 continue
             record.outcome(Attempt(number, dialect, "ok", []))

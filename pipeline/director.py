@@ -79,7 +79,7 @@ def narrow_schema(answer: dict[str, Any], schema: schemas.Schema) -> schemas.Sch
         names.append(f"{name} {i + 1}" if name.casefold() in map(str.casefold, names) else name)
     document = copy.deepcopy(schema.document)
     roles = document["properties"]["roles"]
-    item = roles.pop("items")
+    item = roles.pop("items", None) or roles["prefixItems"][0]  # narrowed once already
     roles["prefixItems"] = [
         {**item, "properties": {**item["properties"], "name": {"type": "string", "const": name}}}
         for name in names

@@ -268,10 +268,10 @@ def schema_instructions(schema: Schema) -> str:
     return templates.render("structured.j2", schema=schema_text)
 
 
-def repair_request(answer: str, problems: list[str]) -> str:
-    """The follow-up message that sends a model its unusable answer's problems
-    (``templates/repair.j2``), as instructor's re-ask does."""
-    return templates.render("repair.j2", answer=answer, problems=problems)
+def repair_request(problems: list[str]) -> str:
+    """The follow-up message, after the unusable answer itself, that sends a model that
+    answer's problems (``templates/repair.j2``), as instructor's re-ask does."""
+    return templates.render("repair.j2", problems=problems)
 
 
 def budget_request(max_tokens: int) -> str:

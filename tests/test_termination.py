@@ -464,3 +464,16 @@ def test_a_hand_edit_with_unusable_roles_is_refused(invoke, runs_dir):
     with pytest.raises(StructuredOutputError, match="the edited roles are unusable: "):
         replace_roles(open_run(runs_dir, run.name), bad)
     assert json.loads((run / "director" / "roles.json").read_text()) == ROLES
+
+
+def test_a_narrowed_schema_can_be_narrowed_again():
+    from pipeline.director import DirectorParameters, answer_schema, narrow_schema
+
+    bad = json.loads(json.dumps(ROLES))
+    bad["roles"][1]["name"] = "Student"
+    once = narrow_schema(bad, answer_schema(DirectorParameters()))
+    assert once.errors(ROLES) != []  # the second name is pinned to "Student 2"
+    twice = narrow_schema(ROLES, once)
+    positions = twice.document["properties"]["roles"]["prefixItems"]
+    assert [p["properties"]["name"]["const"] for p in positions] == ["Student", "Mentor"]
+    assert twice.errors(ROLES) == []
