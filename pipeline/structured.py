@@ -176,7 +176,7 @@ def grammar_safe(schema: dict[str, Any]) -> dict[str, Any]:
     return capped
 
 
-CHARS_PER_TOKEN = 3  # a low estimate for English and code; fewer tokens fit other scripts
+CHARS_PER_TOKEN = 2  # low for English and code (about 4), so a rambling answer still fits
 
 
 def grammar_schema(schema: dict[str, Any], max_tokens: int | None = None) -> dict[str, Any]:
@@ -186,7 +186,7 @@ def grammar_schema(schema: dict[str, Any], max_tokens: int | None = None) -> dic
 
     With ``max_tokens``, every bounded string's ``maxLength`` is also capped at an equal
     share of what fits in that many tokens (:data:`CHARS_PER_TOKEN` characters per token,
-    shared among the answer's bounded strings, arrays counted at their ``maxItems``; never
+    shared equally among the answer's strings, arrays counted at their ``maxItems``; never
     below the string's ``minLength``). The grammar then keeps a small model from running
     past the token limit inside one string, while the schema file keeps bounds that fit a
     capable model's answer."""
@@ -217,12 +217,13 @@ def grammar_schema(schema: dict[str, Any], max_tokens: int | None = None) -> dic
 
 
 def _bounded_strings(node: Any, times: int = 1) -> int:
-    """How many strings with a ``maxLength`` an instance of ``node`` holds at most."""
+    """How many strings an instance of ``node`` holds at most (pinned ones included, so
+    that narrowing a schema does not raise the share of the others)."""
     if isinstance(node, list):
         return sum(_bounded_strings(item, times) for item in node)
     if not isinstance(node, dict):
         return 0
-    count = times if "maxLength" in node else 0
+    count = times if node.get("type") == "string" else 0
     for key, value in node.items():
         if key == "properties" and isinstance(value, dict):
             count += sum(_bounded_strings(sub, times) for sub in value.values())

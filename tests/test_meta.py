@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
+from typing import Any
 
 import jinja2
 import pytest
@@ -216,3 +219,41 @@ def test_what_a_test_leaves_behind_for_the_next_ones_is_reported_and_put_back():
         "the environment variables ['PIPELINE_LEFT_BEHIND'] changed",
     ]
     assert before.left_behind() == []  # put back (and the threads joined)
+
+
+SEED = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "000_fbe6a6fd1cc72c24.txt"
+
+
+def seed_setups() -> list[dict[str, Any]]:
+    """The seed README's two set-ups as roles documents: each model's system prompt, and
+    as the opening line, the first model's first turn of the example conversation."""
+    text = SEED.read_text(encoding="utf-8")
+    found = []
+    for block in text.split("<summary>")[1:]:
+        prompts = re.findall(r"initial system propmt for model \d: +(.+)", block)
+        first_turn = block.split("**Model 1**: ", 1)[1].split("**Model 2**:", 1)[0].strip()
+        found.append(
+            {
+                "roles": [
+                    {"name": "Model 1", "system_prompt": prompts[0]},
+                    {"name": "Model 2", "system_prompt": prompts[1]},
+                ],
+                "termination": {
+                    "done_token": "<TASK_DONE>",
+                    "declared_by": "Model 1",
+                    "acceptance_criteria": "The task is done.",
+                },
+                "opening_line": first_turn,
+            }
+        )
+    return found
+
+
+@pytest.mark.skipif(not SEED.exists(), reason="the seed documents are not beside the checkout")
+def test_the_seed_set_ups_validate():
+    setups = seed_setups()
+    assert len(setups) == 2
+    fibonacci = next(s for s in setups if "Fibonacci" in s["opening_line"])
+    assert "```" in fibonacci["opening_line"] and len(fibonacci["opening_line"]) > 300
+    for setup in setups:
+        assert schemas.errors(setup, schemas.ROLES) == []

@@ -23,6 +23,36 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def test_an_embedded_endpoint_may_name_its_gguf_relative_to_the_config_file(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        [endpoints.big]
+        embedded = true
+        gguf = "models/qwen.gguf"
+
+        [endpoints.small]
+        embedded = true
+        """,
+    )
+    config = load_config(path)
+    assert config is not None
+    assert config.endpoints["big"] == EmbeddedModel(tmp_path / "models" / "qwen.gguf")
+    assert config.endpoints["small"] == EmbeddedModel(None)
+
+
+def test_gguf_on_a_server_endpoint_is_an_error(tmp_path):
+    path = write(
+        tmp_path, '[endpoints.a]\nbase_url = "http://x/v1"\nmodel = "m"\ngguf = "a.gguf"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.message == (
+        f"{path}: endpoints.a.gguf: only an embedded endpoint serves a GGUF file "
+        "(add embedded = true, or remove gguf)"
+    )
+
+
 def test_a_config_file_defines_and_assigns_endpoints(tmp_path):
     path = write(
         tmp_path,
