@@ -394,8 +394,10 @@ def bench_throughput() -> dict[str, Any]:
                        "--turns", "6", "--max-tokens", "64", "--runs-dir", str(runs),
                        "--director-max-tokens", "1024"]  # fmt: skip
             started = time.perf_counter()
-            subprocess.run(command, env=_env(), capture_output=True, check=True)
+            done = subprocess.run(command, env=_env(), capture_output=True, text=True)
             wall = time.perf_counter() - started
+            if done.returncode != 0:  # some task failed: its tokens still count
+                print(f"-j {jobs}: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
             tokens = 0
             for manifest in runs.glob("*/run.json"):
                 for stage in json.loads(manifest.read_text())["stages"].values():
@@ -477,6 +479,7 @@ def main() -> None:
         found = bench()
         rows.extend(found if isinstance(found, list) else [found])
         print(f"{name}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        print(table(rows[-len(found) if isinstance(found, list) else -1 :]), file=sys.stderr)
     text = table(rows)
     print(text)
     if args.markdown:
