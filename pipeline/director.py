@@ -16,7 +16,7 @@ from typing import Any
 from . import schemas, structured, templates
 from .client import ModelClient, calls_to
 from .errors import RunError, StructuredOutputError
-from .lint import lint_roles, roles_problems
+from .lint import lint_roles, roles_problems, self_address
 from .resources import file_sha256
 from .runs import Run
 from .termination import DEFAULT_DONE_TOKEN
@@ -70,8 +70,9 @@ def answer_schema(params: DirectorParameters) -> schemas.Schema:
 def narrow_schema(answer: dict[str, Any], schema: schemas.Schema) -> schemas.Schema:
     """``schema`` narrowed after ``answer`` had a problem of
     :func:`pipeline.lint.roles_problems`: each role's name is pinned to the answer's (a
-    repeated name gets its position added: ``Student 2``), and ``declared_by`` must be one
-    of those names. The next answer then cannot repeat either problem on a server that
+    repeated name gets its position added: ``Student 2``), ``declared_by`` must be one of
+    those names, and an opening line addressed to its own speaker is pinned to the same
+    line without that address. The next answer then cannot repeat either problem on a server that
     enforces the schema as a grammar; on others, the problems are still checked."""
     names: list[str] = []
     for i, role in enumerate(answer["roles"]):
@@ -89,6 +90,10 @@ def narrow_schema(answer: dict[str, Any], schema: schemas.Schema) -> schemas.Sch
         "type": "string",
         "enum": names,
     }
+    found = self_address(answer)
+    rest = answer["opening_line"][found.end() :].strip() if found else ""
+    if rest:  # the same opening line without the address to its own speaker
+        document["properties"]["opening_line"] = {"type": "string", "const": rest}
     return schemas.Schema(schema.name, document)
 
 

@@ -25,6 +25,17 @@ def _mentions(text: str, name: str) -> bool:
     return re.search(rf"\b{re.escape(name)}\b", text, re.IGNORECASE) is not None
 
 
+def self_address(roles_doc: dict[str, Any]) -> re.Match[str] | None:
+    """Where the opening line addresses the first role, who speaks it (``"Anna, ..."``,
+    ``"Hi Anna: ..."``), or None."""
+    speaker = roles_doc["roles"][0]["name"].strip()
+    return re.match(
+        rf"^\s*(?:dear\s+|hi\s+|hello\s+)?{re.escape(speaker)}\s*[,:!]\s*",
+        roles_doc["opening_line"],
+        re.IGNORECASE,
+    )
+
+
 def roles_problems(roles_doc: dict[str, Any]) -> list[str]:
     """What makes a schema-valid ``roles.json`` unusable, as ``"<json path>: <message>"``
     lines (the form of schema errors, so that a model can be asked to repair them): roles
@@ -45,10 +56,7 @@ def roles_problems(roles_doc: dict[str, Any]) -> list[str]:
             f"use one of {', '.join(repr(n) for n in names)}"
         )
     speaker = names[0]
-    opening = roles_doc["opening_line"].strip()
-    if re.match(
-        rf"^(?:dear\s+|hi\s+|hello\s+)?{re.escape(speaker)}\s*[,:!]", opening, re.IGNORECASE
-    ):
+    if self_address(roles_doc):
         problems.append(
             f"$.opening_line: it is addressed to {speaker!r}, who speaks it; address it to "
             f"{', '.join(repr(n) for n in names[1:])}"

@@ -189,7 +189,8 @@ def grammar_schema(schema: dict[str, Any], max_tokens: int | None = None) -> dic
     shared equally among the answer's strings, arrays counted at their ``maxItems``; never
     below the string's ``minLength``). The grammar then keeps a small model from running
     past the token limit inside one string, while the schema file keeps bounds that fit a
-    capable model's answer."""
+    capable model's answer. Every ``maxLength`` is also kept within
+    :data:`GRAMMAR_MAX_LENGTH`, past which llama.cpp's grammars were seen not to hold it."""
     cap = None
     if max_tokens is not None:
         cap = max_tokens * CHARS_PER_TOKEN // max(1, _bounded_strings(schema))
@@ -208,8 +209,9 @@ def grammar_schema(schema: dict[str, Any], max_tokens: int | None = None) -> dic
         }
         if out.get("type") == "object":
             out.setdefault("additionalProperties", False)
-        if cap is not None and isinstance(out.get("maxLength"), int):
-            out["maxLength"] = max(min(out["maxLength"], cap), out.get("minLength", 0))
+        if isinstance(out.get("maxLength"), int):
+            bound = min(out["maxLength"], GRAMMAR_MAX_LENGTH, cap or GRAMMAR_MAX_LENGTH)
+            out["maxLength"] = max(bound, out.get("minLength", 0))
         return out
 
     stripped: dict[str, Any] = strip(schema)

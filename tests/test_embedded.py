@@ -44,7 +44,11 @@ def embedded() -> Iterator[LocalServer]:
 
 
 def offline_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PIPELINE_"))}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "PIPELINE_")) or k == "PIPELINE_CACHE_DIR"
+    }
 
 
 def offline_pipeline(

@@ -439,6 +439,8 @@ def test_unusable_roles_are_sent_back_with_a_narrower_schema(invoke, runs_dir, c
     good = json.loads(json.dumps(ROLES))  # an answer that fits the narrowed schema
     for role, name in zip(good["roles"], names, strict=True):
         role["name"] = name
+    if bad["opening_line"].startswith("Student, "):  # pinned without the self-address
+        good["opening_line"] = bad["opening_line"].removeprefix("Student, ")
     with FakeServer() as fake:
         fake.add(Reply(json.dumps(bad)), Reply(json.dumps(good)))
         result = invoke("generate", "--base-url", fake.base_url, "--model", "m", "x")
@@ -449,6 +451,8 @@ def test_unusable_roles_are_sent_back_with_a_narrower_schema(invoke, runs_dir, c
     positions = narrowed["roles"]["items"]["anyOf"]  # the strict form of prefixItems
     assert [p["properties"]["name"]["const"] for p in positions] == names
     assert narrowed["termination"]["properties"]["declared_by"]["enum"] == names
+    if good["opening_line"] != ROLES["opening_line"]:
+        assert narrowed["opening_line"] == {"type": "string", "const": good["opening_line"]}
     attempts = json.loads((only_run(runs_dir) / "run.json").read_text())["stages"]["director"][
         "attempts"
     ]
