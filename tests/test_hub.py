@@ -146,14 +146,20 @@ def test_the_token_comes_from_hf_token_and_is_never_written(
     assert not [p for p in written if b"hf_secret_token_for_test" in p.read_bytes()]
 
 
+def listing_with_the_default_model_to_download() -> str:
+    """The first two lines of ``models list`` while the default model is not downloaded."""
+    return (
+        "MODEL                            FILE                             SIZE            PATH\n"
+        "SmolLM2-135M-Instruct (default)  SmolLM2-135M-Instruct.Q4_1.gguf  not downloaded  "
+        f"{default_model_path()}\n"
+    )
+
+
 def test_list_shows_the_default_model_and_the_pulled_files(hub: FakeHub, models_dir: Path) -> None:
     assert models("pull", REPO, FILE).exit_code == 0
     result = models("list")
     assert result.exit_code == 0
-    assert result.stdout == (
-        "MODEL                            FILE                             SIZE            PATH\n"
-        "SmolLM2-135M-Instruct (default)  SmolLM2-135M-Instruct.Q4_1.gguf  not downloaded  "
-        f"{default_model_path()}\n"
+    assert result.stdout == listing_with_the_default_model_to_download() + (
         "owner/tiny                       tiny.Q4_0.gguf                   0.0 MB          "
         f"{pulled_path(models_dir)}\n"
     )
@@ -196,11 +202,7 @@ def test_list_json(hub: FakeHub, models_dir: Path) -> None:
 def test_list_with_nothing_pulled_shows_the_default_model_to_download(models_dir: Path) -> None:
     result = models("list")
     assert result.exit_code == 0
-    assert result.stdout == (
-        "MODEL                            FILE                             SIZE            PATH\n"
-        "SmolLM2-135M-Instruct (default)  SmolLM2-135M-Instruct.Q4_1.gguf  not downloaded  "
-        f"{default_model_path()}\n"
-    )
+    assert result.stdout == listing_with_the_default_model_to_download()
     assert not models_dir.exists()
 
 
