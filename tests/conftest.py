@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,12 +62,27 @@ def environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
 
 
+def os_handler(signum: int) -> int | None:
+    """The address of the process's handler for ``signum`` as the OS knows it (sigaction),
+    which a library outside Python can change unseen by ``signal.getsignal``; None where
+    it cannot be read (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    action = ctypes.create_string_buffer(256)  # struct sigaction; sa_handler comes first
+    if ctypes.CDLL(None).sigaction(int(signum), None, action) != 0:
+        return None
+    return int.from_bytes(action.raw[: ctypes.sizeof(ctypes.c_void_p)], sys.byteorder)
+
+
 @dataclass(frozen=True)
 class ProcessState:
     """What one test can change for the tests after it: signal handlers, the main thread's
     signal mask, running threads, the environment. Take it on the main thread."""
 
     handlers: dict[signal.Signals, Any]
+    os_handlers: dict[signal.Signals, int | None]
     mask: set[int | signal.Signals]
     threads: set[threading.Thread]
     environ: dict[str, str]
@@ -75,6 +91,7 @@ class ProcessState:
     def now(cls) -> ProcessState:
         return cls(
             handlers={signum: signal.getsignal(signum) for signum in SIGNALS},
+            os_handlers={signum: os_handler(signum) for signum in SIGNALS},
             mask=signal.pthread_sigmask(signal.SIG_BLOCK, []),
             threads=set(threading.enumerate()),
             environ=environment(),
@@ -90,6 +107,15 @@ class ProcessState:
                 leaks.append(f"the {signum.name} handler is {now!r}, was {handler!r}")
                 if handler is not None:  # None: set outside Python, cannot be put back
                     signal.signal(signum, handler)
+        for signum, address in self.os_handlers.items():
+            if (now_address := os_handler(signum)) != address:
+                # code outside Python (a C or Rust library) replaced the process's handler:
+                # Python's getsignal cannot see it; setting Python's own puts it back
+                leaks.append(f"the {signum.name} handler was replaced outside Python")
+                handler = signal.getsignal(signum)
+                if handler is not None:
+                    signal.signal(signum, handler)
+                del now_address
         if (mask := signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)) != self.mask:
             leaks.append(f"the blocked signals are {sorted(mask)}, were {sorted(self.mask)}")
         for thread in threading.enumerate():
@@ -106,6 +132,20 @@ class ProcessState:
                 del os.environ[name]
             os.environ.update(self.environ)
         return leaks
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt during the test, as in a terminal, whatever this
+    process inherited: a shell starts a background job (``pytest &``) with SIGINT ignored,
+    and Python then leaves it ignored, so neither a SIGINT nor ``_thread.interrupt_main``
+    would raise anything (issue 18). The handler is put back afterwards."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(autouse=True)

@@ -427,7 +427,7 @@ def test_commands_that_read_runs_take_runs_dir(invoke, runs_dir, command):
     assert str(runs_dir) in result.stderr  # the root it looked in, from --runs-dir
 
 
-def test_ctrl_c_during_a_request_lands_in_the_caller_not_in_the_http_stack():
+def test_ctrl_c_during_a_request_lands_in_the_caller_not_in_the_http_stack(sigint_raises):
     """A request holding a lock (as the HTTP stack does) runs to its end when Ctrl-C comes;
     the KeyboardInterrupt is raised where the main thread waits for it."""
     from pipeline.client import off_main_thread
@@ -458,7 +458,7 @@ def test_ctrl_c_during_a_request_lands_in_the_caller_not_in_the_http_stack():
     assert finished == ["pipeline-request"]
 
 
-def test_ctrl_c_just_before_the_wait_for_a_request_still_lands_while_it_runs():
+def test_ctrl_c_just_before_the_wait_for_a_request_still_lands_while_it_runs(sigint_raises):
     """A SIGINT whose handler ran just before the main thread blocked waiting for the
     request cannot interrupt that wait: nothing was blocked yet when it came (issue 18).
     interrupt_main() trips SIGINT as the handler does but interrupts nothing; sent while
