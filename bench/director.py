@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from pipeline.client import ModelClient
-from pipeline.director import DirectorParameters, run_director
+from pipeline import stages
+from pipeline.director import DirectorParameters
 from pipeline.errors import PipelineError
 from pipeline.local import LocalServer, resolve_model
 from pipeline.runs import create_run
@@ -71,12 +72,13 @@ def main() -> int:
             run = create_run(Path(folder), task)
             started = time.monotonic()
             try:
-                run_director(run, client, params)
+                plan = stages.Plan.of(params)
+                stages.run_stage(run, "director", stages.OneClient(client), plan)
                 outcome = "ok"
             except PipelineError as e:
                 outcome = f"failed: {e.message.split(': ', 2)[-1][:120]}"
             seconds = time.monotonic() - started
-            attempts = [a["outcome"] for a in run.stage("director").get("attempts", [])]
+            attempts = [a.outcome for a in run.stage("director").attempts or []]
             rows.append((task, outcome, attempts, seconds))
             print(f"{outcome[:6]:6} {seconds:6.1f}s {attempts} {task[:60]!r}", file=sys.stderr)
     successes = sum(1 for _, outcome, _, _ in rows if outcome == "ok")

@@ -16,16 +16,17 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .dialogue import DialogueListener, DialogueParameters, run_dialogue
-from .director import DirectorParameters, load_roles, run_director
+from . import stages
+from .dialogue import DialogueParameters
+from .director import DirectorParameters
 from .errors import ConfigError, PipelineError
-from .judge import JudgeParameters, run_judge
 from .models import Models
-from .runs import Run, atomic_write_json, create_run, open_run, slugify, utc_now
+from .records import utc_now
+from .runs import Run, atomic_write_json, create_run, open_run, slugify
 
 DIRECTOR_OPTIONS = {"roles", "done_token", "temperature", "seed"}
 DIALOGUE_OPTIONS = {
@@ -105,35 +106,6 @@ def read_tasks(path: Path) -> list[BatchTask]:
     return tasks
 
 
-def finish_run(
-    run: Run,
-    models: Models,
-    director: DirectorParameters,
-    dialogue: DialogueParameters,
-    *,
-    judge: JudgeParameters | None = None,
-    listener: DialogueListener | None = None,
-) -> None:
-    """Bring ``run`` to its end from wherever it stopped: the director stage if it did not
-    finish, then the dialogue (continued from its last complete turn when it was cut
-    short, started over when it is stale or never ran), then, with ``judge``, the judge.
-    Stages that are done are left alone."""
-    if run.stage("director")["status"] != "done":
-        run.archive_stage("director")
-        run_director(run, models.director(), director)
-        run.mark_stale("dialogue")
-    entry = run.stage("dialogue")
-    if entry["status"] != "done":
-        go_on = entry["status"] in ("running", "failed")
-        roles = load_roles(run)
-        moderator = models.moderator() if dialogue.floor == "moderator" else None
-        run_dialogue(
-            run, models.roles(roles), dialogue, listener, resume=go_on, moderator=moderator
-        )
-    if judge is not None and run.stage("judge")["status"] != "done":
-        run_judge(run, models.judge(), judge)
-
-
 class Batch:
     """A tasks file run against a runs root; see :meth:`run`."""
 
@@ -204,10 +176,8 @@ class Batch:
         return director, dialogue
 
     def _process(self, task: BatchTask) -> Outcome:
-        director, dialogue = self._parameters(task)
-        judge = (
-            JudgeParameters(seed=dialogue.seed) if task.options.get("judge", self.judge) else None
-        )
+        plan = stages.Plan.of(*self._parameters(task))
+        include = ("judge",) if task.options.get("judge", self.judge) else ()
         run_id = self._run_id_for(task)
         try:
             folder = self.runs_dir / run_id
@@ -216,15 +186,11 @@ class Batch:
             else:
                 if folder.exists():  # a creation cut short: a folder with no manifest yet
                     shutil.rmtree(folder)
-                planned = {"director": asdict(director), "dialogue": asdict(dialogue)}
-                run = create_run(self.runs_dir, task.task, planned, run_id=run_id)
-            complete = run.stage("dialogue")["status"] == "done" and (
-                judge is None or run.stage("judge")["status"] == "done"
-            )
-            if complete:
+                run = create_run(self.runs_dir, task.task, plan.planned(), run_id=run_id)
+            if not stages.pending(run, include=include):
                 return self._outcome(task, run, "skipped")
             with run.locked():
-                finish_run(run, self.models, director, dialogue, judge=judge)
+                stages.advance(stages.StageContext(run, self.models, plan), include=include)
         except PipelineError as e:
             self._note(task, status="failed", error=e.message)
             return Outcome(task, "failed", run_id, error=e.message)
@@ -236,9 +202,7 @@ class Batch:
     def _outcome(self, task: BatchTask, run: Run, status: str) -> Outcome:
         entry = run.stage("dialogue")
         self._note(task, run_id=run.run_id, status="done", error=None)
-        return Outcome(
-            task, status, run.run_id, entry.get("turns") or 0, entry.get("termination_reason")
-        )
+        return Outcome(task, status, run.run_id, entry.turns or 0, entry.termination_reason)
 
     def run(self, jobs: int, on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
         """Process every task, ``jobs`` at a time (threads); call ``on_done`` as each ends.

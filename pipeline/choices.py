@@ -7,5 +7,3 @@ STRUCTURED_OUTPUT_CHOICES = ("auto", "json_schema", "json_object", "prompt")
 FLOORS = ("round-robin", "moderator")
 # What `pipeline export` writes; see pipeline.export.
 EXPORT_FORMATS = ("md", "txt", "jsonl", "finetune")
-# The stages of a run, in order; see pipeline.runs.
-STAGES = ("director", "dialogue", "judge")

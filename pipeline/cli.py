@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .choices import EXPORT_FORMATS, STAGES
+from .choices import EXPORT_FORMATS
 from .errors import PipelineError, RunError
 from .options import (
     EndpointFlags,
@@ -31,16 +31,18 @@ from .options import (
     runs_dir_option,
     stage_options,
 )
+from .stages import STAGE_NAMES
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from .batch import Outcome
-    from .client import ModelClient
     from .dialogue import DialogueParameters
     from .director import DirectorParameters
     from .models import Models
+    from .records import RolesDocument, Turn
     from .runs import Run
+    from .stages import StageContext
 
 REVIEW_QUESTION = "Run the dialogue? [y/N/e]"
 
@@ -115,20 +117,21 @@ def generate(
     When standard input is not a terminal and --yes is absent, it stops after the
     director stage and prints the command that continues.
     """
-    from dataclasses import asdict
-
-    from .director import run_director
+    from . import stages
+    from .director import load_roles
     from .runs import create_run
 
-    planned = {"director": asdict(director_params), "dialogue": asdict(dialogue_params)}
+    plan = stages.Plan.of(director_params, dialogue_params)
     with flags.models() as models:
         client = models.director()
-        run = create_run(runs_dir, task, planned)
+        run = create_run(runs_dir, task, plan.planned())
+        ctx = stages.StageContext(run, models, plan, _Printer())
         with _writing(run):
             click.echo(
                 f"run {run.run_id}: asking the director ({client.endpoint.model})...", err=True
             )
-            roles = run_director(run, client, director_params)
+            stages.execute(ctx, "director")
+            roles = load_roles(run)
             _show_roles(run, roles)
             if not yes:
                 next_command = f"pipeline converse {run.run_id}{_runs_dir_flag(runs_dir)}"
@@ -142,9 +145,9 @@ def generate(
                 if not _review(run, roles):
                     click.echo(f"\nnot run; to run the dialogue later: {next_command}")
                     return
-            _converse(run, models, dialogue_params)
+            _converse(ctx, models)
             if judge:
-                _judge(run, models, dialogue_params.seed)
+                _judge(ctx, models)
 
 
 @cli.command()
@@ -161,25 +164,27 @@ def converse(
     the endpoint that ran the director is used again. A dialogue already done with the
     same roles, endpoint and parameters is not redone (rerun does that).
     """
-    from .dialogue import is_current
+    from . import stages
     from .director import load_roles
 
     run = _open(runs_dir, run_id)
     with _writing(run):
-        roles = load_roles(run)  # fail before starting a server when the run is not ready
+        load_roles(run)  # fail before starting a server when the run is not ready
         with flags.models(run) as models:
-            if is_current(run, models.roles(roles), dialogue_params):
+            plan = stages.Plan.of(dialogue=dialogue_params)
+            ctx = stages.StageContext(run, models, plan, _Printer())
+            if stages.is_current(ctx, "dialogue"):
                 click.echo(
                     f"the dialogue of run {run.run_id} is already done with these inputs; "
                     f"to redo it: pipeline rerun {run.run_id} dialogue{_runs_dir_flag(runs_dir)}"
                 )
                 return
-            _converse(run, models, dialogue_params)
+            _converse(ctx, models)
 
 
 @cli.command()
 @click.argument("run_id")
-@click.argument("stage", type=click.Choice(STAGES))
+@click.argument("stage", type=click.Choice(STAGE_NAMES))
 @runs_dir_option
 @endpoint_options
 @stage_options(director=True, dialogue=True)
@@ -197,6 +202,7 @@ def rerun(
     director makes a dialogue that already ran stale (its roles changed), and a new
     dialogue makes the verdict of the judge stale.
     """
+    from . import stages
     from .director import load_roles
 
     run = _open(runs_dir, run_id)
@@ -204,12 +210,14 @@ def rerun(
         if stage == "dialogue":
             load_roles(run)
         with flags.models(run) as models:
+            plan = stages.Plan.of(director_params, dialogue_params)
+            ctx = stages.StageContext(run, models, plan, _Printer())
             if stage == "dialogue":
-                _converse(run, models, dialogue_params)
+                _converse(ctx, models)
             elif stage == "judge":
-                _judge(run, models, dialogue_params.seed)
+                _judge(ctx, models)
             else:
-                _redo_director(run, models.director(), director_params, runs_dir)
+                _redo_director(ctx, models, runs_dir)
 
 
 @cli.command()
@@ -223,36 +231,31 @@ def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
     from its last complete turn, with the parameters it was started with. A stale
     dialogue (its roles were edited or regenerated) starts over.
     """
-    from .batch import finish_run
-    from .dialogue import DialogueParameters
-    from .director import DirectorParameters
+    from . import stages
 
     run = _open(runs_dir, run_id)
     with _writing(run):
-        statuses = {name: run.status(name) for name in ("director", "dialogue")}
+        statuses = {name: stages.status(run, name) for name in ("director", "dialogue")}
         if statuses == {"director": "done", "dialogue": "done"}:
             click.echo(f"run {run.run_id} is complete; nothing to resume")
             return
-        asked = run.stage("director")["parameters"]
-        director = DirectorParameters(**asked) if asked else DirectorParameters()
-        asked = run.stage("dialogue")["parameters"]
-        dialogue = DialogueParameters(**asked) if asked else DialogueParameters()
+        plan = stages.Plan.recorded(run)
         if statuses["director"] != "done":
             click.echo(
                 f"run {run.run_id}: the director stage is {statuses['director']}; "
                 "asking the director again...",
                 err=True,
             )
-            run.mark_stale("judge")
-        elif run.stage("dialogue")["status"] in ("running", "failed"):
+        elif statuses["dialogue"] in ("interrupted", "failed"):
             at = len(run.read_transcript()) + 1
-            if at <= dialogue.turns:
+            if at <= plan.dialogue.turns:
                 click.echo(
-                    f"run {run.run_id}: resuming the dialogue at turn {at} of {dialogue.turns}",
+                    f"run {run.run_id}: resuming the dialogue at turn {at} of "
+                    f"{plan.dialogue.turns}",
                     err=True,
                 )
         with flags.models(run) as models:
-            finish_run(run, models, director, dialogue, listener=_Printer())
+            stages.advance(stages.StageContext(run, models, plan, _Printer()))
         click.echo(
             f"\nrun {run.run_id} done ({_views().ending(run.stage('dialogue'))}): {run.folder}"
         )
@@ -338,19 +341,20 @@ def edit(run_id: str, runs_dir: Path) -> None:
     """
     run = _open(runs_dir, run_id)
     with _writing(run):
-        from .director import ROLES
+        from . import stages
+        from .director import ROLES, load_roles
 
-        if run.stage("director")["status"] != "done":
+        if run.stage("director").status != "done":
             raise RunError(
-                f"the director stage of run {run.run_id} is {run.status('director')}, "
+                f"the director stage of run {run.run_id} is {stages.status(run, 'director')}, "
                 f"so there are no roles to edit; finish it with: pipeline resume {run.run_id}",
                 run_id=run.run_id,
             )
-        if _edit_roles(run, run.read_json(ROLES)) is None:
+        if _edit_roles(run, load_roles(run)) is None:
             click.echo("no change saved; the roles are as they were", err=True)
             return
         click.echo(f"saved {run.path(ROLES)}")
-        if run.stage("dialogue")["status"] == "stale":
+        if stages.status(run, "dialogue") == "stale":
             click.echo(
                 f"the dialogue ran on the old roles and is now stale; rerun it with: "
                 f"pipeline rerun {run.run_id} dialogue{_runs_dir_flag(runs_dir)}"
@@ -384,7 +388,7 @@ def replay(run_id: str, into: str | None, runs_dir: Path) -> None:
 @runs_dir_option
 def diff(run_a: str, run_b: str, runs_dir: Path) -> None:
     """Show what differs between RUN_A and RUN_B: inputs, roles, transcript."""
-    from .replay import diff_runs
+    from .views import diff_runs
 
     text = diff_runs(_open(runs_dir, run_a), _open(runs_dir, run_b))
     click.echo(text or "no differences")
@@ -475,7 +479,7 @@ def runs_command(runs_dir: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--stage", type=click.Choice(STAGES), help="Show only this stage.")
+@click.option("--stage", type=click.Choice(STAGE_NAMES), help="Show only this stage.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact itself as JSON.")
 @runs_dir_option
 def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
@@ -489,6 +493,7 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
 
     from .director import ROLES
     from .judge import VERDICT
+    from .records import RolesDocument
 
     run = _open(runs_dir, run_id)
     has_roles = run.path(ROLES).exists()
@@ -498,18 +503,19 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
             click.echo(json.dumps(run.read_json(ROLES), indent=2, ensure_ascii=False))
         elif stage == "dialogue":
             for line in run.read_transcript():
-                click.echo(json.dumps(line, ensure_ascii=False))
+                click.echo(json.dumps(line.to_json(), ensure_ascii=False))
         elif stage == "judge":
             click.echo(json.dumps(run.read_json(VERDICT), indent=2, ensure_ascii=False))
         else:
-            click.echo(json.dumps(run.manifest, indent=2, ensure_ascii=False))
+            click.echo(json.dumps(run.manifest.to_json(), indent=2, ensure_ascii=False))
         return
+    roles = RolesDocument.from_json(run.read_json(ROLES)) if has_roles else None
     if stage is None:
         click.echo(_views().run_header(run))
-    if stage in (None, "director") and has_roles:
-        click.echo(("\n" if stage is None else "") + _views().roles_text(run.read_json(ROLES)))
+    if stage in (None, "director") and roles is not None:
+        click.echo(("\n" if stage is None else "") + _views().roles_text(roles))
     if stage in (None, "dialogue"):
-        token = run.read_json(ROLES)["termination"]["done_token"] if has_roles else ""
+        token = roles.done_token if roles is not None else ""
         text = _views().transcript_text(run.read_transcript(), token)
         click.echo(text.removeprefix("\n") if stage else text)
     if stage == "judge" or (stage is None and has_verdict):
@@ -567,7 +573,7 @@ def _writing(run: Run) -> Iterator[Run]:
         raise
 
 
-def _edit_roles(run: Run, roles: dict[str, Any]) -> dict[str, Any] | None:
+def _edit_roles(run: Run, roles: RolesDocument) -> RolesDocument | None:
     """Open $EDITOR on ``roles``; save a valid edit and return it, or None when the editor
     was closed without saving.
 
@@ -577,8 +583,10 @@ def _edit_roles(run: Run, roles: dict[str, Any]) -> dict[str, Any] | None:
     import json
 
     from .director import replace_roles
+    from .records import RolesDocument
 
-    edited = click.edit(json.dumps(roles, indent=2, ensure_ascii=False) + "\n", extension=".json")
+    text = json.dumps(roles.to_json(), indent=2, ensure_ascii=False) + "\n"
+    edited = click.edit(text, extension=".json")
     if edited is None:
         return None
     try:
@@ -589,11 +597,10 @@ def _edit_roles(run: Run, roles: dict[str, Any]) -> dict[str, Any] | None:
         replace_roles(run, candidate)
     except PipelineError as e:
         raise PipelineError(f"not saved: {e.message}") from e
-    result: dict[str, Any] = candidate
-    return result
+    return RolesDocument.from_json(candidate)
 
 
-def _review(run: Run, roles: dict[str, Any]) -> bool:
+def _review(run: Run, roles: RolesDocument) -> bool:
     """Ask until the user runs (True) or declines (False); 'e' edits the roles."""
     while True:
         answer = click.prompt(
@@ -618,17 +625,17 @@ def _review(run: Run, roles: dict[str, Any]) -> bool:
         _show_roles(run, roles)
 
 
-def _redo_director(
-    run: Run, client: ModelClient, params: DirectorParameters, runs_dir: Path
-) -> None:
+def _redo_director(ctx: StageContext, models: Models, runs_dir: Path) -> None:
     """Run the director stage again (its old files go to director/previous-N/)."""
-    from .director import run_director
+    from . import stages
+    from .director import load_roles
 
-    run.archive_stage("director")
-    click.echo(f"run {run.run_id}: asking the director ({client.endpoint.model})...", err=True)
-    _show_roles(run, run_director(run, client, params))
-    run.mark_stale("judge")
-    if run.mark_stale("dialogue"):
+    run = ctx.run
+    model = models.director().endpoint.model
+    click.echo(f"run {run.run_id}: asking the director ({model})...", err=True)
+    stages.execute(ctx, "director")
+    _show_roles(run, load_roles(run))
+    if stages.status(run, "dialogue") == "stale":
         click.echo(
             f"\nthe dialogue ran on the old roles and is now stale; rerun it with: "
             f"pipeline rerun {run.run_id} dialogue{_runs_dir_flag(runs_dir)}"
@@ -644,42 +651,39 @@ class _Printer:
     def delta(self, text: str) -> None:
         click.echo(text, nl=False)
 
-    def turn_finished(self, line: dict[str, Any]) -> None:
+    def turn_finished(self, turn: Turn) -> None:
         click.echo()
 
 
-def _converse(
-    run: Run, models: Models, params: DialogueParameters, *, resume: bool = False
-) -> None:
-    from .dialogue import run_dialogue
+def _converse(ctx: StageContext, models: Models) -> None:
+    from . import stages
     from .director import load_roles
 
-    roles = load_roles(run)
+    run = ctx.run
     config = models.config
     if config is not None:
-        for name in config.unknown_roles([r["name"] for r in roles["roles"]]):
+        for name in config.unknown_roles(load_roles(run).names):
             click.echo(
                 f"warning: {config.path}: assign.roles.{name}: no role is called {name}", err=True
             )
-    clients = models.roles(roles)
-    moderator = models.moderator() if params.floor == "moderator" else None
-    run_dialogue(run, clients, params, _Printer(), resume=resume, moderator=moderator)
+    stages.execute(ctx, "dialogue")
     click.echo(f"\nrun {run.run_id} done ({_views().ending(run.stage('dialogue'))}): {run.folder}")
 
 
-def _judge(run: Run, models: Models, seed: int | None) -> None:
-    from .judge import JudgeParameters, run_judge
+def _judge(ctx: StageContext, models: Models) -> None:
+    from . import stages
+    from .judge import load_verdict
 
-    client = models.judge()
-    click.echo(f"run {run.run_id}: asking the judge ({client.endpoint.model})...", err=True)
-    verdict = run_judge(run, client, JudgeParameters(seed=seed))
-    click.echo(_views().verdict_text(verdict))
+    run = ctx.run
+    click.echo(f"run {run.run_id}: asking the judge ({models.judge().endpoint.model})...", err=True)
+    stages.execute(ctx, "judge")
+    click.echo(_views().verdict_text(load_verdict(run)))
 
 
-def _show_roles(run: Run, roles: dict[str, Any]) -> None:
+def _show_roles(run: Run, roles: RolesDocument) -> None:
     """Print the roles, then, on stderr, what the lint step found in them."""
     click.echo(_views().roles_text(roles))
-    for problem in run.stage("director").get("lint", []):
+    for problem in run.stage("director").lint or []:
         click.echo(f"check: {problem}", err=True)
 
 

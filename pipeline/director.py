@@ -11,15 +11,19 @@ from __future__ import annotations
 import copy
 import shutil
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import schemas, structured, templates
-from .client import ModelClient, calls_to
+from . import schemas, stages, templates
+from .answer import answer_stage
 from .errors import RunError, StructuredOutputError
 from .lint import lint_roles, roles_problems, self_address
+from .records import RolesDocument, StageRecord
 from .resources import file_sha256
-from .runs import Run
 from .termination import DEFAULT_DONE_TOKEN
+
+if TYPE_CHECKING:
+    from .runs import Run
+    from .stages import StageContext
 
 STAGE = "director"
 TEMPLATE = "director.j2"
@@ -97,91 +101,72 @@ def narrow_schema(answer: dict[str, Any], schema: schemas.Schema) -> schemas.Sch
     return schemas.Schema(schema.name, document)
 
 
-def run_director(
-    run: Run,
-    client: ModelClient,
-    params: DirectorParameters,
-    *,
-    dialects: list[str] | None = None,
-) -> dict[str, Any]:
-    """Run the director stage of ``run``; return the roles (``schemas/roles.schema.json``).
+def inputs(ctx: StageContext) -> object:
+    """See :mod:`pipeline.stages`."""
+    endpoint = ctx.models.director().endpoint
+    return {
+        "task": ctx.run.task,
+        "template_sha256": file_sha256(templates.template_path(TEMPLATE)),
+        "schema_sha256": file_sha256(schemas.schema_path(schemas.ROLES)),
+        "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
+        "parameters": asdict(ctx.plan.director),
+    }
+
+
+def run(ctx: StageContext) -> None:
+    """Run the director stage: the roles (``schemas/roles.schema.json``) for the run's task.
 
     The answer is asked for in the structured-output dialect planned for the endpoint
     (:func:`pipeline.structured.dialect_plan`; a dialect that worked earlier in the run is
-    reused; ``dialects`` overrides the plan, as a replay does), validated against the
-    schema and :func:`pipeline.lint.roles_problems`, and repaired up to
-    ``params.repair_attempts`` times (an answer cut off at the token limit is asked again
-    once, shorter). The stage is
-    ``running`` in the manifest while it works, then ``done``, or ``failed`` with the error;
-    every artifact written before a failure stays on disk.
+    reused; a replay uses the recorded plan), validated against the schema and
+    :func:`pipeline.lint.roles_problems`, and repaired up to ``repair_attempts`` times (an
+    answer cut off at the token limit is asked again once, shorter); see
+    :mod:`pipeline.answer`. Besides the answer's files, the final exchange is kept as
+    ``request.json`` and ``response.json``.
 
     Raises:
         StructuredOutputError: no usable answer after the last attempt; the message names
             the run and the command that regenerates the stage.
         EndpointError: the endpoint failed.
     """
-    endpoint = client.endpoint
-    dialects = dialects or structured.plan_in_run(endpoint, run.manifest)
-    inputs = {
-        "task": run.task,
-        "template_sha256": file_sha256(templates.template_path(TEMPLATE)),
-        "schema_sha256": file_sha256(schemas.schema_path(schemas.ROLES)),
-        "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
-        "parameters": asdict(params),
-    }
-    with run.stage_running(
-        STAGE,
-        endpoint=endpoint.describe(),
-        parameters=asdict(params),
-        inputs=inputs,
-    ) as entry:
-        entry["dialect_plan"] = dialects
-        prompt = render_prompt(run.task, params.roles, params.done_token)
-        run.write_text(PROMPT, prompt)
-        try:
-            with calls_to(STAGE, run.record_call):
-                result = client.structured(
-                    [{"role": "user", "content": prompt}],
-                    answer_schema(params),
-                    max_tokens=params.max_tokens,
-                    temperature=params.temperature,
-                    dialects=dialects,
-                    repair_attempts=params.repair_attempts,
-                    recorder=run.attempts(STAGE),
-                    seed=params.seed,
-                    check=roles_problems,
-                    narrow=narrow_schema,
-                )
-        except StructuredOutputError as e:
-            hint = " (raise --director-max-tokens)" if e.kind == "length" else ""
-            raise StructuredOutputError(
-                f"run {run.run_id}: the director's answer was unusable after "
-                f"{len(entry.get('attempts', []))} attempt(s): {e.message}{hint}; the answers "
-                f"are in {run.path(STAGE)}; regenerate with: pipeline rerun {run.run_id} director",
-                errors=e.errors,
-                kind=e.kind,
-            ) from e
-        run.write_json(REQUEST, result.request)
-        run.write_json(RESPONSE, result.response)
-        run.write_json(ROLES, result.value)
-    structured.remember_in_run(endpoint, run.manifest, result.dialect)
-    entry["structured_output"] = result.dialect
-    if result.dialect == "json_schema":
-        entry["schema_form"] = structured.schema_form(endpoint.server)
-    entry["lint"] = lint_roles(result.value)
-    run.finish_stage(STAGE, usage=result.usage)
-    roles: dict[str, Any] = result.value
-    return roles
+    params = ctx.plan.director
+    run_ = ctx.run
+
+    def unusable(e: StructuredOutputError, entry: StageRecord) -> StructuredOutputError:
+        hint = " (raise --director-max-tokens)" if e.kind == "length" else ""
+        return StructuredOutputError(
+            f"run {run_.run_id}: the director's answer was unusable after "
+            f"{len(entry.attempts or [])} attempt(s): {e.message}{hint}; the answers "
+            f"are in {run_.path(STAGE)}; regenerate with: pipeline rerun {run_.run_id} director",
+            errors=e.errors,
+            kind=e.kind,
+        )
+
+    entry, result = answer_stage(
+        ctx,
+        ctx.models.director(),
+        params=params,
+        inputs=inputs(ctx),
+        prompt=render_prompt(run_.task, params.roles, params.done_token),
+        schema=answer_schema(params),
+        output=ROLES,
+        check=roles_problems,
+        narrow=narrow_schema,
+        unusable=unusable,
+    )
+    ctx.recorder.derive(result.record, REQUEST, RESPONSE)
+    entry.lint = lint_roles(result.value)
+    run_.finish_stage(STAGE)
 
 
-def load_roles(run: Run) -> dict[str, Any]:
+def load_roles(run: Run) -> RolesDocument:
     """The roles of a run whose director stage is done, validated against the schema.
 
     Raises:
         RunError: the director stage is not done or ``roles.json`` is missing.
         StructuredOutputError: ``roles.json`` no longer matches the schema (a bad hand edit).
     """
-    status = run.stage(STAGE)["status"]
+    status = run.stage(STAGE).status
     if status != "done":
         raise RunError(
             f"the director stage of run {run.run_id} is {status}, not done; "
@@ -198,7 +183,7 @@ def load_roles(run: Run) -> dict[str, Any]:
             run_id=run.run_id,
             stage=STAGE,
         )
-    return roles
+    return RolesDocument.from_json(roles)
 
 
 def replace_roles(run: Run, roles: dict[str, Any]) -> None:
@@ -222,13 +207,18 @@ def replace_roles(run: Run, roles: dict[str, Any]) -> None:
             stage=STAGE,
         )
     entry = run.stage(STAGE)
-    edits = int(entry.get("edits", 0)) + 1
+    edits = (entry.edits or 0) + 1
     previous = f"director/roles.before-edit-{edits}.json"
     shutil.copyfile(run.path(ROLES), run.path(previous))
     run.write_json(ROLES, roles)
-    entry["edits"] = edits
-    entry["lint"] = lint_roles(roles)
-    entry["artifacts"] = run.stage_files(STAGE)
+    entry.edits = edits
+    entry.lint = lint_roles(roles)
+    entry.artifacts = run.stage_files(STAGE)
     run.save()
-    run.mark_stale("dialogue")
-    run.mark_stale("judge")
+    stages.refresh(run)  # the stages that read the old roles are now stale
+
+
+def replay_edits(source: Run, run: Run) -> None:
+    """Replay ``source``'s hand edits of the roles in ``run``, as one edit."""
+    if source.stage(STAGE).edits:
+        replace_roles(run, source.read_json(ROLES))

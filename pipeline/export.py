@@ -21,16 +21,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
 
-from . import schemas, templates
+from . import schemas, stages, templates
 from .choices import EXPORT_FORMATS
-from .dialogue import messages_for, render_markdown
+from .client import Message
+from .dialogue import messages_for, render_markdown, shown
 from .director import ROLES, load_roles
 from .errors import PipelineError, RunError
-from .judge import VERDICT
+from .judge import VERDICT, load_verdict
+from .records import RolesDocument, Turn
 from .runs import Run
-from .termination import strip_token
 
 FINETUNE_SCHEMA = "finetune.schema.json"
 
@@ -46,7 +46,7 @@ def export_run(run: Run, fmt: str, *, role: str | None = None) -> str:
     if not lines:
         raise RunError(f"run {run.run_id} has no transcript to export", run_id=run.run_id)
     if fmt == "jsonl":
-        return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        return "".join(json.dumps(line.to_json(), ensure_ascii=False) + "\n" for line in lines)
     roles_doc = load_roles(run)
     if fmt == "md":
         return render_markdown(run.task, roles_doc, lines)
@@ -58,31 +58,28 @@ def export_run(run: Run, fmt: str, *, role: str | None = None) -> str:
     raise ValueError(f"unknown export format {fmt!r}; one of {', '.join(EXPORT_FORMATS)}")
 
 
-def _text(run: Run, roles_doc: dict[str, Any], lines: list[dict[str, Any]]) -> str:
-    created = datetime.fromisoformat(run.manifest["created"].replace("Z", "+00:00"))
-    models = _models_by_role(run, roles_doc)
-    token = roles_doc["termination"]["done_token"]
+def _text(run: Run, roles_doc: RolesDocument, lines: list[Turn]) -> str:
+    created = datetime.fromisoformat(run.manifest.created.replace("Z", "+00:00"))
     return templates.render(
         "transcript.txt.j2",
         timestamp=f"{created:%Y%m%d%H%M}",
-        models=models,
+        models=_models_by_role(run, roles_doc),
         task=run.task,
-        lines=[{**line, "content": strip_token(line["content"], token)} for line in lines],
+        lines=shown(lines, roles_doc.done_token),
     )
 
 
-def _models_by_role(run: Run, roles_doc: dict[str, Any]) -> list[tuple[str, str]]:
-    endpoints = run.stage("dialogue").get("role_endpoints") or []
+def _models_by_role(run: Run, roles_doc: RolesDocument) -> list[tuple[str, str]]:
+    endpoints = run.stage("dialogue").role_endpoints or []
     found = []
-    for i, role in enumerate(roles_doc["roles"]):
-        model = endpoints[i]["model"] if i < len(endpoints) else "unknown"
-        found.append((role["name"], model))
+    for i, name in enumerate(roles_doc.names):
+        found.append((name, endpoints[i].model if i < len(endpoints) else "unknown"))
     return found
 
 
 def finetune_examples(
-    run: Run, roles_doc: dict[str, Any], lines: list[dict[str, Any]], role: str | None
-) -> list[dict[str, Any]]:
+    run: Run, roles_doc: RolesDocument, lines: list[Turn], role: str | None
+) -> list[dict[str, list[Message]]]:
     """One fine-tuning example per role (or for ``role`` alone) that spoke at least one
     generated turn; trailing turns by others are dropped so each ends with the role's own.
 
@@ -90,7 +87,7 @@ def finetune_examples(
         RunError: ``role`` is not one of the run's roles.
         PipelineError: an example does not fit ``schemas/finetune.schema.json`` (a bug).
     """
-    names = [r["name"] for r in roles_doc["roles"]]
+    names = roles_doc.names
     if role is not None and role not in names:
         raise RunError(
             f"run {run.run_id} has no role {role!r}; its roles are {', '.join(names)}",
@@ -100,8 +97,8 @@ def finetune_examples(
     for index, name in enumerate(names):
         if role is not None and name != role:
             continue
-        spoken = [i for i, line in enumerate(lines) if line["role_index"] == index]
-        if not any(lines[i]["generated"] for i in spoken):
+        spoken = [i for i, line in enumerate(lines) if line.role_index == index]
+        if not any(lines[i].generated for i in spoken):
             continue
         upto = spoken[-1] + 1
         messages = messages_for(index, roles_doc, lines[:upto])
@@ -116,13 +113,13 @@ def finetune_examples(
 def qualifies(run: Run, min_score: int | None) -> bool:
     """True when ``run`` has a finished dialogue and, when ``min_score`` is set, a judge
     verdict scoring at least that."""
-    if run.stage("dialogue")["status"] != "done" or not run.path(ROLES).exists():
+    if stages.status(run, "dialogue") != "done" or not run.path(ROLES).exists():
         return False
     if min_score is None:
         return True
-    if run.stage("judge")["status"] != "done" or not run.path(VERDICT).exists():
+    if stages.status(run, "judge") != "done" or not run.path(VERDICT).exists():
         return False
-    return int(run.read_json(VERDICT)["score"]) >= min_score
+    return int(load_verdict(run)["score"]) >= min_score
 
 
 def export_many(runs: Iterable[Run], fmt: str, *, role: str | None, min_score: int | None) -> str:
@@ -132,7 +129,7 @@ def export_many(runs: Iterable[Run], fmt: str, *, role: str | None, min_score: i
     for run in runs:
         if not qualifies(run, min_score):
             continue
-        if role is not None and role not in [r["name"] for r in load_roles(run)["roles"]]:
+        if role is not None and role not in load_roles(run).names:
             continue
         parts.append(export_run(run, fmt, role=role))
     return "".join(parts)

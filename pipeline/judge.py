@@ -9,14 +9,17 @@ validated and repaired like every structured answer. Artifacts (in ``judge/``):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import director, schemas, structured, templates
-from .client import ModelClient, calls_to
+from . import director, schemas, templates
+from .answer import answer_stage
+from .dialogue import shown
 from .errors import RunError
 from .resources import file_sha256
 from .runs import TRANSCRIPT, Run
-from .termination import strip_token
+
+if TYPE_CHECKING:
+    from .stages import StageContext
 
 STAGE = "judge"
 TEMPLATE = "judge.j2"
@@ -44,65 +47,63 @@ class JudgeParameters:
 
 def render_prompt(run: Run) -> str:
     """The judge's prompt for ``run``: its task, acceptance criteria and transcript."""
-    roles_doc = director.load_roles(run)
-    token = roles_doc["termination"]["done_token"]
-    lines = [
-        {**line, "content": strip_token(line["content"], token)} for line in run.read_transcript()
-    ]
+    roles = director.load_roles(run)
     return templates.render(
         TEMPLATE,
         task=run.task,
-        acceptance_criteria=roles_doc["termination"]["acceptance_criteria"],
-        lines=lines,
+        acceptance_criteria=roles.termination.acceptance_criteria,
+        lines=shown(run.read_transcript(), roles.done_token),
     )
 
 
-def run_judge(run: Run, client: ModelClient, params: JudgeParameters) -> dict[str, Any]:
-    """Run the judge stage of ``run`` (whose dialogue has ended); return the verdict.
+def inputs(ctx: StageContext) -> object:
+    """See :mod:`pipeline.stages`."""
+    endpoint = ctx.models.judge().endpoint
+    return {
+        "transcript_sha256": file_sha256(ctx.run.path(TRANSCRIPT)),
+        "template_sha256": file_sha256(templates.template_path(TEMPLATE)),
+        "schema_sha256": file_sha256(schemas.schema_path(SCHEMA)),
+        "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
+        "parameters": asdict(ctx.plan.judge),
+    }
+
+
+def run(ctx: StageContext) -> None:
+    """Run the judge stage (the dialogue must have ended): the verdict, checked against
+    ``schemas/verdict.schema.json`` (see :mod:`pipeline.answer`).
 
     Raises:
         RunError: the dialogue stage is not done.
         StructuredOutputError: no usable verdict after the last attempt.
         EndpointError: the endpoint failed.
     """
-    if run.stage("dialogue")["status"] != "done":
+    from .stages import status
+
+    run_ = ctx.run
+    if (dialogue := status(run_, "dialogue")) != "done":
         raise RunError(
-            f"the dialogue of run {run.run_id} is {run.status('dialogue')}, so there is nothing "
-            f"to judge yet; finish it with: pipeline resume {run.run_id}",
-            run_id=run.run_id,
+            f"the dialogue of run {run_.run_id} is {dialogue}, so there is "
+            f"nothing to judge yet; finish it with: pipeline resume {run_.run_id}",
+            run_id=run_.run_id,
             stage=STAGE,
         )
-    endpoint = client.endpoint
-    inputs = {
-        "transcript_sha256": file_sha256(run.path(TRANSCRIPT)),
-        "template_sha256": file_sha256(templates.template_path(TEMPLATE)),
-        "schema_sha256": file_sha256(schemas.schema_path(SCHEMA)),
-        "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
-        "parameters": asdict(params),
-    }
-    dialects = structured.plan_in_run(endpoint, run.manifest)
-    run.archive_stage(STAGE)
-    with (
-        run.stage_running(
-            STAGE, endpoint=endpoint.describe(), parameters=asdict(params), inputs=inputs
-        ) as entry,
-        calls_to(STAGE, run.record_call),
-    ):
-        entry["dialect_plan"] = dialects
-        prompt = render_prompt(run)
-        run.write_text(PROMPT, prompt)
-        result = client.structured(
-            [{"role": "user", "content": prompt}],
-            schemas.Schema.file(SCHEMA),
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            dialects=dialects,
-            repair_attempts=params.repair_attempts,
-            recorder=run.attempts(STAGE),
-            seed=params.seed,
-        )
-        run.write_json(VERDICT, result.value)
-    structured.remember_in_run(endpoint, run.manifest, result.dialect)
-    run.finish_stage(STAGE, usage=result.usage, structured_output=result.dialect)
-    verdict: dict[str, Any] = result.value
+    answer_stage(
+        ctx,
+        ctx.models.judge(),
+        params=ctx.plan.judge,
+        inputs=inputs(ctx),
+        prompt=render_prompt(run_),
+        schema=schemas.Schema.file(SCHEMA),
+        output=VERDICT,
+    )
+    run_.finish_stage(STAGE)
+
+
+def load_verdict(run: Run) -> dict[str, Any]:
+    """The judge's verdict of ``run`` (``schemas/verdict.schema.json``).
+
+    Raises:
+        RunError: the run has none, or it is not JSON.
+    """
+    verdict: dict[str, Any] = run.read_json(VERDICT)
     return verdict

@@ -25,6 +25,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .local import LocalServer
     from .modelfiles import GGUFInfo
+    from .records import Manifest, RolesDocument
 
 _UNSET = object()
 Assigned = Endpoint | EmbeddedModel
@@ -113,17 +114,16 @@ class Models:
             self._assigned(lambda c: c.assign.get("judge") or c.name_for("director"))
         )
 
-    def roles(self, roles_doc: dict[str, Any]) -> list[ModelClient]:
+    def roles(self, roles_doc: RolesDocument) -> list[ModelClient]:
         """One client per role of ``roles_doc``, in order."""
         with self._lock:
             return [self._client(assigned) for assigned in self.prepare(roles_doc)]
 
-    def prepare(self, roles_doc: dict[str, Any]) -> list[Assigned]:
+    def prepare(self, roles_doc: RolesDocument) -> list[Assigned]:
         """Start loading the embedded servers that :meth:`roles` will need, without waiting
         (say, while the user reviews the roles); return what each role is assigned."""
         assigned = [
-            self._assigned(_role_picker(i, role["name"]))
-            for i, role in enumerate(roles_doc["roles"])
+            self._assigned(_role_picker(i, role.name)) for i, role in enumerate(roles_doc.roles)
         ]
         with self._lock:
             for choice in assigned:
@@ -225,15 +225,14 @@ class Models:
         return server.endpoint(self.structured_output)
 
 
-def recorded_models(manifest: dict[str, Any]) -> dict[str, str]:
+def recorded_models(manifest: Manifest) -> dict[str, str]:
     """The embedded GGUF files a run's stages were made with, as ``{sha256: path}`` (empty
     for a run made before GGUF files were recorded, or on no embedded model)."""
-    stages = manifest.get("stages", {})
-    described: list[dict[str, Any]] = []
-    for entry in stages.values():
-        described += [entry.get("endpoint") or {}, entry.get("moderator_endpoint") or {}]
-        described += entry.get("role_endpoints") or []
-    return {d["gguf_sha256"]: d.get("gguf", "?") for d in described if d.get("gguf_sha256")}
+    described: list[Endpoint] = []
+    for entry in manifest.stages.values():
+        described += [e for e in (entry.endpoint, entry.moderator_endpoint) if e is not None]
+        described += entry.role_endpoints or []
+    return {e.gguf_sha256: e.gguf or "?" for e in described if e.gguf_sha256}
 
 
 def _import_sdk() -> None:

@@ -104,7 +104,11 @@ class EndpointFlags:
         return Models(
             flags=flags,
             config=None if given else load_config(self.config),
-            recorded=(run.stage("director").get("endpoint") if run else None),
+            recorded=(
+                endpoint.describe()
+                if run and (endpoint := run.stage("director").endpoint)
+                else None
+            ),
             structured_output=self.structured_output,
             timeout=self.timeout,
             max_retries=max(self.max_retries, min_retries),

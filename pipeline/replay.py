@@ -1,30 +1,125 @@
-"""Reproducing a run exactly, without a model: replay, and comparing two runs: diff.
+"""Reproducing a run exactly, without a model.
 
-Every model call is recorded in its stage's ``calls/`` folder (:func:`pipeline.client.calls_to`).
-:func:`replay_run` executes the pipeline again, for the same task with the same parameters
-and endpoints, with clients that answer each request from that recording by the sha256 of
-the canonical request. Given the same code, templates and schemas, every request matches
-and every artifact comes out byte for byte the same; anything else is a clear error that
-names the stage. Only the manifest holds what differs by nature: run id, times, pids.
+Every model call is recorded in its stage's ``calls/`` folder (:mod:`pipeline.recorder`).
+:func:`replay_run` runs the stage graph again, for the same task with the same parameters
+and endpoints, on clients whose transport (:class:`ReplayTransport`) answers each request
+from that recording by the sha256 of the canonical request. Given the same code,
+templates and schemas, every request matches and every artifact comes out byte for byte
+the same; anything else is a clear error that names the stage. Only the manifest holds
+what differs by nature: run id, times, pids.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
+import collections
 from pathlib import Path
 from typing import Any
 
-import click
-
-from . import views
-from .client import Recording, ReplayClient
+from . import stages
+from .client import DeltaSink, ModelClient
 from .config import Endpoint
-from .dialogue import DialogueListener, DialogueParameters, run_dialogue
-from .director import ROLES, DirectorParameters, replace_roles, run_director
-from .errors import RunError
-from .judge import JudgeParameters, run_judge
-from .runs import STAGES, Run, create_run
+from .errors import ReplayError, RunError
+from .recorder import read_calls
+from .records import CallRecord, RolesDocument
+from .runs import Run, create_run
+
+
+class Recording:
+    """The calls one stage of a run recorded, answered by request hash in the order they
+    were made.
+
+    Args:
+        records: the stage's call records.
+        source: the run they come from, for error messages.
+        stage: the stage that made them.
+    """
+
+    def __init__(self, records: list[CallRecord], source: str, stage: str) -> None:
+        self.source = source
+        self.stage = stage
+        self._by_hash: dict[str, collections.deque[CallRecord]] = {}
+        for record in records:
+            self._by_hash.setdefault(record.request_sha256, collections.deque()).append(record)
+        self.answered = 0
+
+    def take(self, digest: str) -> CallRecord:
+        """The record answering the request whose sha256 is ``digest``.
+
+        Raises:
+            ReplayError: the recording holds no (further) answer to it.
+        """
+        queue = self._by_hash.get(digest)
+        if not queue:
+            raise ReplayError(
+                f"the {self.stage} stage asked for a call that run {self.source} never made "
+                f"(request sha256 {digest[:16]}...): the code, a template, a schema or a "
+                "parameter changed since, so the run cannot be replayed as it was",
+                stage=self.stage,
+            )
+        self.answered += 1
+        return queue.popleft()
+
+
+class ReplayTransport:
+    """A transport (:class:`pipeline.client.Transport`) that answers from a
+    :class:`Recording` and never touches the network: the same requests get the same
+    answers, errors included, and a stream's pieces are passed on as they were."""
+
+    def __init__(self, recording: Recording) -> None:
+        self.recording = recording
+
+    def send(
+        self, request: dict[str, Any], digest: str, *, stream: bool, on_delta: DeltaSink | None
+    ) -> CallRecord:
+        record = self.recording.take(digest)
+        if record.stream is not None and on_delta:
+            for piece in record.stream.pieces:
+                on_delta(piece)
+        return record
+
+
+class RecordedModels:
+    """The clients a run's stages used, as its manifest recorded their endpoints, each
+    answering from that stage's recording (a :class:`pipeline.stages.ClientSource`)."""
+
+    def __init__(self, source: Run) -> None:
+        self.source = source
+        self._recordings: dict[str, Recording] = {}
+
+    def _client(self, stage: str, described: Endpoint | None) -> ModelClient:
+        if described is None:
+            raise RunError(
+                f"run {self.source.run_id} recorded no endpoint for its {stage} stage, so it "
+                "cannot be replayed",
+                run_id=self.source.run_id,
+                stage=stage,
+            )
+        if stage not in self._recordings:
+            records = read_calls(self.source, stage)
+            self._recordings[stage] = Recording(records, self.source.run_id, stage)
+        return ModelClient(described, ReplayTransport(self._recordings[stage]))
+
+    def director(self) -> ModelClient:
+        return self._client("director", self.source.stage("director").endpoint)
+
+    def judge(self) -> ModelClient:
+        return self._client("judge", self.source.stage("judge").endpoint)
+
+    def moderator(self) -> ModelClient:
+        return self._client("dialogue", self.source.stage("dialogue").moderator_endpoint)
+
+    def roles(self, roles: RolesDocument) -> list[ModelClient]:
+        recorded = self.source.stage("dialogue").role_endpoints or []
+        return [self._client("dialogue", endpoint) for endpoint in recorded]
+
+
+def replayable(source: Run, name: str) -> bool:
+    """True when ``source`` recorded enough of stage ``name`` to replay it: the stage ran
+    on a recorded endpoint, and finished unless it can stop part-way (the dialogue)."""
+    entry = source.stage(name)
+    if entry.status == "pending" or entry.endpoint is None:
+        return False
+    return stages.stage(name).resumable or entry.status == "done"
 
 
 def replay_run(
@@ -32,124 +127,41 @@ def replay_run(
     runs_dir: Path,
     *,
     into: str | None = None,
-    listener: DialogueListener | None = None,
+    listener: stages.Listener | None = None,
 ) -> Run:
-    """Replay ``source`` into a new run (id ``into``, or a fresh one) from its recording.
-
-    A hand edit of the roles is replayed as one edit: the edited ``roles.json`` replaces
-    the director's answer before the dialogue.
+    """Replay ``source`` into a new run (id ``into``, or a fresh one) from its recording:
+    every stage it ran, in the order of the stage graph, and its hand edits of the roles.
 
     Raises:
         RunError: ``source``'s director stage never finished, or ``into`` is taken.
         ReplayError: a stage asked for a call the recording does not hold (the code, a
             template, a schema or a parameter changed).
     """
-    director_entry = source.stage("director")
-    if director_entry["status"] not in ("done",) or not director_entry.get("endpoint"):
+    if not replayable(source, "director"):
         raise RunError(
-            f"the director stage of run {source.run_id} is {source.status('director')}; "
-            "only a run whose director finished can be replayed",
+            f"the director stage of run {source.run_id} is "
+            f"{stages.status(source, 'director')}; only a run whose director finished can "
+            "be replayed",
             run_id=source.run_id,
         )
-    planned = {name: source.stage(name)["parameters"] for name in STAGES}
+    planned = {name: source.stage(name).parameters for name in stages.STAGE_NAMES}
     run = create_run(runs_dir, source.task, planned, run_id=into)
-    run.manifest["replay_of"] = source.run_id
+    run.manifest.replay_of = source.run_id
     run.save()
+    ctx = stages.StageContext(
+        run,
+        RecordedModels(source),
+        stages.Plan.recorded(source),
+        listener or stages.Silent(),
+        dialects={n: source.stage(n).dialect_plan or [] for n in stages.STAGE_NAMES},
+    )
     with run.locked():
-        recording = Recording(source.read_calls("director"), source.run_id)
-        client = ReplayClient(Endpoint.from_description(director_entry["endpoint"]), recording)
-        run_director(
-            run,
-            client,
-            DirectorParameters(**director_entry["parameters"]),
-            dialects=director_entry.get("dialect_plan"),
-        )
-        if director_entry.get("edits"):
-            replace_roles(run, source.read_json(ROLES))
-        dialogue = source.stage("dialogue")
-        if dialogue["status"] == "pending" or not dialogue.get("role_endpoints"):
-            return run
-        recording = Recording(source.read_calls("dialogue"), source.run_id)
-        clients = [
-            ReplayClient(Endpoint.from_description(described), recording)
-            for described in dialogue["role_endpoints"]
-        ]
-        moderator = (
-            ReplayClient(Endpoint.from_description(dialogue["moderator_endpoint"]), recording)
-            if dialogue.get("moderator_endpoint")
-            else None
-        )
-        run_dialogue(
-            run,
-            clients,
-            DialogueParameters(**dialogue["parameters"]),
-            listener,
-            moderator=moderator,
-        )
-        judge = source.stage("judge")
-        if judge["status"] == "done" and judge.get("endpoint"):
-            recording = Recording(source.read_calls("judge"), source.run_id)
-            client = ReplayClient(Endpoint.from_description(judge["endpoint"]), recording)
-            run_judge(run, client, JudgeParameters(**judge["parameters"]))
+        for node in stages.GRAPH:
+            if not replayable(source, node.name):
+                break
+            stages.execute(ctx, node.name)
+            if node.name == "director":
+                from .director import replay_edits
+
+                replay_edits(source, run)
     return run
-
-
-def diff_runs(a: Run, b: Run) -> str:
-    """What differs between two runs: their inputs (task, template and schema hashes,
-    endpoints, parameters), then unified diffs of the roles and of the transcripts.
-    An empty string when nothing differs."""
-    sections = []
-    inputs = _input_differences(a, b)
-    if inputs:
-        sections.append("inputs that differ:\n" + "\n".join(f"  {line}" for line in inputs))
-    for title, render in (("roles", _roles_text), ("transcript", _transcript_text)):
-        lines = list(
-            difflib.unified_diff(
-                render(a).splitlines(),
-                render(b).splitlines(),
-                fromfile=f"{a.run_id}/{title}",
-                tofile=f"{b.run_id}/{title}",
-                lineterm="",
-            )
-        )
-        if lines:
-            sections.append("\n".join(lines))
-    return "\n\n".join(sections)
-
-
-def _input_differences(a: Run, b: Run) -> list[str]:
-    found = []
-    if a.task != b.task:
-        found.append(f"task: {a.task!r} | {b.task!r}")
-    files_a, files_b = a.manifest.get("files", {}), b.manifest.get("files", {})
-    for path in sorted(set(files_a) | set(files_b)):
-        if files_a.get(path) != files_b.get(path):
-            found.append(
-                f"{path}: sha256 {_short(files_a.get(path))} | {_short(files_b.get(path))}"
-            )
-    for stage in STAGES:
-        ea, eb = a.stage(stage), b.stage(stage)
-        for key in ("endpoint", "role_endpoints", "parameters"):
-            if ea.get(key) != eb.get(key):
-                found.append(f"{stage} {key}: {_compact(ea.get(key))} | {_compact(eb.get(key))}")
-        if ea.get("edits", 0) != eb.get("edits", 0):
-            found.append(f"{stage} hand edits: {ea.get('edits', 0)} | {eb.get('edits', 0)}")
-    return found
-
-
-def _short(digest: str | None) -> str:
-    return digest[:12] if digest else "(none)"
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
-
-
-def _roles_text(run: Run) -> str:
-    if not run.path(ROLES).exists():
-        return ""
-    return click.unstyle(views.roles_text(run.read_json(ROLES)))
-
-
-def _transcript_text(run: Run) -> str:
-    return click.unstyle(views.transcript_text(run.read_transcript()))

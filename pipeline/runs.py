@@ -18,8 +18,6 @@ JSON artifacts are written atomically (temporary file in the same folder, fsync,
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -27,32 +25,21 @@ import re
 import shutil
 import tempfile
 import unicodedata
-from collections.abc import Iterator
-from datetime import datetime, timezone
+from collections.abc import Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .choices import STAGES
+from .config import Endpoint
 from .errors import PipelineError, RunError
+from .records import Manifest, StageRecord, Turn, sha256_of, timestamp, utc_now
 from .resources import data_dir, file_sha256
+from .stages import STAGE_NAMES
 
 MANIFEST = "run.json"
-REQUIRED_STAGES = (
-    "director",
-    "dialogue",
-)  # a run made before the judge stage existed has no judge entry
 TRANSCRIPT = "dialogue/transcript.jsonl"
 RUN_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[a-z0-9-]+$")
 _VERSIONED = ("openai", "jsonschema", "jinja2", "click", "xllamacpp")
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def timestamp(moment: datetime | None = None) -> str:
-    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-25T12:00:00.123Z``."""
-    return (moment or utc_now()).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def slugify(text: str, max_length: int = 40) -> str:
@@ -67,16 +54,6 @@ def slugify(text: str, max_length: int = 40) -> str:
             break
         slug = candidate
     return slug or (words[0][:max_length] if words else "run")
-
-
-def canonical_json(value: Any) -> str:
-    """Sorted-key, compact JSON: the form that is hashed."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def sha256_of(value: Any) -> str:
-    """Hex sha256 of ``canonical_json(value)``."""
-    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -128,26 +105,6 @@ def _data_file_hashes() -> dict[str, str]:
     return hashes
 
 
-class AttemptFiles:
-    """See :meth:`Run.attempts`."""
-
-    def __init__(self, run: Run, stage: str, prefix: str | None) -> None:
-        self.run, self.stage, self.prefix = run, stage, prefix
-
-    def request(self, number: int, body: dict[str, Any]) -> None:
-        self.run.write_json(f"{self.stage}/{self.prefix or ''}attempt-{number}.request.json", body)
-
-    def response(self, number: int, body: dict[str, Any]) -> None:
-        self.run.write_json(f"{self.stage}/{self.prefix or ''}attempt-{number}.response.json", body)
-
-    def outcome(self, attempt: Any) -> None:
-        if self.prefix is None:
-            self.run.stage(self.stage).setdefault("attempts", []).append(
-                dataclasses.asdict(attempt)
-            )
-            self.run.save()
-
-
 def _alive(pid: Any) -> bool:
     """True when a process with id ``pid`` exists (a zombie counts as gone where /proc says)."""
     if not isinstance(pid, int) or pid <= 0:
@@ -164,60 +121,36 @@ def _alive(pid: Any) -> bool:
         return True
 
 
-def _empty_stage() -> dict[str, Any]:
-    return {
-        "status": "pending",
-        "started": None,
-        "ended": None,
-        "duration_s": None,
-        "pid": None,
-        "endpoint": None,
-        "parameters": {},
-        "input_hash": None,
-        "artifacts": [],
-        "error": None,
-    }
-
-
 class Run:
     """One run folder and its manifest, held in memory and saved atomically on each change.
 
     Create runs with :func:`create_run` and open them with :func:`open_run`.
     """
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
         self.folder = folder
         self.manifest = manifest
-        self._calls_made: dict[str, int] = {}  # per stage, counted from disk once
 
     @property
     def run_id(self) -> str:
-        return str(self.manifest["run_id"])
+        return self.manifest.run_id
 
     @property
     def task(self) -> str:
-        return str(self.manifest["task"])
+        return self.manifest.task
 
     def path(self, relative: str) -> Path:
         """Absolute path of an artifact given relative to the run folder."""
         return self.folder / relative
 
-    def stage(self, name: str) -> dict[str, Any]:
+    def stage(self, name: str) -> StageRecord:
         """The manifest entry of stage ``name`` (a ``pending`` one if the manifest has none)."""
-        stages: dict[str, Any] = self.manifest["stages"]
-        if name not in stages:
-            stages[name] = _empty_stage()
-        entry: dict[str, Any] = stages[name]
-        return entry
+        return self.manifest.stages.setdefault(name, StageRecord())
 
-    def status(self, name: str) -> str:
-        """Stage ``name``'s status as a user sees it: the recorded one, except that a stage
-        recorded ``running`` whose process is gone is ``interrupted``."""
+    def alive(self, name: str) -> bool:
+        """True when stage ``name`` is recorded ``running`` and its process still exists."""
         entry = self.stage(name)
-        status = str(entry["status"])
-        if status == "running" and not _alive(entry.get("pid")):
-            return "interrupted"
-        return status
+        return entry.status == "running" and _alive(entry.pid)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[Run]:
@@ -246,7 +179,7 @@ class Run:
 
     def reload(self) -> None:
         """Read the manifest again from disk (another process may have changed it)."""
-        self.manifest = json.loads(self.path(MANIFEST).read_text(encoding="utf-8"))
+        self.manifest = _read_manifest(self.path(MANIFEST), self.run_id)
 
     # -- artifacts ---------------------------------------------------------------
 
@@ -275,39 +208,16 @@ class Run:
                 path=path,
             ) from e
 
-    def record_call(self, record: dict[str, Any]) -> None:
-        """Save one model call (a record from :func:`pipeline.client.calls_to`) as
-        ``<stage>/calls/NNNN.json``, numbered in the order the calls were made."""
-        stage = record["stage"]
-        folder = self.path(f"{stage}/calls")
-        if stage not in self._calls_made:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._calls_made[stage] = len(list(folder.glob("*.json")))
-        self._calls_made[stage] += 1
-        atomic_write_json(folder / f"{self._calls_made[stage]:04d}.json", record)
-
-    def read_calls(self, stage: str) -> list[dict[str, Any]]:
-        """The calls recorded by the current attempt at ``stage``, in order."""
-        folder = self.path(f"{stage}/calls")
-        return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
-
-    def attempts(self, stage: str, prefix: str | None = None) -> AttemptFiles:
-        """A recorder (:class:`pipeline.client.AttemptRecorder`) that saves structured-output
-        attempts in ``<stage>/``: ``<prefix>attempt-N.request.json`` and ``.response.json``;
-        without a ``prefix``, each outcome also goes to the stage's ``attempts`` in the
-        manifest."""
-        return AttemptFiles(self, stage, prefix)
-
-    def append_transcript(self, line: dict[str, Any]) -> None:
+    def append_transcript(self, turn: Turn) -> None:
         """Append one turn to ``dialogue/transcript.jsonl`` and make it durable (flush + fsync)."""
         path = self.path(TRANSCRIPT)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            f.write(json.dumps(turn.to_json(), ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
-    def read_transcript(self, *, repair: bool = False) -> list[dict[str, Any]]:
+    def read_transcript(self, *, repair: bool = False) -> list[Turn]:
         """The turns stored so far, in order (an absent transcript is empty).
 
         A process killed while appending can leave a last line without its newline: that
@@ -315,7 +225,7 @@ class Run:
         generated again); without, it is ignored.
 
         Raises:
-            RunError: a complete line is not JSON.
+            RunError: a complete line is not JSON, or not a transcript line.
         """
         path = self.path(TRANSCRIPT)
         if not path.exists():
@@ -330,10 +240,17 @@ class Run:
         lines = []
         for number, raw in enumerate(complete.decode("utf-8").splitlines(), start=1):
             try:
-                lines.append(json.loads(raw))
+                lines.append(Turn.from_json(json.loads(raw)))
             except json.JSONDecodeError as e:
                 raise RunError(
                     f"line {number} of {path} is not JSON ({e.msg}); fix or delete that line",
+                    run_id=self.run_id,
+                    path=path,
+                ) from e
+            except (KeyError, TypeError) as e:
+                raise RunError(
+                    f"line {number} of {path} is not a transcript line (no {e}); "
+                    "fix or delete that line",
                     run_id=self.run_id,
                     path=path,
                 ) from e
@@ -354,32 +271,24 @@ class Run:
         archive.mkdir()
         for p in current:
             shutil.move(str(p), archive / p.name)
-        self._calls_made.pop(name, None)  # its calls/ moved with it
         return archive
 
     # -- manifest ----------------------------------------------------------------
 
     def save(self) -> None:
         """Write the manifest atomically."""
-        atomic_write_json(self.path(MANIFEST), self.manifest)
+        atomic_write_json(self.path(MANIFEST), self.manifest.to_json())
 
-    def _end_stage(self, name: str, status: str, **fields: Any) -> None:
+    def _end_stage(self, name: str, status: str, error: str | None) -> StageRecord:
         entry = self.stage(name)
         ended = utc_now()
-        entry.update(status=status, ended=timestamp(ended), pid=None, **fields)
-        if entry.get("started"):
-            started = datetime.fromisoformat(entry["started"].replace("Z", "+00:00"))
-            entry["duration_s"] = round((ended - started).total_seconds(), 3)
+        entry.status, entry.ended, entry.pid, entry.error = status, timestamp(ended), None, error
+        entry.artifacts = self.stage_files(name)
+        if entry.started:
+            started = datetime.fromisoformat(entry.started.replace("Z", "+00:00"))
+            entry.duration_s = round((ended - started).total_seconds(), 3)
         self.save()
-
-    def mark_stale(self, name: str) -> bool:
-        """Mark stage ``name`` stale because an input upstream changed (unless it never ran);
-        return whether it was marked."""
-        if self.stage(name)["status"] in ("pending", "stale"):
-            return False
-        self.stage(name)["status"] = "stale"
-        self.save()
-        return True
+        return entry
 
     def stage_files(self, name: str) -> list[str]:
         """The files in stage ``name``'s folder (relative to the run, sorted), leaving out
@@ -393,52 +302,49 @@ class Run:
             if p.is_file() and not p.name.startswith(".")
         )
 
-    def finish_stage(
-        self, name: str, *, usage: dict[str, int] | None = None, **fields: Any
-    ) -> None:
-        """Mark stage ``name`` done; its artifacts are the files in its folder."""
-        if usage is not None:
-            fields["usage"] = usage
-        self._end_stage(name, "done", artifacts=self.stage_files(name), error=None, **fields)
+    def finish_stage(self, name: str) -> StageRecord:
+        """Mark stage ``name`` done (set its other fields first); its artifacts are the files
+        in its folder."""
+        return self._end_stage(name, "done", None)
 
-    def fail_stage(self, name: str, error: str, **fields: Any) -> None:
+    def fail_stage(self, name: str, error: str) -> StageRecord:
         """Mark stage ``name`` failed with ``error``; whatever it wrote stays on disk and is
         listed as its artifacts."""
-        self._end_stage(name, "failed", error=error, artifacts=self.stage_files(name), **fields)
+        return self._end_stage(name, "failed", error)
 
     @contextlib.contextmanager
     def stage_running(
         self,
         name: str,
         *,
-        endpoint: dict[str, Any] | None,
-        parameters: dict[str, Any],
-        inputs: Any,
-    ) -> Iterator[dict[str, Any]]:
-        """Run the body as stage ``name``: marked ``running`` on entry (see :meth:`start_stage`),
+        endpoint: Endpoint | None,
+        parameters: Mapping[str, Any],
+        inputs: object,
+        upstream: dict[str, str | None] | None = None,
+    ) -> Iterator[StageRecord]:
+        """Run the body as stage ``name``: a fresh entry marked ``running`` on entry, with
+        the endpoint, the parameters, the process id, the sha256 of ``inputs``
+        (:func:`~pipeline.records.sha256_of`) and the ``upstream`` outputs' sha256; marked
         ``failed`` if the body raises, whatever it raises (a :class:`PipelineError` gets the
         stage and run id attached; Ctrl-C is recorded as ``interrupted``). The body marks
-        success itself with :meth:`finish_stage`. The entry records the endpoint, the
-        parameters, the process id and the sha256 of ``inputs`` (:func:`sha256_of`).
-        Yields the stage's manifest entry."""
-        entry = _empty_stage()
-        entry.update(
+        success itself with :meth:`finish_stage`. Yields the stage's manifest entry."""
+        entry = StageRecord(
             status="running",
             started=timestamp(),
             pid=os.getpid(),
             endpoint=endpoint,
-            parameters=parameters,
+            parameters=dict(parameters),
             input_hash=sha256_of(inputs),
+            upstream=upstream,
         )
-        self.manifest["stages"][name] = entry
+        self.manifest.stages[name] = entry
         self.save()
         try:
-            yield self.stage(name)
+            yield entry
         except PipelineError as e:
             e.stage, e.run_id = name, self.run_id
-            problems = getattr(e, "errors", None)  # StructuredOutputError's list
-            extra = {"errors": problems} if problems else {}
-            self.fail_stage(name, e.message, **extra)
+            entry.errors = getattr(e, "errors", None) or None  # StructuredOutputError's list
+            self.fail_stage(name, e.message)
             raise
         except BaseException as e:  # Ctrl-C, or a bug: never leave the stage "running"
             reason = (
@@ -448,10 +354,25 @@ class Run:
             raise
 
 
+def _read_manifest(path: Path, run_id: str) -> Manifest:
+    try:
+        return Manifest.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(
+            f"the manifest of run {run_id} is unreadable ({e}): {path}", run_id=run_id, path=path
+        ) from e
+    except (KeyError, TypeError, AttributeError) as e:
+        raise RunError(
+            f"the manifest of run {run_id} is not a run manifest (at {e}): {path}",
+            run_id=run_id,
+            path=path,
+        ) from e
+
+
 def create_run(
     runs_dir: Path,
     task: str,
-    planned: dict[str, dict[str, Any]] | None = None,
+    planned: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     run_id: str | None = None,
 ) -> Run:
@@ -492,17 +413,16 @@ def create_run(
             f"cannot create a run folder in {runs_dir}: {e.strerror}; choose another --runs-dir",
             path=runs_dir,
         ) from e
-    manifest: dict[str, Any] = {
-        "manifest_version": 1,
-        "run_id": run_id,
-        "task": task,
-        "created": timestamp(now),
-        "versions": _versions(),
-        "files": _data_file_hashes(),
-        "stages": {name: _empty_stage() for name in STAGES},
-    }
+    manifest = Manifest(
+        run_id=run_id,
+        task=task,
+        created=timestamp(now),
+        versions=_versions(),
+        files=_data_file_hashes(),
+        stages={name: StageRecord() for name in STAGE_NAMES},
+    )
     for name, parameters in (planned or {}).items():
-        manifest["stages"][name]["parameters"] = parameters
+        manifest.stages[name].parameters = dict(parameters)
     run = Run(runs_dir / run_id, manifest)
     run.save()
     return run
@@ -529,15 +449,7 @@ def open_run(runs_dir: Path, run_id: str) -> Run:
             run_id=run_id,
             path=folder,
         )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(
-            f"the manifest of run {run_id} is unreadable ({e}): {manifest_path}",
-            run_id=run_id,
-            path=manifest_path,
-        ) from e
-    return Run(folder, manifest)
+    return Run(folder, _read_manifest(manifest_path, run_id))
 
 
 def list_runs(runs_dir: Path) -> list[Run | RunError]:
@@ -550,12 +462,7 @@ def list_runs(runs_dir: Path) -> list[Run | RunError]:
         try:
             if not (folder / MANIFEST).is_file():
                 raise RunError(f"{folder / MANIFEST} is missing", path=folder)
-            run = open_run(runs_dir, folder.name)
-            if not isinstance(run.manifest.get("stages"), dict) or not all(
-                name in run.manifest["stages"] for name in REQUIRED_STAGES
-            ):
-                raise RunError(f"the manifest of run {folder.name} has no stages", path=folder)
-            found.append(run)
+            found.append(open_run(runs_dir, folder.name))
         except RunError as e:
             e.run_id = folder.name
             found.append(e)

@@ -27,19 +27,24 @@ project picks a *dialect* per endpoint and always validates the answer itself:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
 from . import templates
 from .choices import STRUCTURED_OUTPUT_CHOICES
-from .errors import StructuredOutputError, one_line
+from .errors import EndpointError, StructuredOutputError, one_line
+from .records import Attempt, CallRecord, Usage
 from .schemas import Schema
 
 if TYPE_CHECKING:
+    from .client import Message, ModelClient
     from .config import Endpoint
+    from .records import Manifest
 
 AUTO, *_dialects = STRUCTURED_OUTPUT_CHOICES
 DIALECTS = tuple(_dialects)  # json_schema, json_object, prompt: the order auto tries them
@@ -96,7 +101,7 @@ def schema_form(server: str | None) -> str:
     return GRAMMAR_FORM if server in GRAMMAR_SERVERS else STRICT_FORM
 
 
-def plan_in_run(endpoint: Endpoint, manifest: dict[str, Any]) -> list[str]:
+def plan_in_run(endpoint: Endpoint, manifest: Manifest) -> list[str]:
     """:func:`dialect_plan` for ``endpoint`` within a run whose manifest is ``manifest``:
     the dialect that already worked for the endpoint there (see :func:`remember_in_run`)
     comes first."""
@@ -104,15 +109,15 @@ def plan_in_run(endpoint: Endpoint, manifest: dict[str, Any]) -> list[str]:
         endpoint.structured_output,
         base_url=endpoint.base_url,
         embedded=endpoint.embedded,
-        remembered=manifest.get("dialects", {}).get(endpoint.base_url),
+        remembered=(manifest.dialects or {}).get(endpoint.base_url),
         server=endpoint.server,
     )
 
 
-def remember_in_run(endpoint: Endpoint, manifest: dict[str, Any], dialect: str) -> None:
+def remember_in_run(endpoint: Endpoint, manifest: Manifest, dialect: str) -> None:
     """Record in ``manifest`` (under ``dialects``, by base URL) that ``dialect`` worked for
     ``endpoint``, so that the rest of the run asks in it at once."""
-    manifest.setdefault("dialects", {})[endpoint.base_url] = dialect
+    manifest.dialects = {**(manifest.dialects or {}), endpoint.base_url: dialect}
 
 
 def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -352,3 +357,154 @@ def parse(
             kind="semantic",
         )
     return value
+
+
+# -- asking until the answer is usable ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    """A request for a structured answer.
+
+    Attributes:
+        messages: the conversation to answer.
+        schema: what the answer must satisfy.
+        max_tokens, temperature, seed: sampling (``seed`` None: none sent).
+        dialects: the dialects to try, in order, while the server rejects one
+            (:func:`dialect_plan`).
+        repair_attempts: how many times an unusable answer is sent back.
+        check: problems a schema cannot express (``"<json path>: <message>"`` each).
+        narrow: after a ``check`` problem, the schema of the re-ask: a subset of the schema
+            that rules the problem out, which a grammar-enforcing server then enforces.
+    """
+
+    messages: list[Message]
+    schema: Schema
+    max_tokens: int
+    temperature: float
+    dialects: list[str]
+    repair_attempts: int
+    seed: int | None = None
+    check: Check | None = None
+    narrow: Callable[[Any, Schema], Schema] | None = None
+
+
+@dataclass(frozen=True)
+class StructuredResult:
+    """A validated structured answer.
+
+    Attributes:
+        value: the parsed JSON, valid against the schema.
+        dialect: the dialect that produced it.
+        attempts: how many requests were sent.
+        record: the call that produced it.
+        usage: the tokens of every attempt, summed.
+    """
+
+    value: Any
+    dialect: str
+    attempts: int
+    record: CallRecord
+    usage: Usage
+
+
+class AttemptLog(Protocol):
+    """Receives each attempt as it happens: its call, then its outcome."""
+
+    def call(self, number: int, record: CallRecord) -> None: ...
+
+    def outcome(self, attempt: Attempt) -> None: ...
+
+
+def _for_dialect(messages: list[Message], dialect: str, schema: Schema) -> list[Message]:
+    """In the ``prompt`` dialect, the schema instructions are added to the last user message."""
+    return _noted(messages, schema_instructions(schema)) if dialect == "prompt" else messages
+
+
+def _noted(messages: list[Message], note: str) -> list[Message]:
+    """``messages`` with ``note`` added, as a new paragraph, to the last user message."""
+    out = list(messages)
+    for i in range(len(out) - 1, -1, -1):
+        if out[i]["role"] == "user":
+            out[i] = {**out[i], "content": f"{out[i]['content']}\n\n{note}"}
+            break
+    return out
+
+
+def ask(client: ModelClient, question: Question, log: AttemptLog) -> StructuredResult:
+    """Ask ``client`` for JSON satisfying ``question.schema`` and return it validated.
+
+    Tries the dialects in order while the server rejects the response format; re-asks up
+    to ``repair_attempts`` times when the answer is not valid JSON, breaks the schema, or
+    has ``check`` problems, sending back the answer and the problems (after a ``check``
+    problem, with the schema ``narrow`` gives). An answer cut off at ``max_tokens`` is
+    asked again once, with a note stating the budget. ``log`` sees every attempt.
+
+    Raises:
+        StructuredOutputError: the last attempt's answer was unusable, or the answer was
+            filtered, refused, or cut off twice (asking again cannot help).
+        EndpointError: the endpoint failed, or rejected the last dialect to try.
+    """
+    from .client import chat_body
+
+    endpoint = client.endpoint
+    plan = list(question.dialects)
+    dialect = plan.pop(0)
+    schema = question.schema
+    conversation = _for_dialect(list(question.messages), dialect, schema)
+    repairs_left = question.repair_attempts
+    budget_noted = False
+    usage = Usage()
+    number = 0
+    while True:
+        number += 1
+        body = chat_body(
+            endpoint,
+            conversation,
+            max_tokens=question.max_tokens,
+            temperature=question.temperature,
+            seed=question.seed,
+            response_format=response_format(dialect, schema, endpoint.server, question.max_tokens),
+        )
+        try:
+            record = client.complete(body, functools.partial(log.call, number))
+        except EndpointError as e:
+            rejected = e.rejects_response_format
+            log.outcome(Attempt(number, dialect, "rejected" if rejected else "error", [e.message]))
+            if rejected and plan:
+                dialect = plan.pop(0)
+                conversation = _for_dialect(conversation, dialect, schema)
+                continue
+            if rejected:
+                raise EndpointError(
+                    f"{endpoint.base_url} rejected the {dialect} response format "
+                    f"(HTTP {e.status}: {one_line(e.detail, 200)}); "
+                    "use --structured-output auto or another dialect",
+                    status=e.status,
+                    detail=e.detail,
+                ) from e
+            raise
+        response = record.response or {}
+        usage = usage + Usage.from_json(response.get("usage"))
+        try:
+            value = parse(response, schema, dialect=dialect, check=question.check)
+        except StructuredOutputError as e:
+            log.outcome(Attempt(number, dialect, e.kind, e.errors or [e.message]))
+            if e.kind == "length" and not budget_noted:
+                budget_noted = True
+                conversation = _noted(conversation, budget_request(question.max_tokens))
+                continue
+            if not e.repairable or repairs_left == 0:
+                raise
+            repairs_left -= 1
+            answer = response["choices"][0]["message"].get("content") or ""
+            if e.kind == "semantic" and question.narrow is not None:
+                schema = question.narrow(json.loads(answer, strict=False), schema)
+            conversation = [
+                *conversation,
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": repair_request(e.errors)},
+            ]
+            continue
+        log.outcome(Attempt(number, dialect, "ok", []))
+        return StructuredResult(value, dialect, number, record, usage)

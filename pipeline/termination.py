@@ -21,7 +21,10 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .records import Turn
 
 DEFAULT_DONE_TOKEN = "<TASK_DONE>"
 REASONS = (
@@ -134,6 +137,6 @@ class TokenFilter:
         return held
 
 
-def said_done(line: dict[str, Any], token: str) -> bool:
-    """True when a transcript line contains the done token."""
-    return bool(token) and token in str(line.get("content", ""))
+def said_done(turn: Turn, token: str) -> bool:
+    """True when a turn contains the done token."""
+    return bool(token) and token in turn.content

@@ -6,14 +6,21 @@ which ``click.echo`` strips when the output is not a terminal.
 
 from __future__ import annotations
 
+import difflib
+import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .errors import RunError
-from .runs import STAGES, Run
+from .stages import STAGE_NAMES, status
 from .termination import strip_token
+
+if TYPE_CHECKING:
+    from .batch import Outcome
+    from .records import RolesDocument, StageRecord, Turn
+    from .runs import Run
 
 TASK_WIDTH = 48
 
@@ -23,22 +30,22 @@ def turn_header(turn: int, role: str) -> str:
     return click.style(f"[{turn}] {role}", bold=True)
 
 
-def roles_text(roles: dict[str, Any]) -> str:
+def roles_text(roles: RolesDocument) -> str:
     """The role prompts and the opening line (``roles.json``) as text."""
     parts = []
-    for i, role in enumerate(roles["roles"], start=1):
+    for i, role in enumerate(roles.roles, start=1):
         note = " (speaks first)" if i == 1 else ""
-        parts.append(click.style(f"Role {i}: {role['name']}{note}", bold=True))
-        parts.append(f"{role['system_prompt']}\n")
-    parts.append(click.style(f"Opening line ({roles['roles'][0]['name']})", bold=True))
-    parts.append(roles["opening_line"])
+        parts.append(click.style(f"Role {i}: {role.name}{note}", bold=True))
+        parts.append(f"{role.system_prompt}\n")
+    parts.append(click.style(f"Opening line ({roles.roles[0].name})", bold=True))
+    parts.append(roles.opening_line)
     return "\n".join(parts)
 
 
-def transcript_text(lines: Sequence[dict[str, Any]], done_token: str = "") -> str:
+def transcript_text(lines: Sequence[Turn], done_token: str = "") -> str:
     """The transcript lines as text, one heading per turn, the done token removed."""
     return "\n".join(
-        f"\n{turn_header(line['turn'], line['role'])}\n{strip_token(line['content'], done_token)}"
+        f"\n{turn_header(line.turn, line.role)}\n{strip_token(line.content, done_token)}"
         for line in lines
     )
 
@@ -55,26 +62,26 @@ def verdict_text(verdict: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def ending(entry: dict[str, Any]) -> str:
-    """How a dialogue stage ended: ``ended by loop at turn 10``."""
-    reason = entry.get("termination_reason")
+def ending(entry: StageRecord, reason: str | None = None) -> str:
+    """How a dialogue stage ended: ``ended by loop at turn 10`` (``reason`` overrides the
+    recorded termination reason)."""
+    reason = reason or entry.termination_reason
     if not reason:
         return "not ended"
-    at = entry.get("termination_turn")
+    at = entry.termination_turn
     return f"ended by {reason}" + (f" at turn {at}" if at else "")
 
 
 def summary(run: Run) -> dict[str, Any]:
     """One run's listing: id, created, task, each stage's status (``interrupted`` when its
     process is gone), turns so far and the dialogue's termination reason."""
-    statuses = {name: run.status(name) for name in STAGES}
-    dialogue = run.stage("dialogue")
-    reason = dialogue.get("termination_reason")
+    statuses = {name: status(run, name) for name in STAGE_NAMES}
+    reason = run.stage("dialogue").termination_reason
     if statuses["dialogue"] == "interrupted":
         reason = "interrupted"
     return {
         "run_id": run.run_id,
-        "created": run.manifest["created"],
+        "created": run.manifest.created,
         "task": run.task,
         "stages": statuses,
         "turns": len(run.read_transcript()),
@@ -130,36 +137,34 @@ def run_header(run: Run) -> str:
         f"Task: {run.task}",
         f"Created: {info['created']}",
     ]
-    for name in STAGES:
+    for name in STAGE_NAMES:
         entry = run.stage(name)
         parts = [info["stages"][name]]
-        endpoint = entry.get("endpoint")
-        if endpoint:
-            parts.append(f"{endpoint['model']} at {endpoint['base_url']}")
-        usage = entry.get("usage")
-        if usage:
+        if entry.endpoint:
+            parts.append(f"{entry.endpoint.model} at {entry.endpoint.base_url}")
+        if usage := entry.usage:
             parts.append(
-                f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens"
+                f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens"
             )
         if name == "dialogue" and info["turns"]:
             parts.append(f"{info['turns']} turns")
         if name == "dialogue" and info["termination_reason"]:
-            parts.append(ending({**entry, "termination_reason": info["termination_reason"]}))
-        if entry.get("usage_by_role"):
+            parts.append(ending(entry, info["termination_reason"]))
+        if entry.usage_by_role:
             parts.append(
                 "by role: "
                 + ", ".join(
-                    f"{role} {u['prompt_tokens']}+{u['completion_tokens']}"
-                    for role, u in entry["usage_by_role"].items()
+                    f"{role} {u.prompt_tokens}+{u.completion_tokens}"
+                    for role, u in entry.usage_by_role.items()
                 )
             )
-        if entry.get("error"):
-            parts.append(f"error: {entry['error']}")
+        if entry.error:
+            parts.append(f"error: {entry.error}")
         lines.append(f"{name.capitalize()}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
-def batch_table(outcomes: Sequence[Any]) -> str:
+def batch_table(outcomes: Sequence[Outcome]) -> str:
     """A batch's summary, one task per line: status, turns, how it ended, run, task."""
     header = ("STATUS", "TURNS", "ENDED BY", "RUN")
     rows = [
@@ -179,3 +184,67 @@ def batch_table(outcomes: Sequence[Any]) -> str:
             "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + f"  {row[4]}"
         )
     return "\n".join(lines)
+
+
+def diff_runs(a: Run, b: Run) -> str:
+    """What differs between two runs: their inputs (task, template and schema hashes,
+    endpoints, parameters), then unified diffs of the roles and of the transcripts.
+    An empty string when nothing differs."""
+    sections = []
+    inputs = _input_differences(a, b)
+    if inputs:
+        sections.append("inputs that differ:\n" + "\n".join(f"  {line}" for line in inputs))
+    for title, render in (("roles", _roles_plain), ("transcript", _transcript_plain)):
+        lines = list(
+            difflib.unified_diff(
+                render(a).splitlines(),
+                render(b).splitlines(),
+                fromfile=f"{a.run_id}/{title}",
+                tofile=f"{b.run_id}/{title}",
+                lineterm="",
+            )
+        )
+        if lines:
+            sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
+def _input_differences(a: Run, b: Run) -> list[str]:
+    found = []
+    if a.task != b.task:
+        found.append(f"task: {a.task!r} | {b.task!r}")
+    files_a, files_b = a.manifest.files, b.manifest.files
+    for path in sorted(set(files_a) | set(files_b)):
+        if files_a.get(path) != files_b.get(path):
+            found.append(
+                f"{path}: sha256 {_short(files_a.get(path))} | {_short(files_b.get(path))}"
+            )
+    for stage in STAGE_NAMES:
+        ea, eb = a.stage(stage).to_json(), b.stage(stage).to_json()
+        for key in ("endpoint", "role_endpoints", "parameters"):
+            if ea.get(key) != eb.get(key):
+                found.append(f"{stage} {key}: {_compact(ea.get(key))} | {_compact(eb.get(key))}")
+        if ea.get("edits", 0) != eb.get("edits", 0):
+            found.append(f"{stage} hand edits: {ea.get('edits', 0)} | {eb.get('edits', 0)}")
+    return found
+
+
+def _short(digest: str | None) -> str:
+    return digest[:12] if digest else "(none)"
+
+
+def _compact(value: object) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def _roles_plain(run: Run) -> str:
+    from .director import ROLES
+    from .records import RolesDocument
+
+    if not run.path(ROLES).exists():
+        return ""
+    return click.unstyle(roles_text(RolesDocument.from_json(run.read_json(ROLES))))
+
+
+def _transcript_plain(run: Run) -> str:
+    return click.unstyle(transcript_text(run.read_transcript()))

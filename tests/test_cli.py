@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from pipeline import __version__, schemas
 from pipeline.cli import cli
 from pipeline.dialogue import role_prompt
+from pipeline.records import RolesDocument
 from pipeline.director import DirectorParameters, answer_schema
 from pipeline.local import free_port
 from pipeline.structured import strict_schema
@@ -93,7 +94,7 @@ def test_each_role_sees_its_own_turns_as_assistant(fake, invoke):
     assert all(r["stream"] is True for r in turn_requests)
     # turn 4 is the Mentor's second turn
     assert turn_requests[2]["messages"] == [
-        {"role": "system", "content": role_prompt(ROLES, 1)},
+        {"role": "system", "content": role_prompt(RolesDocument.from_json(ROLES), 1)},
         {"role": "user", "content": ROLES["opening_line"]},
         {"role": "assistant", "content": "reply 2"},
         {"role": "user", "content": "reply 3"},

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from pipeline import schemas
+from pipeline import schemas, stages
 from pipeline.client import ModelClient
-from pipeline.director import DirectorParameters, answer_schema, run_director
+from pipeline.director import DirectorParameters, answer_schema, load_roles
 from pipeline.hub import DEFAULT_MODEL_NAME as MODEL_NAME
 from pipeline.local import LocalServer, resolve_model
 from pipeline.runs import create_run
@@ -95,19 +95,22 @@ def test_models_endpoint_names_the_embedded_model(embedded):
 def test_director_on_the_embedded_model_returns_schema_valid_roles(embedded, tmp_path):
     run = create_run(tmp_path, TASK)
     params = DirectorParameters(max_tokens=DIRECTOR_MAX_TOKENS)
-    roles = run_director(run, ModelClient(embedded.endpoint()), params)
+    client = ModelClient(embedded.endpoint())
+    stages.run_stage(run, "director", stages.OneClient(client), stages.Plan.of(params))
+    roles = load_roles(run).to_json()
     assert schemas.errors(roles, schemas.ROLES) == []
     request = json.loads(run.path("director/request.json").read_text())
     assert request["response_format"]["type"] == "json_schema"
     sent = request["response_format"]["json_schema"]["schema"]
     # the grammar form, unless a repair narrowed it further
-    if len(run.stage("director")["attempts"]) == 1:
+    if len(run.stage("director").attempts or []) == 1:
         assert sent == grammar_schema(answer_schema(params).document, DIRECTOR_MAX_TOKENS)
     assert roles["termination"]["done_token"] == "<TASK_DONE>"  # the const held
     assert len({r["name"] for r in roles["roles"]}) == 2  # no duplicate names
-    assert run.stage("director")["schema_form"] == "grammar"
-    assert run.stage("director")["status"] == "done"
-    assert run.stage("director")["usage"]["completion_tokens"] > 0
+    entry = run.stage("director")
+    assert entry.schema_form == "grammar"
+    assert entry.status == "done"
+    assert entry.usage is not None and entry.usage.completion_tokens > 0
 
 
 def test_generate_runs_offline_end_to_end(tmp_path):

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from pipeline import runs, schemas
+from pipeline.config import Endpoint
 from pipeline.dialogue import role_prompt
+from pipeline.records import RolesDocument, Turn
 
 from .conftest import ROLES, conversation, only_run, read_jsonl
 from .fakeserver import Action, FakeServer, Reply
@@ -37,27 +39,21 @@ def fixed_run(runs_dir, monkeypatch):  # type: ignore[no-untyped-def]
     run.write_json("director/roles.json", ROLES)
     for turn, (role, index, content, generated) in enumerate(TRANSCRIPT, start=1):
         run.append_transcript(
-            {
-                "turn": turn,
-                "role": role,
-                "role_index": index,
-                "content": content,
-                "generated": generated,
-                "finish_reason": "stop" if generated else None,
-                "model": ("model-a" if index == 0 else "model-b") if generated else None,
-                "base_url": "http://127.0.0.1:1/v1" if generated else None,
-                "usage": None,
-            }
+            Turn(
+                turn,
+                role,
+                index,
+                content,
+                kind="generated" if generated else "opening",
+                finish_reason="stop" if generated else None,
+                model=("model-a" if index == 0 else "model-b") if generated else None,
+                base_url="http://127.0.0.1:1/v1" if generated else None,
+            )
         )
-    endpoint = {"base_url": "http://127.0.0.1:1/v1", "embedded": False}
-    run.stage("director")["status"] = "done"
-    run.stage("dialogue").update(
-        status="done",
-        role_endpoints=[
-            {**endpoint, "model": "model-a"},
-            {**endpoint, "model": "model-b"},
-        ],
-    )
+    run.stage("director").status = "done"
+    dialogue = run.stage("dialogue")
+    dialogue.status = "done"
+    dialogue.role_endpoints = [Endpoint("http://127.0.0.1:1/v1", m) for m in ("model-a", "model-b")]
     run.save()
     return run
 
@@ -84,7 +80,8 @@ def test_finetune_export_takes_each_role_s_point_of_view(fixed_run, invoke, tmp_
         assert schemas.errors(example, "finetune.schema.json") == []
         assert example["messages"][-1]["role"] == "assistant"
     student, mentor = examples
-    assert student["messages"][0] == {"role": "system", "content": role_prompt(ROLES, 0)}
+    prompt = role_prompt(RolesDocument.from_json(ROLES), 0)
+    assert student["messages"][0] == {"role": "system", "content": prompt}
     assert [m["role"] for m in student["messages"][1:]] == ["assistant", "user", "assistant"]
     assert [m["role"] for m in mentor["messages"]] == [
         "system",

@@ -262,10 +262,11 @@ def test_the_embedded_model_is_one_input_whatever_port_it_was_served_on():
     from pipeline.client import ModelClient
     from pipeline.config import Endpoint
     from pipeline.dialogue import DialogueParameters, dialogue_inputs
+    from pipeline.records import RolesDocument
 
-    def inputs(*urls: str, embedded: bool) -> dict[str, Any]:
+    def inputs(*urls: str, embedded: bool) -> object:
         clients = [ModelClient(Endpoint(url, "m", None, embedded=embedded)) for url in urls]
-        return dialogue_inputs(ROLES, clients, DialogueParameters())
+        return dialogue_inputs(RolesDocument.from_json(ROLES), clients, DialogueParameters())
 
     first = inputs("http://127.0.0.1:40001/v1", "http://127.0.0.1:40002/v1", embedded=True)
     again = inputs("http://127.0.0.1:50001/v1", "http://127.0.0.1:50002/v1", embedded=True)
@@ -343,6 +344,8 @@ def test_edit_then_rerun(fake, invoke, runs_dir, editor):
 def test_rerun_director_makes_the_dialogue_stale(fake, invoke, runs_dir):
     invoke("generate", *endpoint(fake), "--yes", "--turns", "2", "x")
     run = only_run(runs_dir)
+    contract = {**ROLES["termination"], "acceptance_criteria": "A draft with sources."}
+    fake.add(Reply(json.dumps({**ROLES, "termination": contract})))  # new roles
     result = invoke("rerun", run.name, "director", *endpoint(fake))
     assert result.exit_code == 0, result.output
     assert result.stdout.endswith(
@@ -355,6 +358,18 @@ def test_rerun_director_makes_the_dialogue_stale(fake, invoke, runs_dir):
     resumed = invoke("resume", run.name, *endpoint(fake))  # a stale dialogue starts over
     assert resumed.exit_code == 0, resumed.output
     assert_complete(run, turns=2)
+
+
+def test_new_roles_identical_to_the_old_leave_the_dialogue_current(fake, invoke, runs_dir):
+    # staleness is worked out from the hashes of what a stage read, not from what ran
+    invoke("generate", *endpoint(fake), "--yes", "--turns", "2", "x")
+    run = only_run(runs_dir)
+    result = invoke("rerun", run.name, "director", *endpoint(fake))
+    assert result.exit_code == 0, result.output
+    assert "stale" not in result.stdout
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["stages"]["dialogue"]["status"] == "done"
+    assert invoke("resume", run.name).stdout == f"run {run.name} is complete; nothing to resume\n"
 
 
 def test_runs_lists_every_run_and_reports_a_corrupt_one(fake, invoke, runs_dir):

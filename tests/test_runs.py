@@ -8,16 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import runs, schemas
+from pipeline import runs, schemas, stages
 from pipeline.errors import RunError
+from pipeline.records import Turn, sha256_of
 from pipeline.runs import (
     RUN_ID_RE,
     atomic_write_json,
     create_run,
     open_run,
-    sha256_of,
     slugify,
 )
+
+
+def turn(number: int, content: str = "hi") -> Turn:
+    return Turn(number, "A", 0, content, kind="opening")
 
 
 @pytest.mark.parametrize(
@@ -44,7 +48,8 @@ def test_create_run_writes_a_valid_manifest(tmp_path):
     assert RUN_ID_RE.match(run.run_id)
     assert run.folder == tmp_path / "runs" / run.run_id
     manifest = json.loads((run.folder / "run.json").read_text())
-    assert manifest == run.manifest
+    assert manifest == run.manifest.to_json()
+    assert manifest["manifest_version"] == 2
     assert schemas.errors(manifest, schemas.RUN_MANIFEST) == []
     assert manifest["task"] == "Write a paper"
     assert set(manifest["stages"]) == {"director", "dialogue", "judge"}
@@ -84,7 +89,7 @@ def test_stage_state_machine_records_times_and_errors(tmp_path):
     assert entry["pid"] is None
     assert entry["artifacts"] == ["director/prompt.txt"]  # what the stage folder holds
     assert entry["duration_s"] >= 0
-    assert schemas.errors(run.manifest, schemas.RUN_MANIFEST) == []
+    assert schemas.errors(run.manifest.to_json(), schemas.RUN_MANIFEST) == []
 
 
 @pytest.mark.parametrize(
@@ -98,21 +103,36 @@ def test_a_stage_body_that_raises_fails_the_stage(tmp_path, raised, error):
         run.stage_running("dialogue", endpoint=None, parameters={}, inputs={}),
     ):
         raise raised
-    assert (run.stage("dialogue")["status"], run.stage("dialogue")["error"]) == ("failed", error)
+    assert (run.stage("dialogue").status, run.stage("dialogue").error) == ("failed", error)
     if isinstance(raised, RunError):
         assert (raised.stage, raised.run_id) == ("dialogue", run.run_id)
 
 
-def test_a_finished_stage_lists_its_files_and_can_go_stale(tmp_path):
+def test_a_finished_stage_lists_its_files_and_goes_stale_when_what_it_read_changes(tmp_path):
     run = create_run(tmp_path, "task")
-    with run.stage_running("dialogue", endpoint=None, parameters={}, inputs={}):
-        run.append_transcript({"turn": 1})
-    run.finish_stage("dialogue", usage={"prompt_tokens": 1, "completion_tokens": 2})
-    assert run.stage("dialogue")["artifacts"] == ["dialogue/transcript.jsonl"]
-    assert run.mark_stale("director") is False  # pending stays pending
-    assert run.mark_stale("dialogue") is True
+    run.write_json("director/roles.json", {"v": 1})
+    with run.stage_running(
+        "dialogue",
+        endpoint=None,
+        parameters={},
+        inputs={},
+        upstream=stages.upstream(run, "dialogue"),
+    ):
+        run.append_transcript(turn(1))
+    run.finish_stage("dialogue")
+    assert run.stage("dialogue").artifacts == ["dialogue/transcript.jsonl"]
+    assert stages.status(run, "dialogue") == "done"
+    assert stages.status(run, "director") == "pending"  # pending stays pending
+    run.write_json("director/roles.json", {"v": 2})  # what the dialogue read has changed
+    assert stages.status(run, "dialogue") == "stale"
+    stages.refresh(run)  # the stored copy follows
     saved = json.loads((run.folder / "run.json").read_text())
     assert saved["stages"]["dialogue"]["status"] == "stale"
+    run.write_json("director/roles.json", {"v": 1})  # and back: current again
+    assert stages.status(run, "dialogue") == "done"
+    stages.refresh(run)
+    saved = json.loads((run.folder / "run.json").read_text())
+    assert saved["stages"]["dialogue"]["status"] == "done"
 
 
 def test_sha256_of_is_independent_of_key_order():
@@ -139,19 +159,19 @@ def test_atomic_write_keeps_the_old_file_when_serialising_fails(tmp_path):
 def test_transcript_is_appended_line_by_line(tmp_path):
     run = create_run(tmp_path, "task")
     assert run.read_transcript() == []
-    run.append_transcript({"turn": 1, "content": "a\nb"})
-    run.append_transcript({"turn": 2, "content": "c"})
+    run.append_transcript(turn(1, "a\nb"))
+    run.append_transcript(turn(2, "c"))
     text = run.path("dialogue/transcript.jsonl").read_text()
     assert text.count("\n") == 2
-    assert [t["turn"] for t in run.read_transcript()] == [1, 2]
+    assert run.read_transcript() == [turn(1, "a\nb"), turn(2, "c")]
 
 
 def test_archive_stage_moves_files_to_numbered_folders(tmp_path):
     run = create_run(tmp_path, "task")
     assert run.archive_stage("dialogue") is None
-    run.append_transcript({"turn": 1})
+    run.append_transcript(turn(1))
     first = run.archive_stage("dialogue")
-    run.append_transcript({"turn": 1})
+    run.append_transcript(turn(1))
     second = run.archive_stage("dialogue")
     assert (first.name, second.name) == ("previous-1", "previous-2")
     assert (first / "transcript.jsonl").exists()

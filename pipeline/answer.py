@@ -1,0 +1,103 @@
+"""A stage whose product is one structured answer (the director's roles, the judge's verdict).
+
+The stage renders a prompt, asks one model for JSON that fits a schema
+(:func:`pipeline.structured.ask`: dialects, repairs, re-asks), and saves the answer.
+Artifacts, in the stage's folder: ``prompt.txt``, the answer file, the attempts
+(``attempt-N.request.json`` / ``.response.json``) and the calls (``calls/``); in
+``run.json``: the dialect plan, every attempt's outcome, the dialect and schema form that
+worked, and the tokens used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from . import structured
+from .errors import StructuredOutputError
+
+if TYPE_CHECKING:
+    from .client import ModelClient
+    from .records import StageRecord
+    from .schemas import Schema
+    from .stages import StageContext
+    from .structured import Check, StructuredResult
+
+
+class AnswerParameters(Protocol):
+    """What a structured-answer stage's parameters have (a frozen dataclass)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def max_tokens(self) -> int: ...
+
+    @property
+    def temperature(self) -> float: ...
+
+    @property
+    def repair_attempts(self) -> int: ...
+
+    @property
+    def seed(self) -> int | None: ...
+
+
+Unusable = Callable[[StructuredOutputError, "StageRecord"], StructuredOutputError]
+
+
+def answer_stage(
+    ctx: StageContext,
+    client: ModelClient,
+    *,
+    params: AnswerParameters,
+    inputs: object,
+    prompt: str,
+    schema: Schema,
+    output: str,
+    check: Check | None = None,
+    narrow: Callable[[Any, Schema], Schema] | None = None,
+    unusable: Unusable | None = None,
+) -> tuple[StageRecord, StructuredResult]:
+    """Run ``ctx.stage`` as one structured answer from ``client`` to ``prompt``, saved as
+    ``output`` (relative to the run folder); ``check`` and ``narrow`` as in
+    :class:`pipeline.structured.Question`. The stage is left ``running`` for the caller to
+    add its own fields and finish it; returns its record and the answer.
+
+    Raises:
+        StructuredOutputError: no usable answer (``unusable`` may reword it, knowing the
+            stage record).
+        EndpointError: the endpoint failed.
+    """
+    run = ctx.run
+    endpoint = client.endpoint
+    dialects = list(ctx.dialects.get(ctx.stage) or structured.plan_in_run(endpoint, run.manifest))
+    with ctx.running(
+        endpoint=endpoint, parameters=dataclasses.asdict(params), inputs=inputs
+    ) as entry:
+        entry.dialect_plan = dialects
+        run.write_text(f"{ctx.stage}/prompt.txt", prompt)
+        question = structured.Question(
+            [{"role": "user", "content": prompt}],
+            schema,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            dialects=dialects,
+            repair_attempts=params.repair_attempts,
+            seed=params.seed,
+            check=check,
+            narrow=narrow,
+        )
+        try:
+            result = structured.ask(client, question, ctx.recorder.attempts())
+        except StructuredOutputError as e:
+            if unusable is None:
+                raise
+            raise unusable(e, entry) from e
+        run.write_json(output, result.value)
+    structured.remember_in_run(endpoint, run.manifest, result.dialect)
+    entry.structured_output = result.dialect
+    if result.dialect == "json_schema":
+        entry.schema_form = structured.schema_form(endpoint.server)
+    entry.usage = result.usage
+    return entry, result

@@ -1,0 +1,370 @@
+"""The stage graph: which stages a run has, what each needs, and how far each has got.
+
+A stage is declared once, in :data:`GRAPH`: its name, the stages whose output it reads,
+its own main output, and the module that runs it. That module provides two functions:
+
+``inputs(ctx) -> object``
+    what the stage depends on; the sha256 of it is the stage's ``input_hash``, and a stage
+    that is ``done`` with the same hash is current (:func:`is_current`).
+``run(ctx) -> None``
+    the work, inside ``ctx.running(...)``, which records the stage in ``run.json``.
+
+Everything else comes from here, for every command (``generate``, ``converse``,
+``rerun``, ``resume``, ``batch``, ``replay``): archiving a stage's old files to
+``<stage>/previous-N/`` before it runs again, the order in which a run is brought to its
+end (:func:`advance`), resuming, and staleness. A stage records the sha256 of each needed
+stage's output when it starts (``upstream``); it is **stale** when one of those outputs has
+changed since, or when a stage it needs is stale. ``stale`` in ``run.json`` is only a
+stored copy of that (:func:`refresh`); runs made before ``upstream`` was recorded keep
+their stored status.
+
+This module is light (no third-party imports), so the CLI reads the stage names from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .client import ModelClient
+    from .config import Endpoint
+    from .dialogue import DialogueParameters
+    from .director import DirectorParameters
+    from .judge import JudgeParameters
+    from .recorder import StageCalls
+    from .records import RolesDocument, StageRecord, Turn
+    from .runs import Run
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the graph.
+
+    Attributes:
+        name: the stage's name: its folder in the run and its key in ``run.json``.
+        needs: the stages whose output it reads.
+        output: its main artifact (relative to the run folder), whose sha256 the stages
+            that need it record.
+        module: the module that runs it (see the module docstring).
+        resumable: an unfinished attempt can go on where it stopped, instead of starting over.
+        optional: run only when asked for (the judge).
+    """
+
+    name: str
+    needs: tuple[str, ...]
+    output: str
+    module: str
+    resumable: bool = False
+    optional: bool = False
+
+    def load(self) -> StageModule:
+        module: StageModule = importlib.import_module(self.module)
+        return module
+
+
+GRAPH: tuple[Stage, ...] = (
+    Stage("director", (), "director/roles.json", "pipeline.director"),
+    Stage(
+        "dialogue", ("director",), "dialogue/transcript.jsonl", "pipeline.dialogue", resumable=True
+    ),
+    Stage("judge", ("dialogue",), "judge/verdict.json", "pipeline.judge", optional=True),
+)
+STAGE_NAMES = tuple(stage.name for stage in GRAPH)
+_BY_NAME = {stage.name: stage for stage in GRAPH}
+
+
+def stage(name: str) -> Stage:
+    """The declaration of stage ``name``; KeyError for an unknown one."""
+    return _BY_NAME[name]
+
+
+class StageModule(Protocol):
+    def inputs(self, ctx: StageContext) -> object: ...
+
+    def run(self, ctx: StageContext) -> None: ...
+
+
+class ClientSource(Protocol):
+    """Where a stage gets its model clients: :class:`pipeline.models.Models`, or a replay's
+    recorded ones."""
+
+    def director(self) -> ModelClient: ...
+
+    def moderator(self) -> ModelClient: ...
+
+    def judge(self) -> ModelClient: ...
+
+    def roles(self, roles: RolesDocument) -> list[ModelClient]: ...
+
+
+@dataclass(frozen=True)
+class OneClient:
+    """A :class:`ClientSource` that gives one client for everything (a library caller's, a
+    test's or a benchmark's)."""
+
+    client: ModelClient
+
+    def director(self) -> ModelClient:
+        return self.client
+
+    def moderator(self) -> ModelClient:
+        return self.client
+
+    def judge(self) -> ModelClient:
+        return self.client
+
+    def roles(self, roles: RolesDocument) -> list[ModelClient]:
+        return [self.client for _ in roles.roles]
+
+
+class Listener(Protocol):
+    """Receives the conversation as it happens (the CLI prints it)."""
+
+    def turn_started(self, turn: int, role: str) -> None: ...
+
+    def delta(self, text: str) -> None: ...
+
+    def turn_finished(self, turn: Turn) -> None: ...
+
+
+class Silent:
+    """A :class:`Listener` that ignores everything."""
+
+    def turn_started(self, turn: int, role: str) -> None:
+        pass
+
+    def delta(self, text: str) -> None:
+        pass
+
+    def turn_finished(self, turn: Turn) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The parameters of every stage of a run."""
+
+    director: DirectorParameters
+    dialogue: DialogueParameters
+    judge: JudgeParameters
+
+    @classmethod
+    def of(
+        cls,
+        director: DirectorParameters | None = None,
+        dialogue: DialogueParameters | None = None,
+        judge: JudgeParameters | None = None,
+    ) -> Plan:
+        """The defaults for what is not given; the judge samples with the dialogue's seed."""
+        from .dialogue import DialogueParameters
+        from .director import DirectorParameters
+        from .judge import JudgeParameters
+
+        dialogue = dialogue or DialogueParameters()
+        return cls(
+            director or DirectorParameters(),
+            dialogue,
+            judge or JudgeParameters(seed=dialogue.seed),
+        )
+
+    @classmethod
+    def recorded(cls, run: Run) -> Plan:
+        """The parameters ``run``'s stages were started (or planned) with."""
+        from .dialogue import DialogueParameters
+        from .director import DirectorParameters
+        from .judge import JudgeParameters
+
+        def given(name: str) -> dict[str, Any]:
+            return dict(run.stage(name).parameters)
+
+        judge = given("judge")
+        return cls.of(
+            DirectorParameters(**given("director")),
+            DialogueParameters(**given("dialogue")),
+            JudgeParameters(**judge) if judge else None,
+        )
+
+    def planned(self) -> dict[str, dict[str, Any]]:
+        """The parameters recorded in a new run's manifest, stage by stage."""
+        return {
+            "director": dataclasses.asdict(self.director),
+            "dialogue": dataclasses.asdict(self.dialogue),
+        }
+
+
+@dataclass
+class StageContext:
+    """What a stage runs with.
+
+    Attributes:
+        run: the run.
+        models: where its model clients come from.
+        plan: every stage's parameters.
+        listener: sees the conversation as it happens.
+        dialects: per stage, the structured-output dialects to try instead of the planned
+            ones (a replay uses those the original planned).
+        stage: the stage being run (set by :func:`execute`).
+        calls: its recorder (set by :func:`execute`).
+        resume: go on from where an earlier attempt stopped (a resumable stage).
+    """
+
+    run: Run
+    models: ClientSource
+    plan: Plan
+    listener: Listener = field(default_factory=Silent)
+    dialects: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    stage: str = ""
+    calls: StageCalls | None = None
+    resume: bool = False
+
+    @property
+    def recorder(self) -> StageCalls:
+        assert self.calls is not None, "a stage runs through pipeline.stages.execute"
+        return self.calls
+
+    @contextlib.contextmanager
+    def running(
+        self, *, endpoint: Endpoint | None, parameters: Mapping[str, Any], inputs: object
+    ) -> Iterator[StageRecord]:
+        """The stage's record while it runs (see :meth:`pipeline.runs.Run.stage_running`),
+        with the sha256 of the outputs it reads."""
+        with self.run.stage_running(
+            self.stage,
+            endpoint=endpoint,
+            parameters=parameters,
+            inputs=inputs,
+            upstream=upstream(self.run, self.stage),
+        ) as entry:
+            yield entry
+
+
+# -- staleness ------------------------------------------------------------------------------
+
+
+def digest(run: Run, name: str) -> str | None:
+    """The sha256 of stage ``name``'s main output, None when it has none."""
+    from .resources import file_sha256
+
+    path = run.path(stage(name).output)
+    return file_sha256(path) if path.is_file() else None
+
+
+def upstream(run: Run, name: str) -> dict[str, str | None]:
+    """The sha256 of the output of each stage that ``name`` needs, as they are now."""
+    return {need: digest(run, need) for need in stage(name).needs}
+
+
+def status(run: Run, name: str) -> str:
+    """Stage ``name``'s status as a user sees it: ``pending``, ``running``, ``done``,
+    ``failed``, ``interrupted`` (recorded running, but its process is gone) or ``stale``
+    (an output it read has changed since, or a stage it needs is stale)."""
+    entry = run.stage(name)
+    recorded = entry.status
+    if recorded == "pending" or run.alive(name):
+        return recorded
+    if entry.upstream is None:  # made before upstream outputs were recorded
+        return "interrupted" if recorded == "running" else recorded
+    if entry.upstream != upstream(run, name) or any(
+        status(run, need) == "stale" for need in stage(name).needs
+    ):
+        return "stale"
+    if recorded == "running":
+        return "interrupted"
+    if recorded == "stale":  # stored while an input differed, which it no longer does
+        return "failed" if entry.error else "done"
+    return recorded
+
+
+def refresh(run: Run) -> None:
+    """Store in ``run.json`` what :func:`status` says of staleness."""
+    changed = False
+    for node in GRAPH:
+        entry = run.stage(node.name)
+        now = status(run, node.name)
+        if now == "stale" and entry.status in ("done", "failed", "running"):
+            if entry.status != "running" or not run.alive(node.name):
+                entry.status, changed = "stale", True
+        elif entry.status == "stale" and now != "stale":
+            entry.status, changed = now, True
+    if changed:
+        run.save()
+
+
+# -- running stages ---------------------------------------------------------------------
+
+
+def execute(ctx: StageContext, name: str, *, resume: bool = False) -> None:
+    """Run stage ``name`` of ``ctx.run``: afresh, its old files moved to
+    ``<stage>/previous-N/`` first, or, with ``resume``, going on from where it stopped.
+    What it made stale downstream is stored as such.
+
+    Raises:
+        PipelineError: the stage failed (its record says how; its files stay).
+    """
+    from .recorder import StageCalls
+
+    node = stage(name)
+    run = ctx.run
+    resume = resume and node.resumable
+    if not resume:
+        run.archive_stage(name)
+        refresh(run)
+    here = dataclasses.replace(ctx, stage=name, calls=StageCalls(run, name), resume=resume)
+    try:
+        node.load().run(here)
+    finally:
+        refresh(run)
+
+
+def run_stage(
+    run: Run,
+    name: str,
+    models: ClientSource,
+    plan: Plan | None = None,
+    *,
+    listener: Listener | None = None,
+) -> None:
+    """Run stage ``name`` of ``run`` afresh (see :func:`execute`), with ``plan`` (the
+    defaults when None): the library's one-call form.
+
+    Raises:
+        PipelineError: the stage failed.
+    """
+    ctx = StageContext(run, models, plan or Plan.of(), listener or Silent())
+    execute(ctx, name)
+
+
+def is_current(ctx: StageContext, name: str) -> bool:
+    """True when stage ``name`` is done, not stale, with exactly the inputs it would have now."""
+    from .records import sha256_of
+
+    if status(ctx.run, name) != "done":
+        return False
+    inputs = stage(name).load().inputs(dataclasses.replace(ctx, stage=name))
+    return ctx.run.stage(name).input_hash == sha256_of(inputs)
+
+
+def advance(ctx: StageContext, *, include: Sequence[str] = ()) -> None:
+    """Bring ``ctx.run`` to its end from wherever it stopped: every stage that is not done,
+    in the order of the graph (optional ones only when in ``include``). A resumable stage
+    that was interrupted or failed goes on from where it stopped; a stale one starts over."""
+    for node in GRAPH:
+        if node.optional and node.name not in include:
+            continue
+        now = status(ctx.run, node.name)
+        if now != "done":
+            execute(ctx, node.name, resume=now in ("interrupted", "failed"))
+
+
+def pending(run: Run, *, include: Sequence[str] = ()) -> list[str]:
+    """The stages :func:`advance` would run, in order."""
+    return [
+        node.name
+        for node in GRAPH
+        if not (node.optional and node.name not in include) and status(run, node.name) != "done"
+    ]
