@@ -25,9 +25,11 @@ from . import __version__
 from .choices import EXPORT_FORMATS
 from .errors import PipelineError, RunError
 from .options import (
+    RUNS_DIR_KEY,
     EndpointFlags,
     PathType,
     endpoint_options,
+    flag,
     runs_dir_option,
     stage_options,
 )
@@ -55,7 +57,8 @@ def _views() -> Any:
 
 
 class _Group(click.Group):
-    """Turns every :class:`PipelineError` into a one-line error and exit code 1."""
+    """Turns every :class:`PipelineError` into a one-line error and exit code 1, its fixes
+    worded as command lines and flags."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -63,7 +66,14 @@ class _Group(click.Group):
         except PipelineError as e:
             if ctx.meta.get("pipeline.debug"):
                 raise
-            raise click.ClickException(e.message) from e
+            runs_dir = ctx.meta.get(RUNS_DIR_KEY)
+            message = e.render(
+                flag,
+                lambda words: "pipeline "
+                + " ".join(words)
+                + (_runs_dir_flag(runs_dir) if runs_dir is not None else ""),
+            )
+            raise click.ClickException(message) from e
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -470,7 +480,7 @@ def runs_command(runs_dir: Path, as_json: bool) -> None:
         for item in list_runs(runs_dir)
     ]
     if as_json:
-        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        click.echo(json.dumps([row.as_json() for row in rows], indent=2, ensure_ascii=False))
     elif rows:
         click.echo(_views().runs_table(rows))
     else:

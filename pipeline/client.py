@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import DEFAULT_KEY_ENV, Endpoint
-from .errors import EndpointError, one_line
+from .errors import EndpointError, Fix, one_line
 from .records import CallError, CallRecord, Streamed, Usage, sha256_of, timestamp
 from .threads import off_main_thread
 
@@ -244,27 +244,25 @@ class HTTPTransport:
         tries = f"after {self.max_retries + 1} attempt(s)"
         status = e.status_code if isinstance(e, openai.APIStatusError) else None
         detail = _server_message(e) if isinstance(e, openai.APIStatusError) else str(e)
+        fix = None
         if isinstance(e, openai.APITimeoutError):
-            message = (
-                f"{url} did not answer within {self.timeout:g} s {tries}; "
-                "raise --timeout or check the server"
-            )
+            message = f"{url} did not answer within {self.timeout:g} s {tries}"
+            fix = Fix("raise {} or check the server", ("timeout",))
         elif isinstance(e, openai.APIConnectionError):
             cause = e.__cause__ or e.__context__
             if _is_connect_error(cause):
-                message = (
-                    f"cannot connect to {url} ({cause}) {tries}; "
-                    "check that the server is running and --base-url is right"
-                )
+                message = f"cannot connect to {url} ({cause}) {tries}"
+                fix = Fix("check that the server is running and {} is right", ("base_url",))
             else:
                 message = (
                     f"the connection to {url} broke ({cause or 'no detail'}) {tries}; "
                     "check the server and try again"
                 )
         elif isinstance(e, openai.AuthenticationError) and self.endpoint.api_key_env is None:
-            message = (
-                f"{url} needs an API key (HTTP 401): set {DEFAULT_KEY_ENV}, "
-                "or name the variable holding it with --api-key-env"
+            message = f"{url} needs an API key (HTTP 401)"
+            fix = Fix(
+                f"set {DEFAULT_KEY_ENV}, or name the variable holding it with {{}}",
+                ("api_key_env",),
             )
         elif isinstance(e, openai.AuthenticationError):
             message = (
@@ -272,20 +270,20 @@ class HTTPTransport:
                 "check that it is valid for this server"
             )
         elif isinstance(e, openai.NotFoundError):
-            message = (
-                f"{url} answered 404 for model {self.endpoint.model!r}: pass --model with a "
-                "model that server serves, and check that --base-url is its API root (often /v1)"
+            message = f"{url} answered 404 for model {self.endpoint.model!r}"
+            fix = Fix(
+                "pass {} with a model that server serves, and check that {} is its API root "
+                "(often /v1)",
+                ("model", "base_url"),
             )
         elif isinstance(e, openai.RateLimitError):
-            message = (
-                f"{url} kept answering 429 (rate limited) {tries}: {one_line(detail, 200)}; "
-                "wait and try again, or raise --max-retries"
-            )
+            message = f"{url} kept answering 429 (rate limited) {tries}: {one_line(detail, 200)}"
+            fix = Fix("wait and try again, or raise {}", ("max_retries",))
         elif isinstance(e, openai.APIStatusError):
             message = f"{url} answered HTTP {e.status_code} {tries}: {one_line(detail)}"
         else:
             message = f"request to {url} failed: {one_line(str(e))}"
-        return EndpointError(message, status=status, detail=detail)
+        return EndpointError(message, status=status, detail=detail, fix=fix)
 
 
 def _assemble(chunks: Iterator[Any], on_delta: DeltaSink | None) -> Streamed:

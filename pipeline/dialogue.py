@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from . import director, schemas, structured, templates
 from .client import Message, ModelClient, chat_body
-from .errors import PipelineError, RunError
+from .errors import Fix, PipelineError, RunError
 from .records import Floor, RolesDocument, Turn, Usage, sha256_of, total_usage
 from .termination import TokenFilter, detect_loop, said_done, strip_token
 
@@ -374,14 +374,15 @@ def _check_continuation(
         if not fits:
             raise RunError(
                 f"turn {expected} of the transcript of run {run_id} does not follow from "
-                f"its roles; start the dialogue again with: pipeline rerun {run_id} dialogue",
+                "its roles",
+                fix=Fix("start the dialogue again", command=("rerun", run_id, STAGE)),
                 run_id=run_id,
                 stage=STAGE,
             )
     if len(lines) > turns:
         raise RunError(
-            f"the transcript of run {run_id} already has {len(lines)} turns, more than "
-            f"{turns}; start the dialogue again with: pipeline rerun {run_id} dialogue",
+            f"the transcript of run {run_id} already has {len(lines)} turns, more than {turns}",
+            fix=Fix("start the dialogue again", command=("rerun", run_id, STAGE)),
             run_id=run_id,
             stage=STAGE,
         )

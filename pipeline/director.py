@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import schemas, stages, templates
 from .answer import answer_stage
-from .errors import RunError, StructuredOutputError
+from .errors import Fix, RunError, StructuredOutputError
 from .lint import lint_roles, roles_problems, self_address
 from .records import RolesDocument, StageRecord
 from .resources import file_sha256
@@ -133,13 +133,15 @@ def run(ctx: StageContext) -> None:
     run_ = ctx.run
 
     def unusable(e: StructuredOutputError, entry: StageRecord) -> StructuredOutputError:
-        hint = " (raise --director-max-tokens)" if e.kind == "length" else ""
+        fixes = [Fix("raise {}", ("director_max_tokens",))] if e.kind == "length" else []
+        fixes.append(Fix("regenerate", command=("rerun", run_.run_id, STAGE)))
         return StructuredOutputError(
             f"run {run_.run_id}: the director's answer was unusable after "
-            f"{len(entry.attempts or [])} attempt(s): {e.message}{hint}; the answers "
-            f"are in {run_.path(STAGE)}; regenerate with: pipeline rerun {run_.run_id} director",
+            f"{len(entry.attempts or [])} attempt(s): {e.message}; the answers "
+            f"are in {run_.path(STAGE)}",
             errors=e.errors,
             kind=e.kind,
+            fix=fixes,
         )
 
     entry, result = answer_stage(
@@ -169,8 +171,8 @@ def load_roles(run: Run) -> RolesDocument:
     status = run.stage(STAGE).status
     if status != "done":
         raise RunError(
-            f"the director stage of run {run.run_id} is {status}, not done; "
-            "start a new run with pipeline generate TASK",
+            f"the director stage of run {run.run_id} is {status}, not done",
+            fix=Fix("start a new run", command=("generate", "TASK")),
             run_id=run.run_id,
             stage=STAGE,
         )

@@ -1,24 +1,66 @@
 """The one exception family of converse-pipeline.
 
-Every error a user can cause or fix is a :class:`PipelineError`. Its message is
-one line that names the problem and the fix; the CLI prints it and exits 1
-(``cli.main`` is the only place that turns these into exit codes).
-Context (stage, run id, path) is carried as attributes so library callers can
-act on it without parsing the message.
+Every error a user can cause or fix is a :class:`PipelineError`: a one-line problem,
+and what to do about it as :class:`Fix` records. The library words a fix in its own
+terms (settings by their parameter names); only the CLI turns it into command lines and
+flags (``pipeline.cli``, which is also the only place that turns errors into exit codes).
+Context (stage, run id, path) is carried as attributes so library callers can act on it
+without parsing the message.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 
+@dataclass(frozen=True)
+class Fix:
+    """One thing the user can do about an error.
+
+    Attributes:
+        text: the advice; each ``{}`` in it stands for one of ``options``, in order.
+        options: settings by parameter name (``"timeout"``, ``"director_max_tokens"``);
+            the CLI shows each as its flag (``--timeout``).
+        command: a ``pipeline`` command that does it, as words (``("rerun", RUN_ID,
+            "dialogue")``), or empty; the CLI appends it as a command line.
+    """
+
+    text: str
+    options: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+
+    def words(
+        self, option: Callable[[str], str], command: Callable[[tuple[str, ...]], str]
+    ) -> str:
+        """The advice with each option and the command rendered by the functions given."""
+        text = self.text.format(*map(option, self.options))
+        return f"{text} with: {command(self.command)}" if self.command else text
+
+    def plain(self) -> str:
+        """The advice in the library's terms: ``the timeout setting``, ``(rerun RUN dialogue)``."""
+        return self.words(
+            lambda name: f"the {name.replace('_', ' ')} setting", lambda words: " ".join(words)
+        )
+
+
+def fixes_of(fix: Fix | Sequence[Fix] | None) -> tuple[Fix, ...]:
+    if fix is None:
+        return ()
+    return (fix,) if isinstance(fix, Fix) else tuple(fix)
+
+
 class PipelineError(Exception):
     """Base class: a user-facing failure with a one-line message.
 
     Attributes:
+        problem: what went wrong, in one line.
+        fixes: what the user can do about it, in order.
+        message: the problem and the fixes in the library's terms (:meth:`Fix.plain`).
         stage: the pipeline stage it happened in (``"director"``, ``"dialogue"``), or None.
         run_id: the run it happened in, or None.
         path: the file or folder concerned, or None.
@@ -28,12 +70,15 @@ class PipelineError(Exception):
         self,
         message: str,
         *,
+        fix: Fix | Sequence[Fix] | None = None,
         stage: str | None = None,
         run_id: str | None = None,
         path: Path | str | None = None,
     ) -> None:
-        super().__init__(message)
-        self.message = message
+        self.problem = message
+        self.fixes = fixes_of(fix)
+        self.message = "; ".join([message, *(f.plain() for f in self.fixes)])
+        super().__init__(self.message)
         self.stage = stage
         self.run_id = run_id
         from pathlib import Path  # imported here to keep the CLI's start-up light
@@ -42,6 +87,12 @@ class PipelineError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def render(
+        self, option: Callable[[str], str], command: Callable[[tuple[str, ...]], str]
+    ) -> str:
+        """The problem and the fixes, each worded by :meth:`Fix.words`."""
+        return "; ".join([self.problem, *(f.words(option, command) for f in self.fixes)])
 
 
 class ConfigError(PipelineError):

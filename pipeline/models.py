@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, ModelClient, identify_server
 from .config import Config, EmbeddedModel, Endpoint, resolve_endpoint
-from .errors import ConfigError
+from .errors import ConfigError, Fix
 
 if TYPE_CHECKING:
     from .local import LocalServer
@@ -211,8 +211,11 @@ class Models:
             made_with = ", ".join(sorted(set(self.recorded_models.values())))
             raise ConfigError(
                 f"this run was made with the embedded model {made_with}, not "
-                f"{model.path} (sha256 {model.sha256[:12]}...): continue it on the same file "
-                "with --model-file PATH, or start a new run with pipeline generate"
+                f"{model.path} (sha256 {model.sha256[:12]}...)",
+                fix=(
+                    Fix("continue it on the same file with {} PATH", ("model_file",)),
+                    Fix("or start a new run", command=("generate", "TASK")),
+                ),
             )
 
     def _embedded(self, choice: EmbeddedModel) -> Endpoint:

@@ -46,6 +46,20 @@ def with_options(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
     return apply
 
 
+RUNS_DIR_KEY = "pipeline.runs_dir"
+
+
+def flag(option: str) -> str:
+    """The command-line flag of a setting named in a :class:`pipeline.errors.Fix`
+    (``director_max_tokens`` → ``--director-max-tokens``)."""
+    return "--" + option.replace("_", "-")
+
+
+def _remember_runs_dir(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    ctx.meta[RUNS_DIR_KEY] = value  # for the command lines in error messages
+    return value
+
+
 def runs_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--runs-dir",
@@ -54,6 +68,7 @@ def runs_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
         envvar="PIPELINE_RUNS_DIR",
         show_default=True,
         show_envvar=True,
+        callback=_remember_runs_dir,
         help="Folder that holds the run folders.",
     )(f)
 

@@ -162,6 +162,25 @@ class RolesDocument:
         return {names.index(declarer)} if declarer in names else set(range(len(names)))
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """The judge's verdict (``verdict.schema.json``): did the conversation accomplish its
+    task, a score from 1 to 10, why, and what it produced ("" for nothing)."""
+
+    completed: bool
+    score: int
+    reasons: str
+    deliverable: str
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> Verdict:
+        """Raises KeyError or TypeError on a document the schema refuses (validate first)."""
+        return cls(value["completed"], value["score"], value["reasons"], value["deliverable"])
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
 # -- a turn -------------------------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Endpoint
-from .errors import PipelineError, RunError
+from .errors import Fix, PipelineError, RunError
 from .records import Manifest, StageRecord, Turn, sha256_of, timestamp, utc_now
 from .resources import data_dir, file_sha256
 from .stages import STAGE_NAMES
@@ -410,7 +410,8 @@ def create_run(
                 run_id = f"{base_id}-{n}"
     except OSError as e:
         raise RunError(
-            f"cannot create a run folder in {runs_dir}: {e.strerror}; choose another --runs-dir",
+            f"cannot create a run folder in {runs_dir}: {e.strerror}",
+            fix=Fix("choose another {}", ("runs_dir",)),
             path=runs_dir,
         ) from e
     manifest = Manifest(
@@ -445,7 +446,8 @@ def open_run(runs_dir: Path, run_id: str) -> Run:
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise RunError(
-            f"no run {run_id} in {runs_dir}; check the id, or pass --runs-dir where it lives",
+            f"no run {run_id} in {runs_dir}",
+            fix=Fix("check the id, or pass {} where it lives", ("runs_dir",)),
             run_id=run_id,
             path=folder,
         )

@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 
 from . import templates
 from .choices import STRUCTURED_OUTPUT_CHOICES
-from .errors import EndpointError, StructuredOutputError, one_line
+from .errors import EndpointError, Fix, StructuredOutputError, one_line
 from .records import Attempt, CallRecord, Usage
 from .schemas import Schema
 
@@ -478,10 +478,10 @@ def ask(client: ModelClient, question: Question, log: AttemptLog) -> StructuredR
             if rejected:
                 raise EndpointError(
                     f"{endpoint.base_url} rejected the {dialect} response format "
-                    f"(HTTP {e.status}: {one_line(e.detail, 200)}); "
-                    "use --structured-output auto or another dialect",
+                    f"(HTTP {e.status}: {one_line(e.detail, 200)})",
                     status=e.status,
                     detail=e.detail,
+                    fix=Fix("use {} auto or another dialect", ("structured_output",)),
                 ) from e
             raise
         response = record.response or {}

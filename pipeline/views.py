@@ -9,7 +9,8 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import click
 
@@ -19,7 +20,7 @@ from .termination import strip_token
 
 if TYPE_CHECKING:
     from .batch import Outcome
-    from .records import RolesDocument, StageRecord, Turn
+    from .records import RolesDocument, StageRecord, Turn, Verdict
     from .runs import Run
 
 TASK_WIDTH = 48
@@ -50,15 +51,15 @@ def transcript_text(lines: Sequence[Turn], done_token: str = "") -> str:
     )
 
 
-def verdict_text(verdict: dict[str, Any]) -> str:
+def verdict_text(verdict: Verdict) -> str:
     """The judge's verdict as text."""
-    done = "completed" if verdict["completed"] else "not completed"
+    done = "completed" if verdict.completed else "not completed"
     parts = [
-        click.style(f"Verdict: {done}, score {verdict['score']}/10", bold=True),
-        verdict["reasons"],
+        click.style(f"Verdict: {done}, score {verdict.score}/10", bold=True),
+        verdict.reasons,
     ]
-    if verdict["deliverable"]:
-        parts += [click.style("Deliverable", bold=True), verdict["deliverable"]]
+    if verdict.deliverable:
+        parts += [click.style("Deliverable", bold=True), verdict.deliverable]
     return "\n".join(parts)
 
 
@@ -72,33 +73,53 @@ def ending(entry: StageRecord, reason: str | None = None) -> str:
     return f"ended by {reason}" + (f" at turn {at}" if at else "")
 
 
-def summary(run: Run) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunSummary:
+    """One run's listing (``pipeline runs``; :meth:`as_json` for ``--json``).
+
+    Attributes:
+        stages: each stage's status as :func:`pipeline.stages.status` says it.
+        turns: the turns in its transcript so far.
+        termination_reason: how the dialogue ended (``interrupted`` when its process died).
+        error: for a run whose manifest cannot be read, why (the other fields are empty).
+    """
+
+    run_id: str
+    created: str = ""
+    task: str = ""
+    stages: dict[str, str] = field(default_factory=dict)
+    turns: int = 0
+    termination_reason: str | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        if self.error is not None:
+            return {"run_id": self.run_id, "error": self.error}
+        return {k: v for k, v in asdict(self).items() if k != "error"}
+
+
+def summary(run: Run) -> RunSummary:
     """One run's listing: id, created, task, each stage's status (``interrupted`` when its
     process is gone), turns so far and the dialogue's termination reason."""
     statuses = {name: status(run, name) for name in STAGE_NAMES}
     reason = run.stage("dialogue").termination_reason
     if statuses["dialogue"] == "interrupted":
         reason = "interrupted"
-    return {
-        "run_id": run.run_id,
-        "created": run.manifest.created,
-        "task": run.task,
-        "stages": statuses,
-        "turns": len(run.read_transcript()),
-        "termination_reason": reason,
-    }
+    return RunSummary(
+        run.run_id, run.manifest.created, run.task, statuses, len(run.read_transcript()), reason
+    )
 
 
-def unreadable(error: RunError) -> dict[str, Any]:
+def unreadable(error: RunError) -> RunSummary:
     """The listing of a run whose manifest cannot be read."""
-    return {"run_id": error.run_id, "error": error.message}
+    return RunSummary(error.run_id or "?", error=error.message)
 
 
-def runs_table(rows: Sequence[dict[str, Any]]) -> str:
+def runs_table(rows: Sequence[RunSummary]) -> str:
     """The listing as an aligned table, one run per line; an unreadable run gets a line
     that says why."""
     header = ("RUN", "CREATED", "DIRECTOR", "DIALOGUE", "TURNS", "ENDED BY")
-    cells = {row["run_id"]: _cells(row) for row in rows if "error" not in row}
+    cells = {row.run_id: _cells(row) for row in rows if row.error is None}
     widths = [max(len(c[i]) for c in [header, *cells.values()]) for i in range(len(header))]
 
     def line(columns: Sequence[str], task: str) -> str:
@@ -106,21 +127,21 @@ def runs_table(rows: Sequence[dict[str, Any]]) -> str:
 
     out = [line(header, "TASK")]
     for row in rows:
-        if "error" in row:
-            out.append(f"{row['run_id']}  unreadable: {row['error']}")
+        if row.error is not None:
+            out.append(f"{row.run_id}  unreadable: {row.error}")
         else:
-            out.append(line(cells[row["run_id"]], _cut(row["task"])))
+            out.append(line(cells[row.run_id], _cut(row.task)))
     return "\n".join(out)
 
 
-def _cells(row: dict[str, Any]) -> tuple[str, ...]:
+def _cells(row: RunSummary) -> tuple[str, ...]:
     return (
-        row["run_id"],
-        row["created"][:16].replace("T", " "),
-        row["stages"]["director"],
-        row["stages"]["dialogue"],
-        str(row["turns"]),
-        row["termination_reason"] or "-",
+        row.run_id,
+        row.created[:16].replace("T", " "),
+        row.stages.get("director", "-"),
+        row.stages.get("dialogue", "-"),
+        str(row.turns),
+        row.termination_reason or "-",
     )
 
 
@@ -135,21 +156,21 @@ def run_header(run: Run) -> str:
     lines = [
         click.style(f"Run {run.run_id}", bold=True),
         f"Task: {run.task}",
-        f"Created: {info['created']}",
+        f"Created: {info.created}",
     ]
     for name in STAGE_NAMES:
         entry = run.stage(name)
-        parts = [info["stages"][name]]
+        parts = [info.stages[name]]
         if entry.endpoint:
             parts.append(f"{entry.endpoint.model} at {entry.endpoint.base_url}")
         if usage := entry.usage:
             parts.append(
                 f"{usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens"
             )
-        if name == "dialogue" and info["turns"]:
-            parts.append(f"{info['turns']} turns")
-        if name == "dialogue" and info["termination_reason"]:
-            parts.append(ending(entry, info["termination_reason"]))
+        if name == "dialogue" and info.turns:
+            parts.append(f"{info.turns} turns")
+        if name == "dialogue" and info.termination_reason:
+            parts.append(ending(entry, info.termination_reason))
         if entry.usage_by_role:
             parts.append(
                 "by role: "
