@@ -67,8 +67,11 @@ def run_installed(target: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_wheel_contains_every_template_and_schema(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder in ("templates", "schemas"):
-        for path in data_dir(folder).iterdir():
-            assert f"pipeline/{folder}/{path.name}" in names
+        base = data_dir(folder)
+        for path in base.rglob("*"):
+            if path.is_file():
+                assert f"pipeline/{folder}/{path.relative_to(base).as_posix()}" in names
+    assert "pipeline/schemas/v1/run.schema.json" in names  # subfolders ship too
 
 
 def test_installed_wheel_runs_generate_help(installed):
