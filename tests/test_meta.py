@@ -148,7 +148,7 @@ def test_the_task_is_data_not_template_source(task):
 @pytest.mark.parametrize(
     ("mutate", "path"),
     [
-        (lambda r: r["roles"].pop(), "$.roles"),
+        (lambda r: r.update(roles=[]), "$.roles"),
         (lambda r: r["roles"][0].update(name=""), "$.roles[0].name"),
         (lambda r: r["roles"][1].update(system_prompt="x" * 12001), "$.roles[1].system_prompt"),
         (lambda r: r.update(opening_line="x" * 8001), "$.opening_line"),
