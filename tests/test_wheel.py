@@ -74,6 +74,28 @@ def test_wheel_contains_every_template_and_schema(wheel):
     assert "pipeline/schemas/v1/run.schema.json" in names  # subfolders ship too
 
 
+def test_installed_wheel_reads_both_schema_versions(installed):
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    env.pop("PIPELINE_SCHEMAS_DIR", None)
+    code = (
+        "from pipeline import schemas\n"
+        "for version in (1, 2):\n"
+        "    print(schemas.schema_path(schemas.RUN_MANIFEST, version))\n"
+        "    print(schemas.load(schemas.RUN_MANIFEST, version)['$id'])\n"
+    )
+    printed = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=installed
+    )
+    assert printed.returncode == 0, printed.stderr
+    shipped = installed / "pipeline" / "schemas"
+    assert printed.stdout.splitlines() == [
+        str(shipped / "v1" / "run.schema.json"),
+        "https://converse-pipeline.dev/schemas/run.schema.json",
+        str(shipped / "run.schema.json"),
+        "https://converse-pipeline.dev/schemas/v2/run.schema.json",
+    ]
+
+
 def test_installed_wheel_runs_generate_help(installed):
     proc = run_installed(installed, "generate", "--help")
     assert proc.returncode == 0, proc.stderr
