@@ -67,8 +67,33 @@ def run_installed(target: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_wheel_contains_every_template_and_schema(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder in ("templates", "schemas"):
-        for path in data_dir(folder).iterdir():
-            assert f"pipeline/{folder}/{path.name}" in names
+        base = data_dir(folder)
+        for path in base.rglob("*"):
+            if path.is_file():
+                assert f"pipeline/{folder}/{path.relative_to(base).as_posix()}" in names
+    assert "pipeline/schemas/v1/run.schema.json" in names  # subfolders ship too
+
+
+def test_installed_wheel_reads_both_schema_versions(installed):
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    env.pop("PIPELINE_SCHEMAS_DIR", None)
+    code = (
+        "from pipeline import schemas\n"
+        "for version in (1, 2):\n"
+        "    print(schemas.schema_path(schemas.RUN_MANIFEST, version))\n"
+        "    print(schemas.load(schemas.RUN_MANIFEST, version)['$id'])\n"
+    )
+    printed = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=installed
+    )
+    assert printed.returncode == 0, printed.stderr
+    shipped = installed / "pipeline" / "schemas"
+    assert printed.stdout.splitlines() == [
+        str(shipped / "v1" / "run.schema.json"),
+        "https://converse-pipeline.dev/schemas/run.schema.json",
+        str(shipped / "run.schema.json"),
+        "https://converse-pipeline.dev/schemas/v2/run.schema.json",
+    ]
 
 
 def test_installed_wheel_runs_generate_help(installed):
