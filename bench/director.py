@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.client import ModelClient
 from pipeline import stages
+from pipeline.client import ModelClient
 from pipeline.director import DirectorParameters
 from pipeline.errors import PipelineError
 from pipeline.local import LocalServer, resolve_model

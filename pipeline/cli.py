@@ -69,9 +69,11 @@ class _Group(click.Group):
             runs_dir = ctx.meta.get(RUNS_DIR_KEY)
             message = e.render(
                 flag,
-                lambda words: "pipeline "
-                + " ".join(words)
-                + (_runs_dir_flag(runs_dir) if runs_dir is not None else ""),
+                lambda words: (
+                    "pipeline "
+                    + " ".join(words)
+                    + (_runs_dir_flag(runs_dir) if runs_dir is not None else "")
+                ),
             )
             raise click.ClickException(message) from e
 

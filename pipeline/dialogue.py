@@ -373,8 +373,7 @@ def _check_continuation(
         )
         if not fits:
             raise RunError(
-                f"turn {expected} of the transcript of run {run_id} does not follow from "
-                "its roles",
+                f"turn {expected} of the transcript of run {run_id} does not follow from its roles",
                 fix=Fix("start the dialogue again", command=("rerun", run_id, STAGE)),
                 run_id=run_id,
                 stage=STAGE,

@@ -59,15 +59,23 @@ def render_prompt(task: str, roles: int = 2, done_token: str = DEFAULT_DONE_TOKE
     return templates.render(TEMPLATE, task=task, n_roles=roles, done_token=done_token)
 
 
+NAME_MAX_LENGTH = 80  # a role the director names is a short label
+PROMPT_MIN_LENGTH = 10  # and has a prompt worth the name
+
+
 def answer_schema(params: DirectorParameters) -> schemas.Schema:
     """``schemas/roles.schema.json`` narrowed for one request: exactly ``params.roles``
-    roles and exactly ``params.done_token`` as the token."""
+    roles, names of at most :data:`NAME_MAX_LENGTH` characters, system prompts of at least
+    :data:`PROMPT_MIN_LENGTH`, and exactly ``params.done_token`` as the token. (The file
+    also admits the speakers of an imported chat: many, long-named, without prompts.)"""
     document = copy.deepcopy(schemas.load(schemas.ROLES))
     document["properties"]["roles"].update(minItems=params.roles, maxItems=params.roles)
-    document["properties"]["termination"]["properties"]["done_token"] = {
-        "type": "string",
-        "const": params.done_token,
-    }
+    role = document["properties"]["roles"]["items"]["properties"]
+    role["name"]["maxLength"] = NAME_MAX_LENGTH
+    role["system_prompt"]["minLength"] = PROMPT_MIN_LENGTH
+    termination = document["properties"]["termination"]["properties"]
+    termination["declared_by"]["maxLength"] = NAME_MAX_LENGTH
+    termination["done_token"] = {"type": "string", "const": params.done_token}
     return schemas.Schema(schemas.ROLES, document)
 
 

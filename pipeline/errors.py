@@ -34,9 +34,7 @@ class Fix:
     options: tuple[str, ...] = ()
     command: tuple[str, ...] = ()
 
-    def words(
-        self, option: Callable[[str], str], command: Callable[[tuple[str, ...]], str]
-    ) -> str:
+    def words(self, option: Callable[[str], str], command: Callable[[tuple[str, ...]], str]) -> str:
         """The advice with each option and the command rendered by the functions given."""
         text = self.text.format(*map(option, self.options))
         return f"{text} with: {command(self.command)}" if self.command else text

