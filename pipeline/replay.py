@@ -19,9 +19,9 @@ import click
 
 from . import views
 from .client import Recording, ReplayClient
-from .config import Endpoint
 from .dialogue import DialogueListener, DialogueParameters, run_dialogue
 from .director import ROLES, DirectorParameters, replace_roles, run_director
+from .endpoints import Endpoint
 from .errors import RunError
 from .judge import JudgeParameters, run_judge
 from .runs import STAGES, Run, create_run

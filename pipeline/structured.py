@@ -39,7 +39,7 @@ from .errors import StructuredOutputError, one_line
 from .schemas import Schema
 
 if TYPE_CHECKING:
-    from .config import Endpoint
+    from .endpoints import Endpoint
 
 AUTO, *_dialects = STRUCTURED_OUTPUT_CHOICES
 DIALECTS = tuple(_dialects)  # json_schema, json_object, prompt: the order auto tries them
