@@ -45,6 +45,11 @@ DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 class Endpoint:
     """An OpenAI-compatible endpoint and the model to ask there.
 
+    Two endpoints are equal when every attribute is, ``params`` included: endpoints that
+    differ only in their extra parameters send different requests (and get different
+    clients, :class:`~pipeline.models.Models` keeping one per endpoint). ``params`` is
+    left out of the hash, a dict having none; equal endpoints still hash the same.
+
     Attributes:
         base_url: the API root, e.g. ``http://127.0.0.1:11434/v1``.
         model: the model name sent in each request.
@@ -65,7 +70,7 @@ class Endpoint:
     api_key_env: str | None = DEFAULT_KEY_ENV
     structured_output: str = "auto"
     embedded: bool = False
-    params: dict[str, Any] = field(default_factory=dict, compare=False)
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
     server: str | None = None
     gguf: str | None = None
     gguf_sha256: str | None = None

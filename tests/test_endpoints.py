@@ -1,7 +1,10 @@
-"""What each slot of a command is assigned (pipeline.endpoints.Resolver)."""
+"""What each slot of a command is assigned (pipeline.endpoints.Resolver), and endpoints as
+dicts (describe / from_description)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +15,56 @@ from pipeline.endpoints import OPENAI_BASE_URL, EmbeddedModel, Endpoint, Resolve
 from pipeline.errors import ConfigError
 from pipeline.models import Models
 
+# -- describe / from_description -------------------------------------------------------
+
+FULL = Endpoint(
+    "http://127.0.0.1:8080/v1",
+    "SmolLM2-135M-Instruct",
+    "LOCAL_KEY",
+    structured_output="json_schema",
+    embedded=True,
+    params={"top_p": 0.5, "stop": ["\n\n"]},
+    server="llama.cpp",
+    gguf="/models/smol.gguf",
+    gguf_sha256="ab" * 32,
+)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        Endpoint("http://h/v1", "m"),
+        Endpoint("http://h/v1", "m", None),
+        Endpoint("http://h/v1", "m", "KEY", structured_output="prompt", params={"seed": 7}),
+        Endpoint("http://h/v1", "m", None, params={"temperature": 0.2, "top_p": 0.9}),
+        Endpoint("http://h/v1", "m", None, server="llama.cpp"),
+        Endpoint("http://h/v1", "m", None, embedded=True, server="llama.cpp", gguf="/a.gguf"),
+        FULL,
+    ],
+)
+def test_describe_and_from_description_round_trip(endpoint):
+    described = json.loads(json.dumps(endpoint.describe()))  # as a manifest holds it
+    assert Endpoint.from_description(described) == endpoint
+    assert Endpoint.from_description(described).describe() == described
+
+
+def test_every_attribute_is_described_and_compared():
+    """Clients are kept per endpoint (Models): two endpoints differing in anything must
+    differ as keys, and in their manifest entries."""
+    names = [f.name for f in dataclasses.fields(Endpoint)]
+    assert sorted(FULL.describe()) == sorted(names)
+    assert [f.name for f in dataclasses.fields(Endpoint) if not f.compare] == []
+    assert Endpoint("http://h/v1", "m", params={"top_p": 0.5}) != Endpoint("http://h/v1", "m")
+    assert hash(Endpoint("http://h/v1", "m", params={"top_p": 0.5})) == hash(
+        Endpoint("http://h/v1", "m", params={"top_p": 0.5})
+    )
+
+
 # -- the order of resolution -----------------------------------------------------------
 
 FLAGS = Endpoint("http://flags/v1", "f", None)
 RECORDED = Endpoint("http://recorded/v1", "r", "RUN_KEY", server="llama.cpp").describe()
-RECORDED_EMBEDDED = Endpoint(  # a run made on the embedded model
-    "http://127.0.0.1:8080/v1",
-    "SmolLM2-135M-Instruct",
-    None,
-    embedded=True,
-    server="llama.cpp",
-    gguf="/models/smol.gguf",
-    gguf_sha256="ab" * 32,
-).describe()
+RECORDED_EMBEDDED = FULL.describe()  # a run made on the embedded model
 ENV_URL = {"OPENAI_BASE_URL": "http://env/v1"}
 ENV_KEY = {"OPENAI_API_KEY": "sk-test"}  # a key alone: OpenAI's own API
 

@@ -79,8 +79,12 @@ def test_a_config_file_defines_and_assigns_endpoints(tmp_path):
     )
     config = load_config(None, cwd=tmp_path)
     assert config is not None and config.path == path
-    assert config.endpoints["fast"] == Endpoint("http://127.0.0.1:9001/v1", "small", None)
-    assert config.endpoints["fast"].params == {"top_p": 0.9}
+    assert config.endpoints["fast"] == Endpoint(
+        "http://127.0.0.1:9001/v1", "small", None, params={"top_p": 0.9}
+    )
+    assert config.endpoints["smart"] == Endpoint(
+        "https://api.openai.com/v1", "gpt-x", "OPENAI_API_KEY", structured_output="json_schema"
+    )
     assert config.endpoints["offline"] == EmbeddedModel(None)
     assert config.name_for("director") == "smart"
     assert config.name_for("moderator") == "fast"  # the default
