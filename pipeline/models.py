@@ -6,7 +6,8 @@ is documented there, once); :class:`Models` turns that into clients. The embedde
 gets one server per GGUF file, with a slot for each conversation (see
 :mod:`pipeline.local`); it is started the first time a client needs it and stopped when
 the :class:`Models` context closes. An existing run continues only on the GGUF file it was
-made with (by sha256). Clients are shared per endpoint.
+made with (by sha256). Clients are shared per endpoint, the whole endpoint: two endpoints
+that differ in anything (their ``params``, their key's variable...) get a client each.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Models:
         self.recorded_models = recorded_models or {}
         self.notify = notify
         self._servers: dict[Path | None, LocalServer] = {}
-        self._clients: dict[tuple[str, str], ModelClient] = {}
+        self._clients: dict[Endpoint, ModelClient] = {}  # by the whole endpoint
         self._kinds: dict[str, str | None] = {}
         self._lock = threading.RLock()  # a batch asks for clients from several threads
 
@@ -153,12 +154,11 @@ class Models:
                 endpoint = self._embedded(assigned)
             else:
                 endpoint = self._identified(assigned)
-            key = (endpoint.base_url, endpoint.model)
-            if key not in self._clients:
-                self._clients[key] = ModelClient(
+            if endpoint not in self._clients:  # equal endpoints: equal in every attribute
+                self._clients[endpoint] = ModelClient(
                     endpoint, timeout=self.timeout, max_retries=self.max_retries
                 )
-            return self._clients[key]
+            return self._clients[endpoint]
 
     def _identified(self, endpoint: Endpoint) -> Endpoint:
         """``endpoint`` with the kind of server it is (asked once per base URL), which
