@@ -1,158 +1,37 @@
-"""Which model endpoint a stage or a role talks to.
+"""The config file, ``pipeline.toml``: reading and checking it.
 
-Resolution, highest first:
-
-1. command-line flags: ``--base-url``, ``--model``, ``--api-key-env NAME`` (one endpoint
-   for everything);
-2. the config file (``pipeline.toml`` in the working directory, or ``--config PATH``):
-   named endpoints assigned to the director, the moderator and each role
-   (``schemas/config.schema.json``);
-3. the environment variables the ``openai`` SDK reads: ``OPENAI_BASE_URL`` and
-   ``OPENAI_API_KEY`` (a key alone means OpenAI's own API);
-4. the embedded offline model (see :mod:`pipeline.local`).
-
-API keys are read from the environment at call time and are never part of an
-:class:`Endpoint`'s description, so they cannot reach ``runs/`` or logs.
+It names endpoints and assigns them to the director, the moderator, the judge and the
+roles (``schemas/config.schema.json``). Where those assignments stand among the flags,
+the environment and the rest is decided in one place, :mod:`pipeline.endpoints`, which
+also defines :class:`Endpoint` and :class:`EmbeddedModel` (still importable from here).
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .endpoints import (
+    DEFAULT_KEY_ENV,
+    OPENAI_BASE_URL,
+    EmbeddedModel,
+    Endpoint,
+    resolve_endpoint,
+)
 from .errors import ConfigError
 
-OPENAI_BASE_URL = "https://api.openai.com/v1"
-DEFAULT_KEY_ENV = "OPENAI_API_KEY"
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """An OpenAI-compatible endpoint and the model to ask there.
-
-    Attributes:
-        base_url: the API root, e.g. ``http://127.0.0.1:11434/v1``.
-        model: the model name sent in each request.
-        api_key_env: the environment variable holding the key, or None for servers
-            that need none.
-        structured_output: how structured answers are asked for: ``auto`` or a dialect of
-            :mod:`pipeline.structured`.
-        embedded: True for the embedded offline model.
-        params: extra request parameters sent with every call (``top_p``, ``seed``...).
-        server: what kind of server this is, when known: ``"llama.cpp"`` (the embedded
-            engine, or a server that said so at ``/props``), which decides the schema form
-            of structured output (:mod:`pipeline.structured`); None when unknown.
-        gguf, gguf_sha256: for the embedded model, the GGUF file served and its sha256.
-    """
-
-    base_url: str
-    model: str
-    api_key_env: str | None = DEFAULT_KEY_ENV
-    structured_output: str = "auto"
-    embedded: bool = False
-    params: dict[str, Any] = field(default_factory=dict, compare=False)
-    server: str | None = None
-    gguf: str | None = None
-    gguf_sha256: str | None = None
-
-    def api_key(self, environ: Mapping[str, str] | None = None) -> str:
-        """The key to send: the value of ``api_key_env``, or a placeholder for servers that
-        need no key (the SDK refuses an empty one)."""
-        env = os.environ if environ is None else environ
-        return (env.get(self.api_key_env) if self.api_key_env else None) or "no-key"
-
-    def describe(self) -> dict[str, Any]:
-        """The endpoint as recorded in a manifest: never the key itself."""
-        return {
-            "base_url": self.base_url,
-            "model": self.model,
-            "embedded": self.embedded,
-            "structured_output": self.structured_output,
-            "api_key_env": self.api_key_env,
-            **({"params": self.params} if self.params else {}),
-            **({"server": self.server} if self.server else {}),
-            **({"gguf": self.gguf, "gguf_sha256": self.gguf_sha256} if self.gguf else {}),
-        }
-
-    @classmethod
-    def from_description(cls, described: dict[str, Any]) -> Endpoint:
-        """The endpoint a manifest recorded with :meth:`describe`."""
-        return cls(
-            base_url=described["base_url"],
-            model=described["model"],
-            api_key_env=described.get("api_key_env"),
-            structured_output=described.get("structured_output", "auto"),
-            embedded=described.get("embedded", False),
-            params=dict(described.get("params", {})),
-            server=described.get("server"),
-            gguf=described.get("gguf"),
-            gguf_sha256=described.get("gguf_sha256"),
-        )
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """The embedded engine as a configured endpoint.
-
-    Attributes:
-        gguf: the GGUF file to serve; None for the command's model file (``--model-file``)
-            or, failing that, the default model.
-    """
-
-    gguf: Path | None = None
-
-
-def resolve_endpoint(
-    *,
-    base_url: str | None = None,
-    model: str | None = None,
-    api_key_env: str | None = None,
-    structured_output: str = "auto",
-    environ: Mapping[str, str] | None = None,
-) -> Endpoint | None:
-    """Resolve the endpoint from flags and environment; None means "use the embedded model".
-
-    Args:
-        base_url, model, api_key_env: the command-line flags (None when not given).
-        structured_output: the ``--structured-output`` choice for this endpoint.
-        environ: the environment to read (default ``os.environ``).
-
-    Raises:
-        ConfigError: ``--api-key-env`` names a variable that is not set, or a server is
-            configured but no model is named.
-    """
-    env = os.environ if environ is None else environ
-    key_env = api_key_env or DEFAULT_KEY_ENV
-    if api_key_env and not env.get(api_key_env):
-        raise ConfigError(
-            f"--api-key-env names {api_key_env}, which is not set; "
-            f"export {api_key_env}=<your key> or drop the flag"
-        )
-    url = base_url or env.get("OPENAI_BASE_URL") or None
-    if url is None and (env.get(key_env) or api_key_env):
-        url = OPENAI_BASE_URL
-    if url is None:
-        if model:
-            raise ConfigError(
-                f"--model {model} was given but no server: pass --base-url URL "
-                "(or set OPENAI_BASE_URL or OPENAI_API_KEY)"
-            )
-        return None
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"base URL {url!r} must start with http:// or https://")
-    if not model:
-        raise ConfigError(f"no model given for {url}: pass --model NAME (or set PIPELINE_MODEL)")
-    return Endpoint(
-        base_url=url.rstrip("/"),
-        model=model,
-        api_key_env=key_env if env.get(key_env) else None,
-        structured_output=structured_output,
-    )
-
+__all__ = [
+    "CONFIG_FILE",
+    "DEFAULT_KEY_ENV",
+    "OPENAI_BASE_URL",
+    "Config",
+    "EmbeddedModel",
+    "Endpoint",
+    "load_config",
+    "resolve_endpoint",
+]
 
 CONFIG_FILE = "pipeline.toml"
 
@@ -164,8 +43,8 @@ class Config:
     Attributes:
         path: where it was read from.
         endpoints: the named endpoints, :class:`EmbeddedModel` for the embedded engine.
-        assign: ``default``, ``director``, ``moderator`` (endpoint names) and ``roles``
-            (a list by position, or a table by role name or 1-based position).
+        assign: ``default``, ``director``, ``moderator``, ``judge`` (endpoint names) and
+            ``roles`` (a list by position, or a table by role name or 1-based position).
     """
 
     path: Path
@@ -241,12 +120,9 @@ def load_config(path: Path | None, *, cwd: Path | None = None) -> Config | None:
                 f"{path}: endpoints.{name}: needs {' and '.join(missing)} (or embedded = true)",
                 path=path,
             )
-        endpoints[name] = Endpoint(
-            base_url=spec["base_url"].rstrip("/"),
-            model=spec["model"],
-            api_key_env=spec.get("api_key_env"),
-            structured_output=spec.get("structured_output", "auto"),
-            params=dict(spec.get("params", {})),
+        # an endpoint table has the keys of an endpoint's description
+        endpoints[name] = Endpoint.from_description(
+            {**spec, "base_url": spec["base_url"].rstrip("/")}
         )
     assign = dict(data.get("assign", {}))
     for key, value in _assignments(assign):

@@ -37,7 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-from .config import Endpoint
+from .endpoints import Endpoint
 from .errors import ConfigError, Fix, LocalServerError
 from .modelfiles import GGUFInfo, Notify, default_model, describe
 
@@ -148,7 +148,7 @@ class LocalServer:
         return self._ready
 
     def endpoint(self, structured_output: str = "auto") -> Endpoint:
-        """The :class:`~pipeline.config.Endpoint` for this server."""
+        """The :class:`~pipeline.endpoints.Endpoint` for this server."""
         return Endpoint(
             base_url=self.base_url,
             model=self.model.name,

@@ -1,12 +1,13 @@
-"""The model clients of one command: the director's, the moderator's and each role's.
+"""The model clients of one command: the director's, the moderator's, the judge's and
+each role's.
 
-Each is resolved in the order of :mod:`pipeline.config`: command-line flags (one
-endpoint for everything), then the config file's assignments, then the environment,
-then, for an existing run, the endpoint that ran its director, then the embedded model.
-The embedded model gets one server per GGUF file, with a slot for each conversation (see
+What each slot is assigned is for :class:`~pipeline.endpoints.Resolver` to say (the order
+is documented there, once); :class:`Models` turns that into clients. The embedded model
+gets one server per GGUF file, with a slot for each conversation (see
 :mod:`pipeline.local`); it is started the first time a client needs it and stopped when
 the :class:`Models` context closes. An existing run continues only on the GGUF file it was
-made with (by sha256). Clients are shared per endpoint.
+made with (by sha256). Clients are shared per endpoint, the whole endpoint: two endpoints
+that differ in anything (their ``params``, their key's variable...) get a client each.
 """
 
 from __future__ import annotations
@@ -19,28 +20,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, ModelClient, identify_server
-from .config import Config, EmbeddedModel, Endpoint, resolve_endpoint
+from .endpoints import Assigned, EmbeddedModel, Endpoint, Resolver
 from .errors import ConfigError, Fix
 
 if TYPE_CHECKING:
+    from .config import Config
     from .local import LocalServer
     from .modelfiles import GGUFInfo
     from .records import Manifest, RolesDocument
-
-_UNSET = object()
-Assigned = Endpoint | EmbeddedModel
 
 
 class Models:
     """Model clients for the director, the moderator and the roles; a context manager.
 
     Args:
+        resolver: what each slot is assigned. Give either a resolver or (some of)
+            ``flags``, ``config``, ``recorded`` and ``structured_output``, of which one is
+            made (they are the arguments of :class:`~pipeline.endpoints.Resolver`).
         flags: the endpoint from command-line flags, or None when no flag was given.
         config: the parsed config file, or None.
-        recorded: the endpoint description that ran an existing run's director (from its
-            manifest), used when nothing else is configured; None for a new run.
+        recorded: the endpoint that ran an existing run's director (from its manifest),
+            used when nothing else is configured; None for a new run.
         structured_output: the ``--structured-output`` choice for endpoints that do not
-            set their own (flags, environment, embedded).
+            set their own (flags, environment, embedded); default ``auto``.
         timeout, max_retries: passed to every :class:`~pipeline.client.ModelClient`.
         on_server_start: called when an embedded server starts answering.
         sessions: how many dialogues run at once (a batch's ``-j``): an embedded server's
@@ -55,10 +57,11 @@ class Models:
     def __init__(
         self,
         *,
+        resolver: Resolver | None = None,
         flags: Endpoint | None = None,
         config: Config | None = None,
-        recorded: dict[str, Any] | None = None,
-        structured_output: str = "auto",
+        recorded: Endpoint | None = None,
+        structured_output: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         max_retries: int = DEFAULT_MAX_RETRIES,
         on_server_start: Callable[[LocalServer], None] | None = None,
@@ -67,10 +70,20 @@ class Models:
         recorded_models: dict[str, str] | None = None,
         notify: Callable[[str], None] | None = None,
     ) -> None:
-        self.flags = flags
-        self.config = config
-        self.recorded = recorded
-        self.structured_output = structured_output
+        if resolver is None:
+            resolver = Resolver(
+                flags=flags,
+                config=config,
+                recorded=recorded,
+                structured_output=structured_output or "auto",
+            )
+        elif (flags, config, recorded, structured_output) != (None, None, None, None):
+            raise TypeError(
+                "Models: give a resolver, or flags, config, recorded and structured_output, "
+                "not both"
+            )
+        self.resolver = resolver
+        self.structured_output = resolver.structured_output
         self.timeout = timeout
         self.max_retries = max_retries
         self.on_server_start = on_server_start
@@ -80,9 +93,8 @@ class Models:
         self.recorded_models = recorded_models or {}
         self.notify = notify
         self._servers: dict[Path | None, LocalServer] = {}
-        self._clients: dict[tuple[str, str], ModelClient] = {}
+        self._clients: dict[Endpoint, ModelClient] = {}  # by the whole endpoint
         self._kinds: dict[str, str | None] = {}
-        self._fallback: Any = _UNSET
         self._lock = threading.RLock()  # a batch asks for clients from several threads
 
     def __enter__(self) -> Models:
@@ -96,23 +108,29 @@ class Models:
         """The embedded servers launched so far."""
         return list(self._servers.values())
 
+    @property
+    def config(self) -> Config | None:
+        """The config file read, or None."""
+        return self.resolver.config
+
+    @property
+    def flags(self) -> Endpoint | None:
+        """The endpoint the command-line flags name, or None."""
+        return self.resolver.flags
+
     # -- the slots -------------------------------------------------------------------
 
     def director(self) -> ModelClient:
         """The director's client."""
-        return self._client(self._assigned(lambda c: c.name_for("director")))
+        return self._client(self.resolver.director())
 
     def moderator(self) -> ModelClient:
         """The moderator's client (the director's unless the config assigns one)."""
-        return self._client(
-            self._assigned(lambda c: c.assign.get("moderator") or c.name_for("director"))
-        )
+        return self._client(self.resolver.moderator())
 
     def judge(self) -> ModelClient:
         """The judge's client (the director's unless the config assigns one)."""
-        return self._client(
-            self._assigned(lambda c: c.assign.get("judge") or c.name_for("director"))
-        )
+        return self._client(self.resolver.judge())
 
     def roles(self, roles_doc: RolesDocument) -> list[ModelClient]:
         """One client per role of ``roles_doc``, in order."""
@@ -122,37 +140,14 @@ class Models:
     def prepare(self, roles_doc: RolesDocument) -> list[Assigned]:
         """Start loading the embedded servers that :meth:`roles` will need, without waiting
         (say, while the user reviews the roles); return what each role is assigned."""
-        assigned = [
-            self._assigned(_role_picker(i, role.name)) for i, role in enumerate(roles_doc.roles)
-        ]
+        assigned = self.resolver.roles(roles_doc)
         with self._lock:
             for choice in assigned:
                 if isinstance(choice, EmbeddedModel):
                     self._launch(choice)
         return assigned
 
-    # -- resolution ------------------------------------------------------------------
-
-    def _assigned(self, pick: Callable[[Config], str | None]) -> Assigned:
-        """The endpoint for one slot, or the embedded model."""
-        if self.flags is not None:
-            return self.flags
-        if self.config is not None:
-            name = pick(self.config)
-            if name is not None:
-                return self.config.endpoints[name]
-        return self._unassigned()
-
-    def _unassigned(self) -> Assigned:
-        with self._lock:
-            if self._fallback is _UNSET:
-                found = resolve_endpoint(structured_output=self.structured_output)
-                recorded = self.recorded or {}
-                if found is None and recorded and not recorded.get("embedded"):
-                    found = Endpoint.from_description(recorded)
-                self._fallback = found or EmbeddedModel()
-            chosen: Assigned = self._fallback
-            return chosen
+    # -- clients ---------------------------------------------------------------------
 
     def _client(self, assigned: Assigned) -> ModelClient:
         with self._lock:
@@ -160,12 +155,11 @@ class Models:
                 endpoint = self._embedded(assigned)
             else:
                 endpoint = self._identified(assigned)
-            key = (endpoint.base_url, endpoint.model)
-            if key not in self._clients:
-                self._clients[key] = ModelClient(
+            if endpoint not in self._clients:  # equal endpoints: equal in every attribute
+                self._clients[endpoint] = ModelClient(
                     endpoint, timeout=self.timeout, max_retries=self.max_retries
                 )
-            return self._clients[key]
+            return self._clients[endpoint]
 
     def _identified(self, endpoint: Endpoint) -> Endpoint:
         """``endpoint`` with the kind of server it is (asked once per base URL), which
@@ -240,7 +234,3 @@ def recorded_models(manifest: Manifest) -> dict[str, str]:
 
 def _import_sdk() -> None:
     import openai  # noqa: F401
-
-
-def _role_picker(index: int, name: str) -> Callable[[Config], str | None]:
-    return lambda config: config.name_for_role(index, name)

@@ -98,33 +98,24 @@ class EndpointFlags:
         self.model_file: Path | None = values["model_file"]
 
     def models(self, run: Run | None = None, *, min_retries: int = 0, sessions: int = 1) -> Models:
-        """The director's, the moderator's and the roles' clients (see pipeline.models);
-        flags beat the config file, which beats the environment, then the endpoint that ran
-        ``run``'s director, then the embedded model (sized for ``sessions`` dialogues at
-        once; an existing run continues only on the GGUF file it was made with)."""
-        from .config import load_config, resolve_endpoint
+        """The director's, the moderator's, the judge's and the roles' clients for these
+        flags and, for an existing ``run``, its recorded endpoints. What each is assigned
+        is decided by :class:`pipeline.endpoints.Resolver` (the order is documented there);
+        the embedded model is sized for ``sessions`` dialogues at once, and an existing run
+        continues only on the GGUF file it was made with."""
+        from .endpoints import Resolver
         from .models import Models, recorded_models
 
-        given = any((self.base_url, self.model, self.api_key_env))
-        flags = (
-            resolve_endpoint(
-                base_url=self.base_url,
-                model=self.model,
-                api_key_env=self.api_key_env,
-                structured_output=self.structured_output,
-            )
-            if given
-            else None
+        resolver = Resolver.for_command(
+            base_url=self.base_url,
+            model=self.model,
+            api_key_env=self.api_key_env,
+            structured_output=self.structured_output,
+            config_path=self.config,
+            recorded=run.stage("director").endpoint if run else None,
         )
         return Models(
-            flags=flags,
-            config=None if given else load_config(self.config),
-            recorded=(
-                endpoint.describe()
-                if run and (endpoint := run.stage("director").endpoint)
-                else None
-            ),
-            structured_output=self.structured_output,
+            resolver=resolver,
             timeout=self.timeout,
             max_retries=max(self.max_retries, min_retries),
             on_server_start=announce_server,

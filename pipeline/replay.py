@@ -17,7 +17,7 @@ from typing import Any
 
 from . import stages
 from .client import DeltaSink, ModelClient
-from .config import Endpoint
+from .endpoints import Endpoint
 from .errors import ReplayError, RunError
 from .recorder import read_calls
 from .records import CallRecord, RolesDocument

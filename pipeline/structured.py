@@ -43,7 +43,7 @@ from .schemas import Schema
 
 if TYPE_CHECKING:
     from .client import Message, ModelClient
-    from .config import Endpoint
+    from .endpoints import Endpoint
     from .records import Manifest
 
 AUTO, *_dialects = STRUCTURED_OUTPUT_CHOICES

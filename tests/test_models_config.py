@@ -79,8 +79,12 @@ def test_a_config_file_defines_and_assigns_endpoints(tmp_path):
     )
     config = load_config(None, cwd=tmp_path)
     assert config is not None and config.path == path
-    assert config.endpoints["fast"] == Endpoint("http://127.0.0.1:9001/v1", "small", None)
-    assert config.endpoints["fast"].params == {"top_p": 0.9}
+    assert config.endpoints["fast"] == Endpoint(
+        "http://127.0.0.1:9001/v1", "small", None, params={"top_p": 0.9}
+    )
+    assert config.endpoints["smart"] == Endpoint(
+        "https://api.openai.com/v1", "gpt-x", "OPENAI_API_KEY", structured_output="json_schema"
+    )
     assert config.endpoints["offline"] == EmbeddedModel(None)
     assert config.name_for("director") == "smart"
     assert config.name_for("moderator") == "fast"  # the default
@@ -240,3 +244,52 @@ def test_the_usage_ledger_counts_each_role_and_stage(invoke, runs_dir, fake):
     shown = invoke("show", only_run(runs_dir).name).stdout
     assert "Director: done; m at " in shown and "100 prompt + 50 completion tokens" in shown
     assert "33 prompt + 21 completion tokens" in shown
+
+
+def test_endpoints_on_one_server_and_model_keep_their_own_params_and_key(
+    invoke, runs_dir, tmp_path, monkeypatch, fake
+):
+    """Clients are kept per whole endpoint, not per server and model: two endpoints that
+    differ only in their params and key each send their own (a regression)."""
+    monkeypatch.setenv("KEY_ONE", "key-one")
+    monkeypatch.setenv("KEY_TWO", "key-two")
+    write(
+        tmp_path,
+        f"""
+        [endpoints.one]
+        base_url = "{fake.base_url}"
+        model = "m"
+        api_key_env = "KEY_ONE"
+        params = {{ temperature = 0.2, top_p = 0.5 }}
+
+        [endpoints.two]
+        base_url = "{fake.base_url}"
+        model = "m"
+        api_key_env = "KEY_TWO"
+        params = {{ top_p = 0.9 }}
+
+        [assign]
+        director = "one"
+        roles = ["one", "two"]
+    """,
+    )
+    monkeypatch.chdir(tmp_path)
+    result = invoke("generate", "--yes", "--turns", "4", "x")
+    assert result.exit_code == 0, result.output
+    sent = [
+        (r.headers["authorization"], r.body["temperature"], r.body["top_p"])
+        for r in fake.received
+        if r.path.endswith("/chat/completions")
+    ]
+    assert sent == [
+        ("Bearer key-one", 0.2, 0.5),  # the director, on one
+        ("Bearer key-two", 0.7, 0.9),  # turn 2: the Mentor, role 2, on two
+        ("Bearer key-one", 0.2, 0.5),  # turn 3: the Student, role 1, on one
+        ("Bearer key-two", 0.7, 0.9),  # turn 4: the Mentor
+    ]
+    manifest = json.loads((only_run(runs_dir) / "run.json").read_text())
+    described = manifest["stages"]["dialogue"]["role_endpoints"]
+    assert [(d["api_key_env"], d["params"]) for d in described] == [
+        ("KEY_ONE", {"temperature": 0.2, "top_p": 0.5}),
+        ("KEY_TWO", {"top_p": 0.9}),
+    ]
