@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .config import DEFAULT_KEY_ENV, Endpoint
 from .errors import EndpointError, ReplayError, StructuredOutputError, one_line
+from .parameters import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:  # the SDK is imported on first use, not at CLI start-up
     import openai
@@ -32,8 +33,6 @@ if TYPE_CHECKING:  # the SDK is imported on first use, not at CLI start-up
 
 Message = dict[str, str]
 T = TypeVar("T")
-DEFAULT_TIMEOUT_S = 600.0
-DEFAULT_MAX_RETRIES = 2
 
 
 @dataclass
