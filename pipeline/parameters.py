@@ -23,10 +23,13 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .choices import FLOORS
 from .termination import DEFAULT_DONE_TOKEN
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # The endpoints' HTTP defaults, used by pipeline.client and shown by the CLI's options.
 DEFAULT_TIMEOUT_S = 600.0  # seconds to wait for each HTTP request
@@ -379,7 +382,7 @@ def options_of(*classes: type) -> tuple[StageOption, ...]:
     return tuple(ordered)
 
 
-P = TypeVar("P", DirectorParameters, DialogueParameters, JudgeParameters)
+P = TypeVar("P", bound="DataclassInstance")
 
 
 def apply_options(params: P, values: Mapping[str, Any]) -> P:
