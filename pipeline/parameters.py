@@ -300,23 +300,24 @@ class StageOption:
             return None
         kinds = (int, float) if self.kind is float else (self.kind,)
         if not isinstance(value, kinds) or (isinstance(value, bool) and self.kind is not bool):
-            raise ValueError(f"{_shown(value)} is not a valid {_KINDS[self.kind]}")
+            raise ValueError(f"{shown(value)} is not a valid {_KINDS[self.kind]}")
         value = self.kind(value)  # an int given for a float option becomes a float
         declared = self.option
         if declared.range is not None:
             low, high = declared.range
             if (low is not None and value < low) or (high is not None and value > high):
-                raise ValueError(f"{_shown(value)} is not in the range {_describe(low, high)}")
+                raise ValueError(f"{shown(value)} is not in the range {_describe(low, high)}")
         if declared.choices is not None and value not in declared.choices:
             allowed = ", ".join(map(repr, declared.choices))
-            raise ValueError(f"{_shown(value)} is not one of {allowed}")
+            raise ValueError(f"{shown(value)} is not one of {allowed}")
         if declared.check is not None:
             value = CHECKS[declared.check](value)
         return value
 
 
-def _shown(value: Any) -> str:
-    """``value`` as a message shows it: a string quoted as click does, others as JSON."""
+def shown(value: Any) -> str:
+    """``value`` (read from JSON) as a message shows it: a string quoted as click quotes it
+    (``'moderator'``), anything else as JSON (``true``, ``null``, ``2.5``)."""
     return repr(value) if isinstance(value, str) else json.dumps(value)
 
 
