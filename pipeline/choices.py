@@ -9,3 +9,6 @@ FLOORS = ("round-robin", "moderator")
 EXPORT_FORMATS = ("md", "txt", "jsonl", "finetune")
 # The stages of a run, in order; see pipeline.runs.
 STAGES = ("director", "dialogue", "judge")
+# The token with which a role declares the task done, unless --done-token says another;
+# see pipeline.termination.
+DEFAULT_DONE_TOKEN = "<TASK_DONE>"

@@ -9,24 +9,21 @@ by name (:mod:`pipeline.batch`), so each default, range and help text is written
 here. An option declared on fields of several classes (``--temperature``, ``--seed``) is
 one option that sets all of them.
 
-Imported when the CLI starts, so it imports only the standard library,
-:mod:`pipeline.choices` and :mod:`pipeline.termination` (standard library only, home of the
-done token).
+Imported when the CLI starts, so it imports only the standard library and
+:mod:`pipeline.choices`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
-from .choices import FLOORS
-from .termination import DEFAULT_DONE_TOKEN
+from .choices import DEFAULT_DONE_TOKEN, FLOORS
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -60,8 +57,11 @@ def check_done_token(value: str) -> str:
 CHECKS: dict[str, Callable[[Any], Any]] = {"done_token": check_done_token}
 
 
-@dataclass(frozen=True)
-class Option:
+# Option and StageOption are named tuples, not dataclasses: each frozen dataclass made at
+# import costs about a millisecond of every command's start-up.
+
+
+class Option(NamedTuple):
     """A command-line option that sets a parameters field: the field's ``metadata["option"]``,
     made by :func:`option`.
 
@@ -73,9 +73,6 @@ class Option:
         check: the name of the function of :data:`CHECKS` that validates the value.
         metavar: the value's name in ``--help`` [default: click's, from the type].
         show_default: whether ``--help`` shows the default.
-
-    Raises:
-        ValueError: a flag not of the forms above, or a check not in :data:`CHECKS`.
     """
 
     flag: str
@@ -85,13 +82,6 @@ class Option:
     check: str | None = None
     metavar: str | None = None
     show_default: bool = True
-
-    def __post_init__(self) -> None:
-        on, _, off = self.flag.partition("/")
-        if not re.fullmatch(r"--[a-z][a-z0-9-]*", on) or (off and off != "--no-" + on[2:]):
-            raise ValueError(f"{self.flag!r} is not an option flag: --name or --name/--no-name")
-        if self.check is not None and self.check not in CHECKS:
-            raise ValueError(f"{self.flag}: no check is called {self.check!r}")
 
     @property
     def name(self) -> str:
@@ -121,8 +111,14 @@ def option(
     other arguments are those of :class:`Option`.
 
     Raises:
-        ValueError: see :class:`Option`.
+        ValueError: ``flag`` is neither ``--name`` nor ``--name/--no-name``, or ``check``
+            is not in :data:`CHECKS`.
     """
+    on, _, off = flag.partition("/")
+    if not re.fullmatch(r"--[a-z][a-z0-9-]*", on) or (off and off != "--no-" + on[2:]):
+        raise ValueError(f"{flag!r} is not an option flag: --name or --name/--no-name")
+    if check is not None and check not in CHECKS:
+        raise ValueError(f"{flag}: no check is called {check!r}")
     declared = Option(flag, help, range, choices, check, metavar, show_default)
     return dataclasses.field(default=default, metadata={"option": declared})
 
@@ -264,8 +260,7 @@ STAGE_PARAMETERS: tuple[type, ...] = (DirectorParameters, DialogueParameters)
 _KINDS = {int: "integer", float: "number", bool: "boolean", str: "string"}
 
 
-@dataclass(frozen=True)
-class StageOption:
+class StageOption(NamedTuple):
     """One command-line option of the stages, as :func:`options_of` gathers it.
 
     Attributes:
@@ -318,6 +313,8 @@ class StageOption:
 def shown(value: Any) -> str:
     """``value`` (read from JSON) as a message shows it: a string quoted as click quotes it
     (``'moderator'``), anything else as JSON (``true``, ``null``, ``2.5``)."""
+    import json  # not at start-up: only a bad value in a tasks file needs it
+
     return repr(value) if isinstance(value, str) else json.dumps(value)
 
 
@@ -328,9 +325,17 @@ def _describe(low: float | None, high: float | None) -> str:
     return f"x>={low}" if high is None else f"{low}<=x<={high}"
 
 
+# What options_of found, by its arguments, and _declared, by class: the CLI asks once per
+# command, and typing.get_type_hints is slow enough to show in the start-up time.
+_OPTIONS: dict[tuple[type, ...], tuple[StageOption, ...]] = {}
+_DECLARED: dict[type, list[tuple[str, Option, Any, type, bool]]] = {}
+
+
 def _declared(cls: type) -> list[tuple[str, Option, Any, type, bool]]:
     """``cls``'s option fields in its HELP_ORDER (else the fields' order): name, option,
     default, value type, optional."""
+    if cls in _DECLARED:
+        return _DECLARED[cls]
     hints = typing.get_type_hints(cls)
     found = {}
     for f in dataclasses.fields(cls):
@@ -347,7 +352,8 @@ def _declared(cls: type) -> list[tuple[str, Option, Any, type, bool]]:
     order = getattr(cls, "HELP_ORDER", tuple(found))
     if sorted(order) != sorted(found):
         raise ValueError(f"{cls.__name__}.HELP_ORDER does not list its options: {order}")
-    return [found[name] for name in order]
+    _DECLARED[cls] = [found[name] for name in order]
+    return _DECLARED[cls]
 
 
 def options_of(*classes: type) -> tuple[StageOption, ...]:
@@ -359,8 +365,11 @@ def options_of(*classes: type) -> tuple[StageOption, ...]:
 
     Raises:
         ValueError: an option is declared differently (help, range, default...) on two
-            fields, or a field's declaration is unusable (see :class:`Option`).
+            fields, two options have one name (``--x`` and ``--x/--no-x``), or a field's
+            declaration is unusable (see :class:`Option`).
     """
+    if classes in _OPTIONS:
+        return _OPTIONS[classes]
     flags = [declared.flag for cls in STAGE_PARAMETERS for _, declared, *_ in _declared(cls)]
     shared = {flag for flag in flags if flags.count(flag) > 1}
     gathered: dict[str, StageOption] = {}
@@ -370,17 +379,19 @@ def options_of(*classes: type) -> tuple[StageOption, ...]:
             before = gathered.get(declared.flag)
             if before is None:
                 gathered[declared.flag] = here
-            elif dataclasses.replace(before, fields=()) != dataclasses.replace(here, fields=()):
+            elif before._replace(fields=()) != here._replace(fields=()):
                 first = ".".join((before.fields[0][0].__name__, before.fields[0][1]))
                 raise ValueError(
                     f"{declared.flag} is declared differently on {first} and {cls.__name__}.{name}"
                 )
             else:
-                gathered[declared.flag] = dataclasses.replace(
-                    before, fields=(*before.fields, (cls, name))
-                )
+                gathered[declared.flag] = before._replace(fields=(*before.fields, (cls, name)))
+    names = [spec.name for spec in gathered.values()]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two options of {', '.join(c.__name__ for c in classes)} share a name")
     ordered = sorted(gathered.values(), key=lambda spec: spec.option.flag in shared)
-    return tuple(ordered)
+    _OPTIONS[classes] = tuple(ordered)
+    return _OPTIONS[classes]
 
 
 P = TypeVar("P", bound="DataclassInstance")

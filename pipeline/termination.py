@@ -23,7 +23,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-DEFAULT_DONE_TOKEN = "<TASK_DONE>"
+from .choices import DEFAULT_DONE_TOKEN as DEFAULT_DONE_TOKEN
+
 REASONS = (
     "done_token", "loop", "max_turns", "token_budget", "empty_turn", "error", "interrupted",
 )  # fmt: skip
