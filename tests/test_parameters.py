@@ -4,6 +4,8 @@ command line (pipeline.options) and by the tasks files of a batch (pipeline.batc
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,28 @@ RECORDED = [
 @pytest.mark.parametrize(("cls", "recorded"), RECORDED, ids=["director", "dialogue", "judge"])
 def test_the_manifest_record_of_the_parameters_is_unchanged(cls, recorded):
     assert list(asdict(cls()).items()) == list(recorded.items())
+
+
+LISTS_PIPELINE_MODULES = """
+import json, sys
+import pipeline.parameters
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "pipeline")))
+"""
+
+
+def test_the_parameters_import_nothing_of_the_library_but_the_choices():
+    """pipeline.parameters is imported when the CLI starts: the standard library and
+    pipeline.choices only (pipeline itself brings pipeline.errors)."""
+    child = subprocess.run(
+        [sys.executable, "-c", LISTS_PIPELINE_MODULES], capture_output=True, text=True, timeout=60
+    )
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout) == [
+        "pipeline",
+        "pipeline.choices",
+        "pipeline.errors",
+        "pipeline.parameters",
+    ]
 
 
 def test_the_stage_modules_still_offer_their_parameters():
