@@ -19,9 +19,9 @@ from pathlib import Path
 
 from pipeline import stages
 from pipeline.client import ModelClient
-from pipeline.director import DirectorParameters
 from pipeline.errors import PipelineError
 from pipeline.local import LocalServer, resolve_model
+from pipeline.parameters import DirectorParameters
 from pipeline.runs import create_run
 
 LONG_TASK = """Our team maintains a small open-source library for parsing invoices.

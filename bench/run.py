@@ -133,9 +133,8 @@ def bench_startup() -> dict[str, Any]:
 def bench_batch(delay: float) -> dict[str, Any]:
     from pipeline.batch import Batch
     from pipeline.config import Endpoint
-    from pipeline.dialogue import DialogueParameters
-    from pipeline.director import DirectorParameters
     from pipeline.models import Models
+    from pipeline.parameters import DialogueParameters, DirectorParameters
 
     seconds = {}
     with FakeServer(_delayed(delay)) as fake:
@@ -168,30 +167,28 @@ def bench_batch(delay: float) -> dict[str, Any]:
 def _dialogue_timings(clients: list[Any], turns: int, max_tokens: int) -> list[tuple[float, int]]:
     """(seconds, streamed chunks) of each generated turn of a dialogue between ROLES, the
     speaker's client answering; a chunk is about one token on llama.cpp servers."""
+    from pipeline.client import chat_body
     from pipeline.dialogue import messages_for
+    from pipeline.records import RolesDocument, Turn
 
-    roles: dict[str, Any] = ROLES
-    lines: list[dict[str, Any]] = [
-        {"turn": 1, "role": "Student", "role_index": 0, "content": roles["opening_line"]}
-    ]
+    roles = RolesDocument.from_json(ROLES)
+    lines = [Turn(1, roles.names[0], 0, roles.opening_line, kind="opening")]
     timings = []
     for turn in range(2, turns + 1):
         speaker = (turn - 1) % 2
         client = clients[speaker]
-        request = client.chat_request(
-            messages_for(speaker, roles, lines), max_tokens=max_tokens, temperature=0.0, seed=1
+        body = chat_body(
+            client.endpoint,
+            messages_for(speaker, roles, lines),
+            max_tokens=max_tokens,
+            temperature=0.0,
+            seed=1,
+            stream=True,
         )
         started = time.perf_counter()
-        result = client.stream(request)
+        result = client.stream(body, lambda record: None)  # nothing recorded
         timings.append((time.perf_counter() - started, max(result.chunks, 1)))
-        lines.append(
-            {
-                "turn": turn,
-                "role": roles["roles"][speaker]["name"],
-                "role_index": speaker,
-                "content": result.content,
-            }
-        )
+        lines.append(Turn(turn, roles.names[speaker], speaker, result.content))
     return timings
 
 
@@ -199,9 +196,11 @@ def _embedded_dialogue(turns: int, memory: list[int] | None = None) -> list[tupl
     """A dialogue on the embedded model as the pipeline runs it: one server, a slot per
     role. ``memory`` receives the peak resident memory of its model processes (bytes)."""
     from pipeline.models import Models
+    from pipeline.records import RolesDocument
 
     with Models() as models:
-        timings = _dialogue_timings(models.roles(ROLES), turns, max_tokens=120)
+        roles = RolesDocument.from_json(ROLES)
+        timings = _dialogue_timings(models.roles(roles), turns, max_tokens=120)
         if memory is not None:
             memory.append(sum(_peak_rss(server.pid) for server in models.servers))
         return timings
@@ -212,7 +211,7 @@ def _llama_server_dialogue(
 ) -> list[tuple[float, int]]:
     """The same dialogue on llama.cpp's llama-server, set up as the embedded server is."""
     from pipeline.client import ModelClient
-    from pipeline.config import Endpoint
+    from pipeline.endpoints import Endpoint
 
     with _LlamaServer(binary) as (url, pid):
         clients = [ModelClient(Endpoint(url, "m", None)) for _ in range(2)]

@@ -16,22 +16,32 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import stages
-from .dialogue import DialogueParameters
-from .director import DirectorParameters
 from .errors import ConfigError, PipelineError
 from .models import Models
+from .parameters import (
+    DialogueParameters,
+    DirectorParameters,
+    StageOption,
+    apply_options,
+    options_of,
+    shown,
+)
 from .records import utc_now
 from .runs import Run, atomic_write_json, create_run, open_run, slugify
 
-DIRECTOR_OPTIONS = {"roles", "done_token", "temperature", "seed"}
-DIALOGUE_OPTIONS = {
-    "turns", "max_tokens", "temperature", "closing_turns", "max_tokens_total", "floor", "seed",
-}  # fmt: skip
+# The options a task may set: the director's and the dialogue's command-line options, by
+# name (--director-max-tokens is director_max_tokens, --loop-detection/--no-loop-detection
+# is loop_detection); temperature and seed set both stages, max_tokens the dialogue's.
+TASK_OPTIONS: dict[str, StageOption] = {
+    spec.name: spec for spec in options_of(DirectorParameters, DialogueParameters)
+}
+DIRECTOR_OPTIONS = frozenset(spec.name for spec in options_of(DirectorParameters))
+DIALOGUE_OPTIONS = frozenset(spec.name for spec in options_of(DialogueParameters))
 OPTIONS = DIRECTOR_OPTIONS | DIALOGUE_OPTIONS | {"task", "judge"}
 
 
@@ -68,11 +78,14 @@ class Outcome:
 
 
 def read_tasks(path: Path) -> list[BatchTask]:
-    """The tasks of a tasks file.
+    """The tasks of a tasks file, each task's options checked as the command line checks
+    them (type, range, choices, done token form; ``judge`` a boolean).
 
     Raises:
-        ConfigError: the file cannot be read, or a line is bad JSON, has no task or an
-            unknown option; the message names the file and the line.
+        ConfigError: the file cannot be read, or a line is bad JSON, has no task, an
+            unknown option or a value the option does not allow; the message names the
+            file and the line (and the option: ``tasks.txt:3: turns: 0 is not in the range
+            1<=x<=1000``).
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -100,6 +113,14 @@ def read_tasks(path: Path) -> list[BatchTask]:
         task = str(spec.pop("task", "")).strip()
         if not task:
             raise ConfigError(f'{path}:{number}: no "task"', path=path)
+        for name, value in spec.items():
+            try:
+                if name in TASK_OPTIONS:
+                    spec[name] = TASK_OPTIONS[name].validate(value)
+                elif name == "judge" and not isinstance(value, bool):
+                    raise ValueError(f"{shown(value)} is not a valid boolean")
+            except ValueError as e:
+                raise ConfigError(f"{path}:{number}: {name}: {e}", path=path) from e
         tasks.append(BatchTask(number, task, spec))
     if not tasks:
         raise ConfigError(f"{path} holds no task; write one task per line", path=path)
@@ -166,13 +187,9 @@ class Batch:
             return run_id
 
     def _parameters(self, task: BatchTask) -> tuple[DirectorParameters, DialogueParameters]:
-        opts = task.options
-        director = replace(
-            self.director, **{k: v for k, v in opts.items() if k in DIRECTOR_OPTIONS}
-        )
-        dialogue = replace(
-            self.dialogue, **{k: v for k, v in opts.items() if k in DIALOGUE_OPTIONS}
-        )
+        """The batch's parameters with ``task``'s own options applied."""
+        director = apply_options(self.director, task.options)
+        dialogue = apply_options(self.dialogue, task.options)
         return director, dialogue
 
     def _process(self, task: BatchTask) -> Outcome:

@@ -7,3 +7,6 @@ STRUCTURED_OUTPUT_CHOICES = ("auto", "json_schema", "json_object", "prompt")
 FLOORS = ("round-robin", "moderator")
 # What `pipeline export` writes; see pipeline.export.
 EXPORT_FORMATS = ("md", "txt", "jsonl", "finetune")
+# The token with which a role declares the task done, unless --done-token says another;
+# see pipeline.termination.
+DEFAULT_DONE_TOKEN = "<TASK_DONE>"

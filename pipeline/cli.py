@@ -39,9 +39,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from .batch import Outcome
-    from .dialogue import DialogueParameters
-    from .director import DirectorParameters
     from .models import Models
+    from .parameters import DialogueParameters, DirectorParameters
     from .records import RolesDocument, Turn
     from .runs import Run
     from .stages import StageContext

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import DEFAULT_KEY_ENV, Endpoint
 from .errors import EndpointError, Fix, one_line
+from .parameters import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
 from .records import CallError, CallRecord, Streamed, Usage, sha256_of, timestamp
 from .threads import off_main_thread
 
@@ -30,8 +31,6 @@ if TYPE_CHECKING:  # the SDK is imported on first use, not at CLI start-up
 Message = dict[str, str]
 Recorder = Callable[[CallRecord], None]
 DeltaSink = Callable[[str], None]
-DEFAULT_TIMEOUT_S = 600.0
-DEFAULT_MAX_RETRIES = 2
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from . import director, schemas, structured, templates
 from .client import Message, ModelClient, chat_body
 from .errors import Fix, PipelineError, RunError
+from .parameters import DialogueParameters
 from .records import Floor, RolesDocument, Turn, Usage, sha256_of, total_usage
 from .termination import TokenFilter, detect_loop, said_done, strip_token
 
@@ -33,33 +34,6 @@ if TYPE_CHECKING:
 STAGE = "dialogue"
 TRANSCRIPT_MD = "dialogue/transcript.md"
 NEXT_SPEAKER = "next-speaker.schema.json"
-
-
-@dataclass(frozen=True)
-class DialogueParameters:
-    """Parameters of the dialogue stage.
-
-    Attributes:
-        turns: the most turns, the opening line included (at least 1).
-        max_tokens: the most tokens one generated turn may use.
-        temperature: sampling temperature (0 to 2).
-        closing_turns: turns the next speaker gets after the done token (0 or more).
-        max_tokens_total: stop once the dialogue has used this many tokens (prompt and
-            completion as the API reports them; without usage, streamed chunks count as
-            completion tokens); None for no budget.
-        detect_loops: stop when the roles only trade pleasantries or repeat themselves.
-        floor: ``round-robin``, or ``moderator`` (a model picks each next speaker).
-        seed: sent to endpoints that accept one (best effort); None to send none.
-    """
-
-    turns: int = 10
-    max_tokens: int = 512
-    temperature: float = 0.7
-    closing_turns: int = 1
-    max_tokens_total: int | None = None
-    detect_loops: bool = True
-    floor: str = "round-robin"
-    seed: int | None = None
 
 
 def role_prompt(roles: RolesDocument, index: int) -> str:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from . import schemas, stages, templates
 from .answer import answer_stage
 from .errors import Fix, RunError, StructuredOutputError
 from .lint import lint_roles, roles_problems, self_address
+from .parameters import DirectorParameters
 from .records import RolesDocument, StageRecord
 from .resources import file_sha256
 from .termination import DEFAULT_DONE_TOKEN
@@ -31,27 +32,6 @@ PROMPT = "director/prompt.txt"
 REQUEST = "director/request.json"
 RESPONSE = "director/response.json"
 ROLES = "director/roles.json"
-
-
-@dataclass(frozen=True)
-class DirectorParameters:
-    """Parameters of the director call.
-
-    Attributes:
-        max_tokens: the most tokens the answer may use.
-        temperature: sampling temperature (0 to 2).
-        repair_attempts: how many times an unusable answer is sent back to be corrected.
-        roles: how many roles the director writes (2 to 8).
-        done_token: the token that declares the task done.
-        seed: sent to endpoints that accept one (best effort); None to send none.
-    """
-
-    max_tokens: int = 2048
-    temperature: float = 0.7
-    repair_attempts: int = 2
-    roles: int = 2
-    done_token: str = DEFAULT_DONE_TOKEN
-    seed: int | None = None
 
 
 def render_prompt(task: str, roles: int = 2, done_token: str = DEFAULT_DONE_TOKEN) -> str:

@@ -8,7 +8,7 @@ validated and repaired like every structured answer. Artifacts (in ``judge/``):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from . import director, schemas, templates
@@ -27,23 +27,6 @@ TEMPLATE = "judge.j2"
 SCHEMA = "verdict.schema.json"
 PROMPT = "judge/prompt.txt"
 VERDICT = "judge/verdict.json"
-
-
-@dataclass(frozen=True)
-class JudgeParameters:
-    """Parameters of the judge call.
-
-    Attributes:
-        max_tokens: the most tokens the verdict may use.
-        temperature: sampling temperature (0 to 2).
-        repair_attempts: times an unusable verdict is sent back to be corrected.
-        seed: sent to endpoints that accept one; None to send none.
-    """
-
-    max_tokens: int = 2048
-    temperature: float = 0.0
-    repair_attempts: int = 2
-    seed: int | None = None
 
 
 def render_prompt(run: Run) -> str:

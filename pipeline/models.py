@@ -19,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, ModelClient, identify_server
+from .client import ModelClient, identify_server
 from .endpoints import Assigned, EmbeddedModel, Endpoint, Resolver
 from .errors import ConfigError, Fix
+from .parameters import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:
     from .config import Config

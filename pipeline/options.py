@@ -2,21 +2,30 @@
 
 Kept apart from :mod:`pipeline.cli` so the commands read in one sitting. Options are
 bundled: the endpoint options reach a command as one :class:`EndpointFlags`, the stage
-options as :class:`~pipeline.director.DirectorParameters` and
-:class:`~pipeline.dialogue.DialogueParameters`.
+options as :class:`~pipeline.parameters.DirectorParameters` and
+:class:`~pipeline.parameters.DialogueParameters`, whose fields declare them.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from .choices import FLOORS, STRUCTURED_OUTPUT_CHOICES
+from .choices import STRUCTURED_OUTPUT_CHOICES
+from .parameters import (
+    CHECKS,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT_S,
+    DialogueParameters,
+    DirectorParameters,
+    StageOption,
+    apply_options,
+    options_of,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -165,14 +174,14 @@ _ENDPOINT_OPTIONS = [
     click.option(
         "--timeout",
         type=click.FloatRange(min=0.1),
-        default=600.0,
+        default=DEFAULT_TIMEOUT_S,
         show_default=True,
         help="Seconds to wait for each HTTP request.",
     ),
     click.option(
         "--max-retries",
         type=click.IntRange(min=0),
-        default=2,
+        default=DEFAULT_MAX_RETRIES,
         show_default=True,
         help="Retries on 408/409/429/5xx and connection errors (the SDK's policy).",
     ),
@@ -190,145 +199,66 @@ def endpoint_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return with_options(_ENDPOINT_OPTIONS)(wrapper)
 
 
-_DIRECTOR_OPTIONS = [
-    click.option(
-        "--roles",
-        "n_roles",
-        type=click.IntRange(2, 8),
-        default=2,
-        show_default=True,
-        help="How many roles the director writes (more than two: an AI meeting).",
-    ),
-    click.option(
-        "--done-token",
-        default="<TASK_DONE>",
-        show_default=True,
-        callback=lambda ctx, param, value: _done_token(value),
-        help="The token with which the declaring role ends the conversation.",
-    ),
-    click.option(
-        "--director-max-tokens",
-        type=click.IntRange(min=1),
-        default=2048,
-        show_default=True,
-        help="Most tokens for the director's answer.",
-    ),
-    click.option(
-        "--repair-attempts",
-        type=click.IntRange(0, 10),
-        default=2,
-        show_default=True,
-        help="Times an unusable director answer is sent back to be corrected.",
-    ),
-]
-
-_DIALOGUE_OPTIONS = [
-    click.option(
-        "--turns",
-        type=click.IntRange(1, 1000),
-        default=10,
-        show_default=True,
-        help="Most turns in the dialogue, the opening line included.",
-    ),
-    click.option(
-        "--max-tokens",
-        type=click.IntRange(min=1),
-        default=512,
-        show_default=True,
-        help="Most tokens per dialogue turn.",
-    ),
-    click.option(
-        "--closing-turns",
-        type=click.IntRange(0, 8),
-        default=1,
-        show_default=True,
-        help="Turns the next speaker gets after the done token.",
-    ),
-    click.option(
-        "--max-tokens-total",
-        type=click.IntRange(min=1),
-        help="Stop the dialogue once it has used this many tokens.",
-    ),
-    click.option(
-        "--loop-detection/--no-loop-detection",
-        default=True,
-        show_default=True,
-        help="Stop when the roles only trade pleasantries or repeat themselves.",
-    ),
-    click.option(
-        "--floor",
-        type=click.Choice(FLOORS),
-        default="round-robin",
-        show_default=True,
-        help="Who speaks next with three or more roles: in turn, or as a moderator model picks.",
-    ),
-]
-
-_COMMON_OPTIONS = [
-    click.option(
-        "--temperature",
-        type=click.FloatRange(0, 2),
-        default=0.7,
-        show_default=True,
-        help="Sampling temperature.",
-    ),
-    click.option(
-        "--seed",
-        type=int,
-        help="Sampling seed, sent to servers that accept one. Best effort: to reproduce a "
-        "run exactly, use pipeline replay.",
-    ),
-]
+def stage_option(spec: StageOption) -> Callable[[Any], Any]:
+    """The click option for ``spec``: its type from the fields' type and the declared range
+    or choices, its default the fields' default, its callback the declared check (whose
+    ValueError becomes click's BadParameter)."""
+    declared = spec.option
+    kind: Any = spec.kind
+    if declared.choices is not None:
+        kind = click.Choice(declared.choices)
+    elif declared.range is not None:
+        number_range: Any = click.FloatRange if spec.kind is float else click.IntRange
+        kind = number_range(*declared.range)
+    extra: dict[str, Any] = {}
+    if not declared.switch:
+        extra["type"] = kind
+    if declared.metavar is not None:
+        extra["metavar"] = declared.metavar
+    if declared.check is not None:
+        extra["callback"] = functools.partial(_checked, CHECKS[declared.check])
+    return click.option(
+        declared.flag,
+        spec.name,
+        default=spec.default,
+        show_default=declared.show_default,
+        help=declared.help,
+        **extra,
+    )
 
 
-def _done_token(value: str) -> str:
-    if not re.fullmatch(r"<[A-Z][A-Z0-9_]{1,30}>", value):
-        raise click.BadParameter(
-            f"{value!r} is not a done token: use capitals, digits and _ in angle brackets, "
-            "e.g. <TASK_DONE>"
-        )
-    return value
+def _checked(
+    check: Callable[[Any], Any], ctx: click.Context, param: click.Parameter, value: Any
+) -> Any:
+    if value is None:
+        return None
+    try:
+        return check(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from e
 
 
 def stage_options(*, director: bool, dialogue: bool) -> Callable[[Any], Any]:
-    """Add the options of the director and/or dialogue stages; the command receives them
+    """Add the options of the director and/or dialogue stages, as their parameters' fields
+    declare them (:func:`pipeline.parameters.options_of`: --temperature and --seed, which
+    both stages have, are one option setting both); the command receives the parameters
     as ``director_params`` / ``dialogue_params``."""
-    options = (
-        (_DIRECTOR_OPTIONS if director else [])
-        + (_DIALOGUE_OPTIONS if dialogue else [])
-        + _COMMON_OPTIONS
-    )
+    stages: list[tuple[str, type[DirectorParameters] | type[DialogueParameters]]] = []
+    if director:
+        stages.append(("director_params", DirectorParameters))
+    if dialogue:
+        stages.append(("dialogue_params", DialogueParameters))
+    specs = options_of(*(cls for _, cls in stages))
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(f)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            from .dialogue import DialogueParameters
-            from .director import DirectorParameters
-
-            temperature, seed = kwargs.pop("temperature"), kwargs.pop("seed")
-            if director:
-                kwargs["director_params"] = DirectorParameters(
-                    max_tokens=kwargs.pop("director_max_tokens"),
-                    temperature=temperature,
-                    repair_attempts=kwargs.pop("repair_attempts"),
-                    roles=kwargs.pop("n_roles"),
-                    done_token=kwargs.pop("done_token"),
-                    seed=seed,
-                )
-            if dialogue:
-                kwargs["dialogue_params"] = DialogueParameters(
-                    turns=kwargs.pop("turns"),
-                    max_tokens=kwargs.pop("max_tokens"),
-                    temperature=temperature,
-                    closing_turns=kwargs.pop("closing_turns"),
-                    max_tokens_total=kwargs.pop("max_tokens_total"),
-                    detect_loops=kwargs.pop("loop_detection"),
-                    floor=kwargs.pop("floor"),
-                    seed=seed,
-                )
+            values = {spec.name: kwargs.pop(spec.name) for spec in specs}
+            for arg, cls in stages:
+                kwargs[arg] = apply_options(cls(), values)
             return f(*args, **kwargs)
 
-        return with_options(options)(wrapper)
+        return with_options([stage_option(spec) for spec in specs])(wrapper)
 
     return decorate
 

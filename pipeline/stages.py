@@ -30,12 +30,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .parameters import DialogueParameters, DirectorParameters, JudgeParameters
+
 if TYPE_CHECKING:
     from .client import ModelClient
     from .config import Endpoint
-    from .dialogue import DialogueParameters
-    from .director import DirectorParameters
-    from .judge import JudgeParameters
     from .recorder import StageCalls
     from .records import RolesDocument, StageRecord, Turn
     from .runs import Run
@@ -161,10 +160,6 @@ class Plan:
         judge: JudgeParameters | None = None,
     ) -> Plan:
         """The defaults for what is not given; the judge samples with the dialogue's seed."""
-        from .dialogue import DialogueParameters
-        from .director import DirectorParameters
-        from .judge import JudgeParameters
-
         dialogue = dialogue or DialogueParameters()
         return cls(
             director or DirectorParameters(),
@@ -175,9 +170,6 @@ class Plan:
     @classmethod
     def recorded(cls, run: Run) -> Plan:
         """The parameters ``run``'s stages were started (or planned) with."""
-        from .dialogue import DialogueParameters
-        from .director import DirectorParameters
-        from .judge import JudgeParameters
 
         def given(name: str) -> dict[str, Any]:
             return dict(run.stage(name).parameters)

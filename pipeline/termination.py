@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .records import Turn
 
-DEFAULT_DONE_TOKEN = "<TASK_DONE>"
+from .choices import DEFAULT_DONE_TOKEN as DEFAULT_DONE_TOKEN
+
 REASONS = (
     "done_token", "loop", "max_turns", "token_budget", "empty_turn", "error", "interrupted",
     "human_quit",  # a person in the conversation stopped it

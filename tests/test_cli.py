@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from pipeline import __version__, schemas
 from pipeline.cli import cli
 from pipeline.dialogue import role_prompt
-from pipeline.director import DirectorParameters, answer_schema
+from pipeline.director import answer_schema
 from pipeline.local import free_port
+from pipeline.parameters import DirectorParameters
 from pipeline.records import RolesDocument
 from pipeline.structured import strict_schema
 

@@ -20,9 +20,10 @@ import pytest
 
 from pipeline import schemas, stages
 from pipeline.client import ModelClient
-from pipeline.director import DirectorParameters, answer_schema, load_roles
+from pipeline.director import answer_schema, load_roles
 from pipeline.hub import DEFAULT_MODEL_NAME as MODEL_NAME
 from pipeline.local import LocalServer, resolve_model
+from pipeline.parameters import DirectorParameters
 from pipeline.runs import create_run
 from pipeline.structured import grammar_schema
 

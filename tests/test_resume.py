@@ -261,7 +261,8 @@ def test_converse_does_not_redo_a_dialogue_done_with_the_same_inputs(fake, invok
 def test_the_embedded_model_is_one_input_whatever_port_it_was_served_on():
     from pipeline.client import ModelClient
     from pipeline.config import Endpoint
-    from pipeline.dialogue import DialogueParameters, dialogue_inputs
+    from pipeline.dialogue import dialogue_inputs
+    from pipeline.parameters import DialogueParameters
     from pipeline.records import RolesDocument
 
     def inputs(*urls: str, embedded: bool) -> object:

@@ -12,8 +12,9 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from pipeline import schemas
-from pipeline.director import DirectorParameters, answer_schema
+from pipeline.director import answer_schema
 from pipeline.errors import StructuredOutputError
+from pipeline.parameters import DirectorParameters
 from pipeline.schemas import Schema
 from pipeline.structured import dialect_plan, grammar_safe, parse, strict_schema
 

@@ -471,7 +471,8 @@ def test_a_hand_edit_with_unusable_roles_is_refused(invoke, runs_dir):
 
 
 def test_a_narrowed_schema_can_be_narrowed_again():
-    from pipeline.director import DirectorParameters, answer_schema, narrow_schema
+    from pipeline.director import answer_schema, narrow_schema
+    from pipeline.parameters import DirectorParameters
 
     bad = json.loads(json.dumps(ROLES))
     bad["roles"][1]["name"] = "Student"
