@@ -503,7 +503,7 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
     import json
 
     from .director import ROLES
-    from .judge import VERDICT
+    from .judge import VERDICT, load_verdict
     from .records import RolesDocument
 
     run = _open(runs_dir, run_id)
@@ -530,7 +530,7 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
         text = _views().transcript_text(run.read_transcript(), token)
         click.echo(text.removeprefix("\n") if stage else text)
     if stage == "judge" or (stage is None and has_verdict):
-        click.echo(("\n" if stage is None else "") + _views().verdict_text(run.read_json(VERDICT)))
+        click.echo(("\n" if stage is None else "") + _views().verdict_text(load_verdict(run)))
 
 
 @cli.command()

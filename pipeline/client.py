@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .config import DEFAULT_KEY_ENV, Endpoint
+from .endpoints import DEFAULT_KEY_ENV, Endpoint
 from .errors import EndpointError, Fix, one_line
 from .parameters import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
-from .records import CallError, CallRecord, Streamed, Usage, sha256_of, timestamp
+from .records import CallError, CallRecord, JSONObject, Streamed, Usage, sha256_of, timestamp
 from .threads import off_main_thread
 
 if TYPE_CHECKING:  # the SDK is imported on first use, not at CLI start-up
@@ -63,12 +63,12 @@ def chat_body(
     temperature: float,
     seed: int | None = None,
     stream: bool = False,
-    response_format: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    response_format: JSONObject | None = None,
+) -> JSONObject:
     """A Chat Completions request body for ``messages`` (no credentials): the endpoint's
     extra ``params`` override the sampling parameters given here; a streaming body asks
     for the usage in the last chunk."""
-    body: dict[str, Any] = {
+    body: JSONObject = {
         "max_tokens": max_tokens,
         "temperature": temperature,
         **({"seed": seed} if seed is not None else {}),
@@ -87,7 +87,7 @@ class Transport(Protocol):
     """Carries one canonical request (``{"base_url", **body}``) to a model and back."""
 
     def send(
-        self, request: dict[str, Any], digest: str, *, stream: bool, on_delta: DeltaSink | None
+        self, request: JSONObject, digest: str, *, stream: bool, on_delta: DeltaSink | None
     ) -> CallRecord:
         """The call's record (its ``stage`` left empty). For a streaming request,
         ``on_delta`` gets each piece of text as it comes.
@@ -99,7 +99,7 @@ class Transport(Protocol):
 
 
 class ModelClient:
-    """Chat completions against one :class:`~pipeline.config.Endpoint`.
+    """Chat completions against one :class:`~pipeline.endpoints.Endpoint`.
 
     Args:
         endpoint: where to send requests.
@@ -121,7 +121,7 @@ class ModelClient:
             endpoint, timeout=timeout, max_retries=max_retries
         )
 
-    def complete(self, body: dict[str, Any], record: Recorder) -> CallRecord:
+    def complete(self, body: JSONObject, record: Recorder) -> CallRecord:
         """Send a non-streaming request; return its record (``response`` is the raw
         completion). ``record`` gets the record, failed calls included.
 
@@ -131,7 +131,7 @@ class ModelClient:
         return self._exchange(body, record, stream=False, on_delta=None)
 
     def stream(
-        self, body: dict[str, Any], record: Recorder, on_delta: DeltaSink | None = None
+        self, body: JSONObject, record: Recorder, on_delta: DeltaSink | None = None
     ) -> ChatResult:
         """Send a streaming request, calling ``on_delta`` with each piece of text as it
         arrives; return the assembled turn. ``record`` gets the call's record.
@@ -151,7 +151,7 @@ class ModelClient:
         )
 
     def _exchange(
-        self, body: dict[str, Any], record: Recorder, *, stream: bool, on_delta: DeltaSink | None
+        self, body: JSONObject, record: Recorder, *, stream: bool, on_delta: DeltaSink | None
     ) -> CallRecord:
         request = {"base_url": self.endpoint.base_url, **body}
         digest = sha256_of(request)
@@ -198,7 +198,7 @@ class HTTPTransport:
         return self._sdk
 
     def send(
-        self, request: dict[str, Any], digest: str, *, stream: bool, on_delta: DeltaSink | None
+        self, request: JSONObject, digest: str, *, stream: bool, on_delta: DeltaSink | None
     ) -> CallRecord:
         import openai
 
@@ -216,7 +216,7 @@ class HTTPTransport:
 
         if not stream:
             (response,) = off_main_thread(answers)
-            dumped: dict[str, Any] = response.model_dump(mode="json", exclude_none=True)
+            dumped: JSONObject = response.model_dump(mode="json", exclude_none=True)
             return CallRecord(
                 request,
                 digest,

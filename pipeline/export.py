@@ -8,7 +8,8 @@
     a plain-text transcript with a header (timestamp, the model of each role, the task),
     then ``Name:`` blocks (``templates/transcript.txt.j2``).
 ``jsonl``
-    one turn per line, as stored.
+    one turn per line, as stored, in the current ``transcript-line.schema.json`` (a line
+    of a version 1 run gains its ``kind``).
 ``finetune``
     OpenAI chat fine-tuning lines, ``{"messages": [...]}``, from one role's point of view:
     the system prompt it was given, the others' turns as ``user`` and its own as

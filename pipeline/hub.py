@@ -133,61 +133,37 @@ def pull(
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     hub = (endpoint or constants.ENDPOINT).rstrip("/")
     at = revision or DEFAULT_REVISION
-    where = {"repo": repo, "filename": filename}
     try:
         local = hf_hub_download(
             repo, filename, revision=revision, cache_dir=models_dir(), endpoint=endpoint
         )
-    except errors.HFValidationError as e:
-        raise ModelFileError(
-            f"{repo!r} is not a valid repository id: give it as owner/name, with letters, "
-            "digits, '-', '_' or '.', e.g. HuggingFaceTB/SmolLM2-135M-Instruct",
-            **where,
-        ) from e
-    except errors.GatedRepoError as e:
-        raise ModelFileError(
-            f"{repo} is a gated repository: accept its terms on {hub}/{repo}, "
-            "then set HF_TOKEN to an access token of that account",
-            **where,
-        ) from e
-    except errors.RepositoryNotFoundError as e:
-        raise ModelFileError(
-            f"repository {repo} was not found on {hub}: check its name, "
-            "or set HF_TOKEN if it is private",
-            **where,
-        ) from e
-    except errors.RevisionNotFoundError as e:
-        raise ModelFileError(
-            f"revision {at} was not found in repository {repo}: "
-            "give a branch, tag or commit of the repository",
-            **where,
-        ) from e
-    except errors.RemoteEntryNotFoundError as e:
-        raise ModelFileError(
-            f"{filename} was not found in repository {repo} at revision {at}: "
-            f"check the file name in the list at {hub}/{repo}/tree/{at}",
-            **where,
-        ) from e
-    except errors.LocalEntryNotFoundError as e:
-        raise ModelFileError(
-            f"could not reach the Hub at {hub} to download {filename} from {repo}, "
-            "and it is not in the cache: check the network connection "
-            "(and HF_ENDPOINT, HF_HUB_OFFLINE if set)",
-            **where,
-        ) from e
-    except errors.HfHubHTTPError as e:
-        raise ModelFileError(
-            f"the Hub at {hub} refused to send {filename} from {repo} "
-            f"({one_line(e, 160)}): check HF_TOKEN, or try again later",
-            **where,
-        ) from e
-    except OSError as e:
-        raise ModelFileError(
-            f"could not save {filename} from {repo} into {models_dir()} ({one_line(e, 160)}): "
-            "free some space there, or set PIPELINE_CACHE_DIR to another folder",
-            path=models_dir(),
-            **where,
-        ) from e
+    except (errors.HfHubHTTPError, errors.HFValidationError, OSError) as e:
+        # huggingface_hub's errors, most specific first, and what each means to the user
+        explained = (
+            (errors.HFValidationError, f"{repo!r} is not a valid repository id: give it as "
+             "owner/name, with letters, digits, '-', '_' or '.', e.g. "
+             "HuggingFaceTB/SmolLM2-135M-Instruct"),
+            (errors.GatedRepoError, f"{repo} is a gated repository: accept its terms on "
+             f"{hub}/{repo}, then set HF_TOKEN to an access token of that account"),
+            (errors.RepositoryNotFoundError, f"repository {repo} was not found on {hub}: "
+             "check its name, or set HF_TOKEN if it is private"),
+            (errors.RevisionNotFoundError, f"revision {at} was not found in repository "
+             f"{repo}: give a branch, tag or commit of the repository"),
+            (errors.RemoteEntryNotFoundError, f"{filename} was not found in repository "
+             f"{repo} at revision {at}: check the file name in the list at "
+             f"{hub}/{repo}/tree/{at}"),
+            (errors.LocalEntryNotFoundError, f"could not reach the Hub at {hub} to download "
+             f"{filename} from {repo}, and it is not in the cache: check the network "
+             "connection (and HF_ENDPOINT, HF_HUB_OFFLINE if set)"),
+            (errors.HfHubHTTPError, f"the Hub at {hub} refused to send {filename} from "
+             f"{repo} ({one_line(e, 160)}): check HF_TOKEN, or try again later"),
+            (OSError, f"could not save {filename} from {repo} into {models_dir()} "
+             f"({one_line(e, 160)}): free some space there, or set PIPELINE_CACHE_DIR to "
+             "another folder"),
+        )  # fmt: skip
+        kind, message = next((kind, text) for kind, text in explained if isinstance(e, kind))
+        path = models_dir() if kind is OSError else None
+        raise ModelFileError(message, repo=repo, filename=filename, path=path) from e
     return Path(local)
 
 

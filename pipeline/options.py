@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -44,10 +44,13 @@ class PathType(click.Path):
         return Path(os.fsdecode(super().convert(value, param, ctx)))
 
 
-def with_options(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+Command = Callable[..., Any]
+
+
+def with_options(options: Sequence[Callable[[Command], Command]]) -> Callable[[Command], Command]:
     """A decorator applying click ``options`` in the order listed (first shown first)."""
 
-    def apply(f: Any) -> Any:
+    def apply(f: Command) -> Command:
         for option in reversed(options):
             f = option(f)
         return f

@@ -28,11 +28,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeAlias
 
-from .config import Endpoint
+from .endpoints import Endpoint
 
 MANIFEST_VERSION = 2
+
+JSONObject: TypeAlias = dict[str, Any]
+"""A JSON object whose shape is another party's contract: an API request or response body,
+a JSON Schema document, a stage's parameters as recorded. The project's own documents are
+the records of this module; their ``to_json`` gives ``dict[str, object]``."""
 TURN_KINDS = ("opening", "generated", "human", "imported", "tool")
 
 
@@ -55,7 +60,7 @@ def timestamp(moment: datetime | None = None) -> str:
     return (moment or utc_now()).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _extra(value: Mapping[str, Any], known: Sequence[str]) -> dict[str, Any]:
+def _extra(value: Mapping[str, Any], known: Sequence[str]) -> JSONObject:
     return {k: v for k, v in value.items() if k not in known}
 
 
@@ -138,7 +143,7 @@ class RolesDocument:
             value["opening_line"],
         )
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {
             "roles": [dataclasses.asdict(r) for r in self.roles],
             "termination": dataclasses.asdict(self.termination),
@@ -212,8 +217,8 @@ class ToolCall:
     result: str | None = None
     error: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "name": self.name, "arguments": self.arguments}
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"id": self.id, "name": self.name, "arguments": self.arguments}
         if self.result is not None:
             out["result"] = self.result
         if self.error is not None:
@@ -282,11 +287,11 @@ class Turn:
             tool_call_id=value.get("tool_call_id"),
         )
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The line as written (``transcript-line.schema.json`` version 2). An opening or
         generated turn always has the model's fields (null when none); other kinds only
         those they have."""
-        out: dict[str, Any] = {
+        out: dict[str, object] = {
             "turn": self.turn,
             "role": self.role,
             "role_index": self.role_index,
@@ -354,7 +359,7 @@ class Streamed:
     def content(self) -> str:
         return "".join(self.pieces)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
 
@@ -384,18 +389,18 @@ class CallRecord:
         stage: the stage that made the call, set when it is recorded.
     """
 
-    request: dict[str, Any]
+    request: JSONObject
     request_sha256: str
-    response: dict[str, Any] | None = None
+    response: JSONObject | None = None
     stream: Streamed | None = None
     error: CallError | None = None
-    usage: dict[str, Any] | None = None
+    usage: JSONObject | None = None
     system_fingerprint: str | None = None
     time: str | None = None
     stage: str = ""
 
     @property
-    def body(self) -> dict[str, Any]:
+    def body(self) -> JSONObject:
         """The request body as sent (the canonical request without the base URL)."""
         return {k: v for k, v in self.request.items() if k != "base_url"}
 
@@ -414,8 +419,8 @@ class CallRecord:
             stage=value.get("stage", ""),
         )
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
             "stage": self.stage,
             "request_sha256": self.request_sha256,
             "request": self.request,
@@ -457,7 +462,7 @@ class StageRecord:
     duration_s: float | None = None
     pid: int | None = None
     endpoint: Endpoint | None = None
-    parameters: dict[str, Any] = field(default_factory=dict)
+    parameters: JSONObject = field(default_factory=dict)
     input_hash: str | None = None
     artifacts: list[str] = field(default_factory=list)
     error: str | None = None
@@ -480,7 +485,7 @@ class StageRecord:
     usage_by_role: dict[str, Usage] | None = None
     moderator_usage: Usage | None = None
     moderator_fallbacks: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: JSONObject = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> StageRecord:
@@ -521,10 +526,10 @@ class StageRecord:
             extra=_extra(value, _known(cls)),
         )
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The entry as written: the ten keys every stage has, then the optional ones that
         are set, then the unknown ones kept."""
-        out: dict[str, Any] = {}
+        out: dict[str, object] = {}
         for f in dataclasses.fields(self):
             if f.name == "extra":
                 continue
@@ -568,9 +573,9 @@ class Manifest:
     manifest_version: int = MANIFEST_VERSION
     dialects: dict[str, str] | None = None
     replay_of: str | None = None
-    parent: dict[str, Any] | None = None
+    parent: JSONObject | None = None
     children: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: JSONObject = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> Manifest:
@@ -590,8 +595,8 @@ class Manifest:
             extra=_extra(value, _known(cls)),
         )
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
             "manifest_version": self.manifest_version,
             "run_id": self.run_id,
             "task": self.task,

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import collections
 from pathlib import Path
-from typing import Any
 
 from . import stages
 from .client import DeltaSink, ModelClient
 from .endpoints import Endpoint
 from .errors import ReplayError, RunError
 from .recorder import read_calls
-from .records import CallRecord, RolesDocument
+from .records import CallRecord, JSONObject, RolesDocument
 from .runs import Run, create_run
 
 
@@ -69,7 +68,7 @@ class ReplayTransport:
         self.recording = recording
 
     def send(
-        self, request: dict[str, Any], digest: str, *, stream: bool, on_delta: DeltaSink | None
+        self, request: JSONObject, digest: str, *, stream: bool, on_delta: DeltaSink | None
     ) -> CallRecord:
         record = self.recording.take(digest)
         if record.stream is not None and on_delta:

@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import Endpoint
+from .endpoints import Endpoint
 from .errors import Fix, PipelineError, RunError
 from .records import Manifest, StageRecord, Turn, sha256_of, timestamp, utc_now
 from .resources import data_dir, file_sha256
@@ -202,10 +202,8 @@ class Run:
                 f"run {self.run_id} has no {relative}", run_id=self.run_id, path=path
             ) from e
         except json.JSONDecodeError as e:
-            raise RunError(
-                f"{path} is not valid JSON ({e}); fix or delete the file",
-                run_id=self.run_id,
-                path=path,
+            raise self._unreadable(
+                path, f"is not valid JSON ({e})", "fix or delete the file"
             ) from e
 
     def append_transcript(self, turn: Turn) -> None:
@@ -242,19 +240,16 @@ class Run:
             try:
                 lines.append(Turn.from_json(json.loads(raw)))
             except json.JSONDecodeError as e:
-                raise RunError(
-                    f"line {number} of {path} is not JSON ({e.msg}); fix or delete that line",
-                    run_id=self.run_id,
-                    path=path,
-                ) from e
+                what = f"is not JSON ({e.msg})"
+                raise self._unreadable(path, what, "fix or delete that line", number) from e
             except (KeyError, TypeError) as e:
-                raise RunError(
-                    f"line {number} of {path} is not a transcript line (no {e}); "
-                    "fix or delete that line",
-                    run_id=self.run_id,
-                    path=path,
-                ) from e
+                what = f"is not a transcript line (no {e})"
+                raise self._unreadable(path, what, "fix or delete that line", number) from e
         return lines
+
+    def _unreadable(self, path: Path, what: str, fix: str, line: int | None = None) -> RunError:
+        where = f"line {line} of {path}" if line is not None else str(path)
+        return RunError(f"{where} {what}", fix=Fix(fix), run_id=self.run_id, path=path)
 
     def archive_stage(self, name: str) -> Path | None:
         """Move the stage folder's current files to ``<stage>/previous-N/`` (N = 1, 2, ...) so a

@@ -23,6 +23,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from .errors import PipelineError
+from .records import JSONObject
 from .resources import data_dir
 
 ROLES = "roles.schema.json"
@@ -56,7 +57,7 @@ def schema_path(name: str, version: int = CURRENT_VERSION) -> Path:
     return base / name
 
 
-def load(name: str, version: int = CURRENT_VERSION) -> dict[str, Any]:
+def load(name: str, version: int = CURRENT_VERSION) -> JSONObject:
     """The parsed schema ``name`` in ``version`` (see :func:`schema_path`), a JSON object.
     The same dictionary is returned on every call for the same file: copy it before
     changing it.
@@ -68,9 +69,10 @@ def load(name: str, version: int = CURRENT_VERSION) -> dict[str, Any]:
 
 
 @cache
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path) -> JSONObject:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        document: JSONObject = json.loads(path.read_text(encoding="utf-8"))
+        return document
     except (OSError, json.JSONDecodeError) as e:
         raise PipelineError(
             f"cannot read schema {path}: {e}; reinstall converse-pipeline", path=path
@@ -109,7 +111,7 @@ class Schema:
     """
 
     name: str
-    document: dict[str, Any] = field(hash=False, compare=False)
+    document: JSONObject = field(hash=False, compare=False)
 
     @classmethod
     def file(cls, name: str, version: int = CURRENT_VERSION) -> Schema:
@@ -131,4 +133,4 @@ def is_valid(instance: Any, name: str, version: int = CURRENT_VERSION) -> bool:
     Raises:
         PipelineError: as :func:`load`.
     """
-    return _validator(name, version).is_valid(instance)
+    return bool(_validator(name, version).is_valid(instance))

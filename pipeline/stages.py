@@ -34,7 +34,7 @@ from .parameters import DialogueParameters, DirectorParameters, JudgeParameters
 
 if TYPE_CHECKING:
     from .client import ModelClient
-    from .config import Endpoint
+    from .endpoints import Endpoint
     from .recorder import StageCalls
     from .records import RolesDocument, StageRecord, Turn
     from .runs import Run

@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 from . import templates
 from .choices import STRUCTURED_OUTPUT_CHOICES
 from .errors import EndpointError, Fix, StructuredOutputError, one_line
-from .records import Attempt, CallRecord, Usage
+from .records import Attempt, CallRecord, JSONObject, Usage
 from .schemas import Schema
 
 if TYPE_CHECKING:
@@ -120,12 +120,13 @@ def remember_in_run(endpoint: Endpoint, manifest: Manifest, dialect: str) -> Non
     manifest.dialects = {**(manifest.dialects or {}), endpoint.base_url: dialect}
 
 
-def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
+def strict_schema(schema: JSONObject) -> JSONObject:
     """The strict-mode form of ``schema``: every object closed (``additionalProperties:
     false``) with every property required (optional ones become nullable), unsupported
     keywords dropped, and string lengths (``minLength``/``maxLength``) turned into a
     ``pattern`` so the bound survives. The input is not modified."""
-    return _strict(copy.deepcopy(schema), root=True)
+    strict: JSONObject = _strict(copy.deepcopy(schema), root=True)
+    return strict
 
 
 def _strict(node: Any, *, root: bool = False) -> Any:
@@ -133,7 +134,7 @@ def _strict(node: Any, *, root: bool = False) -> Any:
         return [_strict(item) for item in node]
     if not isinstance(node, dict):
         return node
-    out: dict[str, Any] = {}
+    out: JSONObject = {}
     for key, value in node.items():
         if key in ("properties", "$defs"):
             out[key] = {name: _strict(sub) for name, sub in value.items()}
@@ -162,7 +163,7 @@ def _strict(node: Any, *, root: bool = False) -> Any:
 GRAMMAR_MAX_LENGTH = 1000
 
 
-def grammar_safe(schema: dict[str, Any]) -> dict[str, Any]:
+def grammar_safe(schema: JSONObject) -> JSONObject:
     """``schema`` with every ``maxLength`` capped at 1000: llama.cpp's grammar engine, which
     turns a ``json_object`` schema into a grammar, refuses longer repetitions. The answer is
     still validated against the uncapped schema."""
@@ -177,14 +178,14 @@ def grammar_safe(schema: dict[str, Any]) -> dict[str, Any]:
             out["maxLength"] = min(out["maxLength"], GRAMMAR_MAX_LENGTH)
         return out
 
-    capped: dict[str, Any] = cap(schema)
+    capped: JSONObject = cap(schema)
     return capped
 
 
 CHARS_PER_TOKEN = 2  # low for English and code (about 4), so a rambling answer still fits
 
 
-def grammar_schema(schema: dict[str, Any], max_tokens: int | None = None) -> dict[str, Any]:
+def grammar_schema(schema: JSONObject, max_tokens: int | None = None) -> JSONObject:
     """The grammar form of ``schema`` for llama.cpp's server: the schema itself, less the
     annotations a grammar has no use for (``$schema``, ``$id``, ``title``,
     ``description``), with every object closed. The input is not modified.
@@ -219,7 +220,7 @@ def grammar_schema(schema: dict[str, Any], max_tokens: int | None = None) -> dic
             out["maxLength"] = max(bound, out.get("minLength", 0))
         return out
 
-    stripped: dict[str, Any] = strip(schema)
+    stripped: JSONObject = strip(schema)
     return stripped
 
 
@@ -245,7 +246,7 @@ def _bounded_strings(node: Any, times: int = 1) -> int:
 
 def response_format(
     dialect: str, schema: Schema, server: str | None = None, max_tokens: int | None = None
-) -> dict[str, Any] | None:
+) -> JSONObject | None:
     """The ``response_format`` request member for ``dialect`` (None for ``prompt``), with
     the schema in the form that ``server`` enforces (:func:`schema_form`; the grammar form
     fitted to ``max_tokens``)."""
@@ -294,9 +295,7 @@ _FENCE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n(.*?)\n\s*```\s*$", re.DOTALL)
 Check = Callable[[Any], list[str]]
 
 
-def parse(
-    response: dict[str, Any], schema: Schema, *, dialect: str, check: Check | None = None
-) -> Any:
+def parse(response: JSONObject, schema: Schema, *, dialect: str, check: Check | None = None) -> Any:
     """The JSON answer in a raw chat completion, validated against ``schema``
     (Draft 2020-12), then by ``check`` (problems a schema cannot express, as
     ``"<json path>: <message>"``). In the ``prompt`` dialect a surrounding Markdown code

@@ -215,8 +215,9 @@ def test_the_server_stops_politely_unless_interrupted(interrupted, how):
 @pytest.mark.parametrize("sessions", [1, 2])
 def test_one_embedded_server_serves_every_slot(sessions, monkeypatch):
     from pipeline import local
-    from pipeline.config import EmbeddedModel
+    from pipeline.endpoints import EmbeddedModel
     from pipeline.models import Models
+    from pipeline.records import Role, RolesDocument, Termination
 
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PIPELINE_MODEL"):
         monkeypatch.delenv(name, raising=False)
@@ -228,7 +229,9 @@ def test_one_embedded_server_serves_every_slot(sessions, monkeypatch):
         return commands[-1]
 
     monkeypatch.setattr(local, "server_command", server_command)
-    roles_doc = {"roles": [{"name": "A"}, {"name": "B"}, {"name": "C"}]}
+    roles_doc = RolesDocument(
+        tuple(Role(name, "a prompt") for name in "ABC"), Termination("<T_D>", "A", "done"), "Hi"
+    )
     with Models(sessions=sessions) as models:
         assert models.prepare(roles_doc) == [EmbeddedModel()] * 3  # launched, not waited for
         assert len(commands) == 1

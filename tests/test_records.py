@@ -1,0 +1,189 @@
+"""The typed records and the published schemas held together; old runs still load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import records, schemas
+from pipeline.records import (
+    CallRecord,
+    Floor,
+    Manifest,
+    Role,
+    RolesDocument,
+    StageRecord,
+    Termination,
+    ToolCall,
+    Turn,
+    Usage,
+    Verdict,
+)
+from pipeline.runs import open_run
+
+from .conftest import read_jsonl
+
+FIXTURE = next((Path(__file__).parent / "fixtures" / "runs-v1").iterdir())
+
+
+@pytest.fixture
+def v1_run(runs_dir: Path) -> Path:
+    """A copy of the checked-in run made before the records (manifest version 1)."""
+    folder = runs_dir / FIXTURE.name
+    shutil.copytree(FIXTURE, folder)
+    return folder
+
+
+def names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} - {"extra"}
+
+
+def properties(name: str, *path: str) -> set[str]:
+    node = schemas.load(name)
+    for key in path:
+        node = node[key]
+    return set(node["properties"])
+
+
+# -- the types and the schemas name the same fields --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "schema", "path", "computed"),
+    [
+        (RolesDocument, schemas.ROLES, (), set()),
+        (Role, schemas.ROLES, ("properties", "roles", "items"), set()),
+        (Termination, schemas.ROLES, ("properties", "termination"), set()),
+        (Turn, schemas.TRANSCRIPT_LINE, (), {"generated"}),
+        (Floor, schemas.TRANSCRIPT_LINE, ("properties", "floor"), set()),
+        (ToolCall, schemas.TRANSCRIPT_LINE, ("properties", "tool_calls", "items"), set()),
+        (StageRecord, schemas.RUN_MANIFEST, ("$defs", "stage"), set()),
+        (Manifest, schemas.RUN_MANIFEST, (), set()),
+        (Verdict, "verdict.schema.json", (), set()),
+        (Usage, schemas.TRANSCRIPT_LINE, ("properties", "usage"), set()),
+    ],
+)
+def test_each_record_has_exactly_the_fields_of_its_schema(record, schema, path, computed):
+    assert names(record) | computed == properties(schema, *path)
+
+
+# -- what the records write is what the schemas admit ------------------------------------
+
+USAGE = Usage(11, 7)
+TURNS = [
+    Turn(1, "Student", 0, "Hello", kind="opening", floor=Floor("opening")),
+    Turn(
+        2,
+        "Mentor",
+        1,
+        "Hi",
+        finish_reason="stop",
+        model="m",
+        base_url="http://127.0.0.1:1/v1",
+        usage=USAGE,
+        chunks=3,
+        floor=Floor("moderator", reason="it is the mentor's turn"),
+        time="2026-11-26T08:20:49.123Z",
+        tool_calls=(ToolCall("call_1", "delegate", '{"task": "x"}', result="done"),),
+    ),
+    Turn(3, "Ana", 0, "a message from a chat", kind="imported", time="2026-11-26T08:21:00Z"),
+    Turn(4, "Me", 1, "typed by a person", kind="human"),
+    Turn(5, "Mentor", 1, "the tool's answer", kind="tool", tool_call_id="call_1"),
+]
+
+
+@pytest.mark.parametrize("turn", TURNS, ids=[t.kind for t in TURNS])
+def test_every_kind_of_turn_is_written_as_the_schema_says_and_read_back(turn):
+    written = turn.to_json()
+    assert schemas.errors(written, schemas.TRANSCRIPT_LINE) == []
+    assert Turn.from_json(json.loads(json.dumps(written))) == turn
+
+
+def test_an_imported_turn_has_no_model_fields_at_all():
+    assert {"model", "base_url", "usage", "finish_reason"}.isdisjoint(TURNS[2].to_json())
+
+
+def test_a_new_run_writes_a_version_2_manifest_the_schema_admits(tmp_path):
+    from pipeline.runs import create_run
+
+    run = create_run(tmp_path, "task")
+    written = json.loads(run.path("run.json").read_text())
+    assert written["manifest_version"] == records.MANIFEST_VERSION == schemas.CURRENT_VERSION
+    assert schemas.errors(written, schemas.RUN_MANIFEST) == []
+    assert Manifest.from_json(written).to_json() == written
+
+
+# -- old runs load -----------------------------------------------------------------------
+
+
+def test_a_version_1_manifest_reads_and_writes_back_unchanged():
+    written = json.loads((FIXTURE / "run.json").read_text())
+    assert written["manifest_version"] == 1
+    assert Manifest.from_json(written).to_json() == written
+
+
+def test_version_1_transcript_lines_read_with_their_kind_worked_out():
+    lines = read_jsonl(FIXTURE / "dialogue" / "transcript.jsonl")
+    turns = [Turn.from_json(line) for line in lines]
+    assert [t.kind for t in turns] == ["opening"] + ["generated"] * (len(lines) - 1)
+    for line, turn in zip(lines, turns, strict=True):
+        again = turn.to_json()
+        assert again.pop("kind") == turn.kind
+        assert again == line  # nothing else added, lost or changed
+        assert schemas.errors(turn.to_json(), schemas.TRANSCRIPT_LINE) == []
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p.relative_to(FIXTURE).as_posix() for p in FIXTURE.rglob("calls/*.json"))
+)
+def test_version_1_call_records_read_and_write_back_unchanged(path):
+    written = json.loads((FIXTURE / path).read_text())
+    assert CallRecord.from_json(written).to_json() == written
+
+
+def test_version_1_roles_and_verdict_read_and_write_back_unchanged():
+    roles = json.loads((FIXTURE / "director" / "roles.json").read_text())
+    assert RolesDocument.from_json(roles).to_json() == roles
+    verdict = json.loads((FIXTURE / "judge" / "verdict.json").read_text())
+    assert Verdict.from_json(verdict).to_json() == verdict
+
+
+def test_a_version_1_run_is_listed_shown_and_exported(v1_run, invoke):
+    run = open_run(v1_run.parent, v1_run.name)
+    assert run.manifest.stages["dialogue"].termination_reason == "done_token"
+    listed = invoke("runs", "--json")
+    assert listed.exit_code == 0, listed.output
+    (row,) = json.loads(listed.stdout)
+    assert row["stages"] == {"director": "done", "dialogue": "done", "judge": "done"}
+    assert row["turns"] == 6
+    shown = invoke("show", v1_run.name)
+    assert shown.exit_code == 0, shown.output
+    assert "Verdict: completed, score 8/10" in shown.stdout
+    exported = invoke("export", v1_run.name, "--format", "jsonl")
+    stored = read_jsonl(v1_run / "dialogue" / "transcript.jsonl")
+    # exported in the current version: each line as stored, with its kind
+    kinds = ["opening"] + ["generated"] * (len(stored) - 1)
+    lines = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert lines == [{**line, "kind": kind} for line, kind in zip(stored, kinds, strict=True)]
+    assert invoke("resume", v1_run.name).stdout == (
+        f"run {v1_run.name} is complete; nothing to resume\n"
+    )
+
+
+def test_replaying_a_version_1_run_names_what_changed_since(v1_run, invoke, runs_dir):
+    # the roles schema was revised (version 2), so the director's request is another one:
+    # the replay stops there and says so, and the run folder it made is kept
+    result = invoke("replay", v1_run.name, "--into", "20261126T090000Z-replayed")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1].startswith(
+        f"Error: the director stage asked for a call that run {v1_run.name} never made"
+    )
+    replayed: dict[str, Any] = json.loads(
+        (runs_dir / "20261126T090000Z-replayed" / "run.json").read_text()
+    )
+    assert replayed["stages"]["director"]["status"] == "failed"
