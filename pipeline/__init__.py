@@ -1,9 +1,7 @@
 """converse-pipeline: a director model writes roles, the roles converse, every stage is saved.
 
-The library is organised one module per concept: ``config`` (endpoints),
-``client`` (the only place that talks to models), ``local`` (the embedded
-server), ``templates``, ``schemas``, ``runs`` (run folders and manifests),
-``director`` and ``dialogue`` (the stages). ``cli`` is a thin layer over them.
+One module per concept; ARCHITECTURE.md (at the top of the repository) shows the data
+flow and what each module owns. ``cli`` is a thin layer over the library.
 """
 
 from .errors import PipelineError

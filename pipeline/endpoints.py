@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .errors import ConfigError, Fix
 
 if TYPE_CHECKING:
     from .config import Config
@@ -147,15 +147,15 @@ def resolve_endpoint(
         environ: the environment to read (default ``os.environ``).
 
     Raises:
-        ConfigError: ``--api-key-env`` names a variable that is not set, or a server is
-            configured but no model is named.
+        ConfigError: ``api_key_env`` names a variable that is not set, a model is named but
+            no server, or a server but no model.
     """
     env = os.environ if environ is None else environ
     key_env = api_key_env or DEFAULT_KEY_ENV
     if api_key_env and not env.get(api_key_env):
         raise ConfigError(
-            f"--api-key-env names {api_key_env}, which is not set; "
-            f"export {api_key_env}=<your key> or drop the flag"
+            f"the API key variable {api_key_env} is not set",
+            fix=Fix(f"export {api_key_env}=<your key>, or drop {{}}", ("api_key_env",)),
         )
     url = base_url or env.get("OPENAI_BASE_URL") or None
     if url is None and (env.get(key_env) or api_key_env):
@@ -163,14 +163,17 @@ def resolve_endpoint(
     if url is None:
         if model:
             raise ConfigError(
-                f"--model {model} was given but no server: pass --base-url URL "
-                "(or set OPENAI_BASE_URL or OPENAI_API_KEY)"
+                f"model {model} was given but no server",
+                fix=Fix("pass {} URL (or set OPENAI_BASE_URL or OPENAI_API_KEY)", ("base_url",)),
             )
         return None
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"base URL {url!r} must start with http:// or https://")
     if not model:
-        raise ConfigError(f"no model given for {url}: pass --model NAME (or set PIPELINE_MODEL)")
+        raise ConfigError(
+            f"no model given for {url}",
+            fix=Fix("pass {} NAME (or set PIPELINE_MODEL)", ("model",)),
+        )
     return Endpoint(
         base_url=url.rstrip("/"),
         model=model,

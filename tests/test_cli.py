@@ -416,7 +416,7 @@ def test_generate_without_model_for_a_server_is_a_config_error(invoke):
     result = invoke("generate", "--base-url", "http://127.0.0.1:9/v1", "x")
     assert result.exit_code == 1
     assert result.stderr == (
-        "Error: no model given for http://127.0.0.1:9/v1: "
+        "Error: no model given for http://127.0.0.1:9/v1; "
         "pass --model NAME (or set PIPELINE_MODEL)\n"
     )
 

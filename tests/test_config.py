@@ -42,9 +42,9 @@ def test_resolution_order(flags, environ, expected):
 @pytest.mark.parametrize(
     ("flags", "environ", "message"),
     [
-        ({"base_url": LOCAL}, {}, f"no model given for {LOCAL}: pass --model NAME"),
-        ({"model": "m"}, {}, "--model m was given but no server: pass --base-url URL"),
-        ({"api_key_env": "NOPE", "model": "m"}, {}, "--api-key-env names NOPE, which is not set"),
+        ({"base_url": LOCAL}, {}, f"no model given for {LOCAL}; pass the model setting NAME"),
+        ({"model": "m"}, {}, "model m was given but no server; pass the base url setting URL"),
+        ({"api_key_env": "NOPE", "model": "m"}, {}, "the API key variable NOPE is not set"),
         ({"base_url": "localhost:8000", "model": "m"}, {}, "must start with http:// or https://"),
     ],
 )

@@ -88,7 +88,9 @@ def expected(outcome: str) -> Endpoint | EmbeddedModel | str:
     if outcome == "embedded":
         return EmbeddedModel()
     if outcome.startswith("env "):  # the environment names a server, no flag a model
-        return f"no model given for {outcome[4:]}: pass --model NAME (or set PIPELINE_MODEL)"
+        return (
+            f"no model given for {outcome[4:]}; pass the model setting NAME (or set PIPELINE_MODEL)"
+        )
     return NAMED[outcome]
 
 
