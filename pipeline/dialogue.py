@@ -29,6 +29,7 @@ from .records import Floor, RolesDocument, Turn, Usage, sha256_of, total_usage
 from .termination import TokenFilter, detect_loop, said_done, strip_token
 
 if TYPE_CHECKING:
+    from .runs import Run
     from .stages import Listener, StageContext
 
 STAGE = "dialogue"
@@ -95,6 +96,16 @@ def dialogue_inputs(
         ],
         "parameters": asdict(params),
     }
+
+
+def check(run: Run) -> None:
+    """See :mod:`pipeline.stages`.
+
+    Raises:
+        RunError: the director stage is not done.
+        StructuredOutputError: its roles no longer match the schema.
+    """
+    director.load_roles(run)
 
 
 def inputs(ctx: StageContext) -> object:

@@ -52,25 +52,32 @@ def inputs(ctx: StageContext) -> object:
     }
 
 
-def run(ctx: StageContext) -> None:
-    """Run the judge stage (the dialogue must have ended): the verdict, checked against
-    ``schemas/verdict.schema.json`` (see :mod:`pipeline.answer`).
+def check(run: Run) -> None:
+    """See :mod:`pipeline.stages`.
 
     Raises:
-        RunError: the dialogue stage is not done.
-        StructuredOutputError: no usable verdict after the last attempt.
-        EndpointError: the endpoint failed.
+        RunError: the dialogue has not ended.
     """
     from .stages import status
 
-    run_ = ctx.run
-    if (dialogue := status(run_, "dialogue")) != "done":
+    if (dialogue := status(run, "dialogue")) != "done":
         raise RunError(
-            f"the dialogue of run {run_.run_id} is {dialogue}, so there is nothing to judge yet",
-            fix=Fix("finish it", command=("resume", run_.run_id)),
-            run_id=run_.run_id,
+            f"the dialogue of run {run.run_id} is {dialogue}, so there is nothing to judge yet",
+            fix=Fix("finish it", command=("resume", run.run_id)),
+            run_id=run.run_id,
             stage=STAGE,
         )
+
+
+def run(ctx: StageContext) -> None:
+    """Run the judge stage: the verdict, checked against ``schemas/verdict.schema.json``
+    (see :mod:`pipeline.answer`).
+
+    Raises:
+        StructuredOutputError: no usable verdict after the last attempt.
+        EndpointError: the endpoint failed.
+    """
+    run_ = ctx.run
     answer_stage(
         ctx,
         ctx.models.judge(),

@@ -8,6 +8,9 @@ its own main output, and the module that runs it. That module provides two funct
     that is ``done`` with the same hash is current (:func:`is_current`).
 ``run(ctx) -> None``
     the work, inside ``ctx.running(...)``, which records the stage in ``run.json``.
+``check(run) -> None`` (optional)
+    raises a :class:`~pipeline.errors.PipelineError` when the run is not ready for the
+    stage (what it needs is not done); called before anything is archived.
 
 Everything else comes from here, for every command (``generate``, ``converse``,
 ``rerun``, ``resume``, ``batch``, ``replay``): archiving a stage's old files to
@@ -296,19 +299,23 @@ def execute(ctx: StageContext, name: str, *, resume: bool = False) -> None:
     What it made stale downstream is stored as such.
 
     Raises:
-        PipelineError: the stage failed (its record says how; its files stay).
+        PipelineError: the run is not ready for the stage (nothing is touched), or the
+            stage failed (its record says how; its files stay).
     """
     from .recorder import StageCalls
 
     node = stage(name)
+    module = node.load()
     run = ctx.run
+    if (check := getattr(module, "check", None)) is not None:
+        check(run)
     resume = resume and node.resumable
     if not resume:
         run.archive_stage(name)
         refresh(run)
     here = dataclasses.replace(ctx, stage=name, calls=StageCalls(run, name), resume=resume)
     try:
-        node.load().run(here)
+        module.run(here)
     finally:
         refresh(run)
 

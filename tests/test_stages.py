@@ -13,7 +13,7 @@ import pytest
 from pipeline import stages
 from pipeline.client import ModelClient
 from pipeline.endpoints import Endpoint
-from pipeline.errors import EndpointError
+from pipeline.errors import EndpointError, RunError
 from pipeline.parameters import DialogueParameters
 from pipeline.records import CallRecord
 from pipeline.runs import Run, create_run
@@ -173,3 +173,12 @@ def test_a_plan_is_read_back_from_the_parameters_a_run_recorded(tmp_path):
     run = create_run(tmp_path, "task", plan.planned())
     assert stages.Plan.recorded(run) == plan
     assert plan.judge.seed == 5  # the judge samples with the dialogue's seed
+
+
+def test_a_stage_the_run_is_not_ready_for_touches_nothing(run):
+    run.write_json("director/roles.json", {**ROLES, "opening_line": "Another?"})  # new roles
+    ctx = stages.StageContext(run, stages.OneClient(None), stages.Plan.of())  # type: ignore[arg-type]
+    with pytest.raises(RunError, match="is stale, so there is nothing to judge yet"):
+        stages.execute(ctx, "judge")
+    assert run.path("judge/verdict.json").is_file()  # not moved to previous-1/
+    assert not run.path("judge/previous-1").exists()
