@@ -67,7 +67,8 @@ class BatchTask:
 
 @dataclass
 class Outcome:
-    """How one task of the batch went: ``done``, ``skipped`` (complete before), ``failed``."""
+    """How one task of the batch went: ``done``, ``skipped`` (complete before), ``failed``
+    (``error`` says why, and ``exception`` is the error itself)."""
 
     task: BatchTask
     status: str
@@ -75,6 +76,7 @@ class Outcome:
     turns: int = 0
     ended_by: str | None = None
     error: str | None = None
+    exception: PipelineError | None = None
 
 
 def read_tasks(path: Path) -> list[BatchTask]:
@@ -210,7 +212,7 @@ class Batch:
                 stages.advance(stages.StageContext(run, self.models, plan), include=include)
         except PipelineError as e:
             self._note(task, status="failed", error=e.message)
-            return Outcome(task, "failed", run_id, error=e.message)
+            return Outcome(task, "failed", run_id, error=e.message, exception=e)
         outcome = self._outcome(task, run, "done")
         with self._lock:
             self.turns_done += outcome.turns

@@ -65,16 +65,26 @@ class _Group(click.Group):
         except PipelineError as e:
             if ctx.meta.get("pipeline.debug"):
                 raise
-            runs_dir = ctx.meta.get(RUNS_DIR_KEY)
-            message = e.render(
-                flag,
-                lambda words: (
-                    "pipeline "
-                    + " ".join(words)
-                    + (_runs_dir_flag(runs_dir) if runs_dir is not None else "")
-                ),
-            )
-            raise click.ClickException(message) from e
+            raise click.ClickException(_explain(e, ctx)) from e
+
+
+def _explain(e: PipelineError, ctx: click.Context) -> str:
+    """``e``'s message with its fixes worded as flags and command lines; a command that
+    takes ``--runs-dir`` gets the one this command was given, unless it is the default."""
+
+    def command_line(words: tuple[str, ...]) -> str:
+        command: click.Command = cli
+        for word in words:
+            if not isinstance(command, click.Group) or word not in command.commands:
+                break
+            command = command.commands[word]
+        runs_dir = ctx.meta.get(RUNS_DIR_KEY)
+        line = "pipeline " + " ".join(words)
+        if runs_dir is not None and any(p.name == "runs_dir" for p in command.params):
+            line += _runs_dir_flag(runs_dir)
+        return line
+
+    return e.render(flag, command_line)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -223,12 +233,15 @@ def rerun(
         with flags.models(run) as models:
             plan = stages.Plan.of(director_params, dialogue_params)
             ctx = stages.StageContext(run, models, plan, _Printer())
-            if stage == "dialogue":
+            if stage == "director":
+                _redo_director(ctx, models, runs_dir)
+            elif stage == "dialogue":
                 _converse(ctx, models)
             elif stage == "judge":
                 _judge(ctx, models)
-            else:
-                _redo_director(ctx, models, runs_dir)
+            else:  # a stage with nothing of its own to print
+                stages.execute(ctx, stage)
+                click.echo(f"run {run.run_id}: the {stage} stage is done: {run.path(stage)}")
 
 
 @cli.command()
@@ -246,18 +259,19 @@ def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
 
     run = _open(runs_dir, run_id)
     with _writing(run):
-        statuses = {name: stages.status(run, name) for name in ("director", "dialogue")}
-        if statuses == {"director": "done", "dialogue": "done"}:
+        todo = stages.pending(run)
+        if not todo:
             click.echo(f"run {run.run_id} is complete; nothing to resume")
             return
         plan = stages.Plan.recorded(run)
-        if statuses["director"] != "done":
+        statuses = {name: stages.status(run, name) for name in todo}
+        if "director" in todo:
             click.echo(
                 f"run {run.run_id}: the director stage is {statuses['director']}; "
                 "asking the director again...",
                 err=True,
             )
-        elif statuses["dialogue"] in ("interrupted", "failed"):
+        elif statuses.get("dialogue") in ("interrupted", "failed"):
             at = len(run.read_transcript()) + 1
             if at <= plan.dialogue.turns:
                 click.echo(
@@ -302,6 +316,8 @@ def batch(
     again skips the runs that are complete and finishes the others. Rate limits (429)
     are waited out with the SDK's retries (--max-retries, at least 8 here).
     """
+    from dataclasses import replace
+
     from .batch import Batch
 
     # The embedded server gets slots and KV cache for `jobs` dialogues at once.
@@ -332,6 +348,10 @@ def batch(
                 bar.update(1)
 
             outcomes = work.run(jobs, done)
+    context = click.get_current_context()
+    outcomes = [
+        replace(o, error=_explain(o.exception, context)) if o.exception else o for o in outcomes
+    ]
     click.echo(_views().batch_table(outcomes))
     if counts["failed"]:
         raise click.ClickException(

@@ -39,23 +39,22 @@ def render_prompt(task: str, roles: int = 2, done_token: str = DEFAULT_DONE_TOKE
     return templates.render(TEMPLATE, task=task, n_roles=roles, done_token=done_token)
 
 
-NAME_MAX_LENGTH = 80  # a role the director names is a short label
-PROMPT_MIN_LENGTH = 10  # and has a prompt worth the name
+# A director's roles are checked against version 1 of the roles schema: 2 to 8 roles,
+# short names, real prompts. Version 2 also admits the speakers of an imported chat (many,
+# long-named, without prompts), which a director must not write. Asking with version 1
+# also keeps the director's request what it was, so runs made before version 2 replay.
+ROLES_VERSION = 1
 
 
 def answer_schema(params: DirectorParameters) -> schemas.Schema:
-    """``schemas/roles.schema.json`` narrowed for one request: exactly ``params.roles``
-    roles, names of at most :data:`NAME_MAX_LENGTH` characters, system prompts of at least
-    :data:`PROMPT_MIN_LENGTH`, and exactly ``params.done_token`` as the token. (The file
-    also admits the speakers of an imported chat: many, long-named, without prompts.)"""
-    document = copy.deepcopy(schemas.load(schemas.ROLES))
+    """The roles schema a director's answer must fit (:data:`ROLES_VERSION`), narrowed for
+    one request: exactly ``params.roles`` roles and exactly ``params.done_token``."""
+    document = copy.deepcopy(schemas.load(schemas.ROLES, ROLES_VERSION))
     document["properties"]["roles"].update(minItems=params.roles, maxItems=params.roles)
-    role = document["properties"]["roles"]["items"]["properties"]
-    role["name"]["maxLength"] = NAME_MAX_LENGTH
-    role["system_prompt"]["minLength"] = PROMPT_MIN_LENGTH
-    termination = document["properties"]["termination"]["properties"]
-    termination["declared_by"]["maxLength"] = NAME_MAX_LENGTH
-    termination["done_token"] = {"type": "string", "const": params.done_token}
+    document["properties"]["termination"]["properties"]["done_token"] = {
+        "type": "string",
+        "const": params.done_token,
+    }
     return schemas.Schema(schemas.ROLES, document)
 
 
@@ -95,7 +94,7 @@ def inputs(ctx: StageContext) -> object:
     return {
         "task": ctx.run.task,
         "template_sha256": file_sha256(templates.template_path(TEMPLATE)),
-        "schema_sha256": file_sha256(schemas.schema_path(schemas.ROLES)),
+        "schema_sha256": file_sha256(schemas.schema_path(schemas.ROLES, ROLES_VERSION)),
         "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
         "parameters": asdict(ctx.plan.director),
     }
@@ -165,7 +164,7 @@ def load_roles(run: Run) -> RolesDocument:
             stage=STAGE,
         )
     roles = run.read_json(ROLES)
-    problems = schemas.errors(roles, schemas.ROLES)
+    problems = schemas.errors(roles, schemas.ROLES, ROLES_VERSION)
     if problems:
         raise StructuredOutputError(
             f"{run.path(ROLES)} does not match {schemas.ROLES}: {'; '.join(problems[:3])}",
@@ -185,7 +184,7 @@ def replace_roles(run: Run, roles: dict[str, Any]) -> None:
         StructuredOutputError: ``roles`` does not match the schema, or has a problem of
             :func:`pipeline.lint.roles_problems`; nothing is changed.
     """
-    problems = schemas.errors(roles, schemas.ROLES)
+    problems = schemas.errors(roles, schemas.ROLES, ROLES_VERSION)
     what = f"do not match {schemas.ROLES}"
     if not problems:
         problems, what = roles_problems(roles), "are unusable"

@@ -145,7 +145,10 @@ def check_gguf(path: Path) -> Path:
         if f.read(4) != GGUF_MAGIC:
             raise ModelFileError(
                 f"{path} is not a GGUF file (it does not start with 'GGUF')",
-                fix=Fix("give a .gguf model file, e.g. one pulled", command=("models", "pull")),
+                fix=Fix(
+                    "give a .gguf model file, e.g. one pulled",
+                    command=("models", "pull", "REPO", "FILE"),
+                ),
                 path=path,
             )
     return path

@@ -6,8 +6,9 @@ numbered in the order the calls were made). The files people read are derived fr
 record as it is written:
 
 - a structured-output attempt: ``<stage>/[<prefix>]attempt-N.request.json`` (the body
-  sent) and ``attempt-N.response.json`` (the raw answer; none when the call failed), and
-  its outcome in the stage's ``attempts`` in ``run.json``;
+  sent, written as it is sent, so a call cut short still shows it) and
+  ``attempt-N.response.json`` (the raw answer; none when the call failed), and its
+  outcome in the stage's ``attempts`` in ``run.json``;
 - the director's final exchange: ``director/request.json`` and ``response.json``.
 
 A replay (:mod:`pipeline.replay`) answers from these records.
@@ -19,7 +20,7 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING
 
-from .records import Attempt, CallRecord
+from .records import Attempt, CallRecord, JSONObject
 
 if TYPE_CHECKING:
     from .runs import Run
@@ -63,9 +64,17 @@ class AttemptFiles:
         self.calls = calls
         self.prefix = prefix
 
+    def _name(self, number: int) -> str:
+        return f"{self.calls.stage}/{self.prefix or ''}attempt-{number}"
+
+    def sending(self, number: int, body: JSONObject) -> None:
+        """The request file is written before the call, so that a call cut short by
+        Ctrl-C or a crash still shows what was asked."""
+        self.calls.run.write_json(f"{self._name(number)}.request.json", body)
+
     def call(self, number: int, record: CallRecord) -> None:
         self.calls(record)
-        name = f"{self.calls.stage}/{self.prefix or ''}attempt-{number}"
+        name = self._name(number)
         self.calls.derive(record, f"{name}.request.json", f"{name}.response.json")
 
     def outcome(self, attempt: Attempt) -> None:

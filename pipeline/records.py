@@ -287,10 +287,19 @@ class Turn:
             tool_call_id=value.get("tool_call_id"),
         )
 
-    def to_json(self) -> dict[str, object]:
-        """The line as written (``transcript-line.schema.json`` version 2). An opening or
-        generated turn always has the model's fields (null when none); other kinds only
-        those they have."""
+    def to_json(self, version: int = MANIFEST_VERSION) -> dict[str, object]:
+        """The line as written (``transcript-line.schema.json`` of ``version``). An opening
+        or generated turn always has the model's fields (null when none); other kinds only
+        those they have. Version 1 (a run made before version 2, still written as such)
+        has no ``kind``, ``time`` or tool calls.
+
+        Raises:
+            ValueError: version 1 cannot hold a turn of this kind.
+        """
+        if version == 1:
+            if self.kind not in ("opening", "generated") or self.tool_calls:
+                raise ValueError(f"a version 1 transcript has no {self.kind} turns")
+            return {k: v for k, v in self.to_json().items() if k not in ("kind", "time")}
         out: dict[str, object] = {
             "turn": self.turn,
             "role": self.role,

@@ -108,7 +108,14 @@ class RecordedModels:
         return self._client("dialogue", self.source.stage("dialogue").moderator_endpoint)
 
     def roles(self, roles: RolesDocument) -> list[ModelClient]:
-        recorded = self.source.stage("dialogue").role_endpoints or []
+        recorded = self.source.stage("dialogue").role_endpoints
+        if not recorded:
+            raise RunError(
+                f"run {self.source.run_id} recorded no endpoints for its roles, so its "
+                "dialogue cannot be replayed",
+                run_id=self.source.run_id,
+                stage="dialogue",
+            )
         return [self._client("dialogue", endpoint) for endpoint in recorded]
 
 

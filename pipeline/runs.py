@@ -130,6 +130,17 @@ class Run:
     def __init__(self, folder: Path, manifest: Manifest) -> None:
         self.folder = folder
         self.manifest = manifest
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Give the stages of a run made before ``upstream`` was recorded the sha256 of what
+        they read as it is now (in memory; saved with the next change), so that a later
+        change upstream makes them stale as it makes a newer run's."""
+        from .stages import upstream
+
+        for name, entry in self.manifest.stages.items():
+            if entry.upstream is None and entry.status in ("done", "failed"):
+                entry.upstream = upstream(self, name) if name in STAGE_NAMES else None
 
     @property
     def run_id(self) -> str:
@@ -180,6 +191,7 @@ class Run:
     def reload(self) -> None:
         """Read the manifest again from disk (another process may have changed it)."""
         self.manifest = _read_manifest(self.path(MANIFEST), self.run_id)
+        self._adopt()
 
     # -- artifacts ---------------------------------------------------------------
 
@@ -211,7 +223,8 @@ class Run:
         path = self.path(TRANSCRIPT)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(turn.to_json(), ensure_ascii=False) + "\n")
+            line = turn.to_json(self.manifest.manifest_version)  # an old run stays in its own
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

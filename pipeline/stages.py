@@ -262,7 +262,7 @@ def status(run: Run, name: str) -> str:
     recorded = entry.status
     if recorded == "pending" or run.alive(name):
         return recorded
-    if entry.upstream is None:  # made before upstream outputs were recorded
+    if entry.upstream is None:  # nothing to compare: a stage stored stale by older code
         return "interrupted" if recorded == "running" else recorded
     if entry.upstream != upstream(run, name) or any(
         status(run, need) == "stale" for need in stage(name).needs
@@ -271,19 +271,21 @@ def status(run: Run, name: str) -> str:
     if recorded == "running":
         return "interrupted"
     if recorded == "stale":  # stored while an input differed, which it no longer does
+        if entry.ended is None:  # (older code also stored it over an interrupted stage)
+            return "interrupted"
         return "failed" if entry.error else "done"
     return recorded
 
 
 def refresh(run: Run) -> None:
-    """Store in ``run.json`` what :func:`status` says of staleness."""
+    """Store in ``run.json`` what :func:`status` says of staleness, over a stage that is
+    done or failed (an interrupted one keeps its record: :func:`status` says it is stale)."""
     changed = False
     for node in GRAPH:
         entry = run.stage(node.name)
         now = status(run, node.name)
-        if now == "stale" and entry.status in ("done", "failed", "running"):
-            if entry.status != "running" or not run.alive(node.name):
-                entry.status, changed = "stale", True
+        if now == "stale" and entry.status in ("done", "failed"):
+            entry.status, changed = "stale", True
         elif entry.status == "stale" and now != "stale":
             entry.status, changed = now, True
     if changed:
@@ -310,10 +312,11 @@ def execute(ctx: StageContext, name: str, *, resume: bool = False) -> None:
     if (check := getattr(module, "check", None)) is not None:
         check(run)
     resume = resume and node.resumable
+    here = dataclasses.replace(ctx, stage=name, calls=StageCalls(run, name), resume=resume)
     if not resume:
+        module.inputs(here)  # its model clients resolved, its inputs read: then archive
         run.archive_stage(name)
         refresh(run)
-    here = dataclasses.replace(ctx, stage=name, calls=StageCalls(run, name), resume=resume)
     try:
         module.run(here)
     finally:

@@ -408,7 +408,10 @@ class StructuredResult:
 
 
 class AttemptLog(Protocol):
-    """Receives each attempt as it happens: its call, then its outcome."""
+    """Receives each attempt as it happens: its request body before it is sent, its call
+    once answered (or failed), then its outcome."""
+
+    def sending(self, number: int, body: JSONObject) -> None: ...
 
     def call(self, number: int, record: CallRecord) -> None: ...
 
@@ -465,6 +468,7 @@ def ask(client: ModelClient, question: Question, log: AttemptLog) -> StructuredR
             seed=question.seed,
             response_format=response_format(dialect, schema, endpoint.server, question.max_tokens),
         )
+        log.sending(number, body)
         try:
             record = client.complete(body, functools.partial(log.call, number))
         except EndpointError as e:

@@ -93,3 +93,14 @@ def test_a_bad_model_file_is_a_one_line_error(invoke, tmp_path, runs_dir, conten
     assert result.stderr.startswith(f"Error: {path}")
     assert problem in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_fix_names_a_command_line_with_only_the_options_it_takes(invoke, tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 a zip file")
+    result = invoke("generate", "--model-file", str(bad), "--yes", "x")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: {bad} is not a GGUF file (it does not start with 'GGUF'); give a .gguf model "
+        "file, e.g. one pulled with: pipeline models pull REPO FILE"  # no --runs-dir there
+    )

@@ -259,6 +259,27 @@ def test_a_failed_task_fails_the_batch_and_is_retried_next_time(invoke, runs_dir
     assert sorted(line.split()[0] for line in retry.stdout.splitlines()[1:]) == ["done", "skipped"]
 
 
+def test_a_failed_task_s_fix_is_worded_as_on_the_command_line(invoke, runs_dir, tmp_path):
+    from .fakeserver import Status
+
+    path = tasks_file(tmp_path, "one")
+    with FakeServer(conversation) as fake:
+        fake.add(Status(404, "no such model"))
+        result = invoke("batch", str(path), "--base-url", fake.base_url, "--model", "m")
+    assert result.exit_code == 1
+    (row,) = result.stdout.splitlines()[1:]
+    assert row.endswith(
+        "answered 404 for model 'm'; pass --model with a model that server serves, and "
+        "check that --base-url is its API root (often /v1))"
+    )
+    record = json.loads((runs_dir / "batches" / "tasks.json").read_text())
+    (entry,) = record["tasks"].values()  # the library's own words in the batch manifest
+    assert entry["error"].endswith(
+        "; pass the model setting with a model that server serves, "
+        "and check that the base url setting is its API root (often /v1)"
+    )
+
+
 def test_killing_a_batch_and_running_it_again_finishes_only_what_is_missing(tmp_path):
     runs_dir = tmp_path / "runs"
     path = tasks_file(tmp_path, *[f"task number {i}" for i in range(6)])

@@ -175,15 +175,58 @@ def test_a_version_1_run_is_listed_shown_and_exported(v1_run, invoke):
     )
 
 
-def test_replaying_a_version_1_run_names_what_changed_since(v1_run, invoke, runs_dir):
-    # the roles schema was revised (version 2), so the director's request is another one:
-    # the replay stops there and says so, and the run folder it made is kept
+def test_a_version_1_run_replays_into_a_version_2_run(v1_run, invoke, runs_dir):
     result = invoke("replay", v1_run.name, "--into", "20261126T090000Z-replayed")
-    assert result.exit_code == 1
-    assert result.stderr.splitlines()[-1].startswith(
-        f"Error: the director stage asked for a call that run {v1_run.name} never made"
+    assert result.exit_code == 0, result.output
+    replayed = runs_dir / "20261126T090000Z-replayed"
+    manifest: dict[str, Any] = json.loads((replayed / "run.json").read_text())
+    assert manifest["manifest_version"] == 2
+    assert schemas.errors(manifest, schemas.RUN_MANIFEST) == []
+    files = sorted(
+        p.relative_to(v1_run).as_posix()
+        for p in v1_run.rglob("*")
+        if p.is_file() and p.name not in ("run.json", ".lock")
     )
-    replayed: dict[str, Any] = json.loads(
-        (runs_dir / "20261126T090000Z-replayed" / "run.json").read_text()
+    assert files == sorted(
+        p.relative_to(replayed).as_posix()
+        for p in replayed.rglob("*")
+        if p.is_file() and p.name not in ("run.json", ".lock")
     )
-    assert replayed["stages"]["director"]["status"] == "failed"
+    for path in files:  # the same calls answered the same requests: the same files...
+        if path != "dialogue/transcript.jsonl":
+            assert (replayed / path).read_bytes() == (v1_run / path).read_bytes(), path
+    new = read_jsonl(replayed / "dialogue" / "transcript.jsonl")
+    old = read_jsonl(v1_run / "dialogue" / "transcript.jsonl")
+    assert [{k: v for k, v in line.items() if k != "kind"} for line in new] == old  # ...+kind
+
+
+def test_new_roles_make_a_version_1_run_s_dialogue_and_verdict_stale(v1_run, invoke):
+    from pipeline import stages
+
+    run = open_run(v1_run.parent, v1_run.name)
+    roles = json.loads((v1_run / "director" / "roles.json").read_text())
+    from pipeline.director import replace_roles
+
+    with run.locked():
+        replace_roles(run, {**roles, "opening_line": "Where do we start?"})
+    assert {name: stages.status(run, name) for name in stages.STAGE_NAMES} == {
+        "director": "done",
+        "dialogue": "stale",
+        "judge": "stale",
+    }
+    stored = json.loads((v1_run / "run.json").read_text())
+    assert stored["manifest_version"] == 1  # an old run stays in its own version
+    assert schemas.errors(stored, schemas.RUN_MANIFEST, 1) == []
+
+
+def test_a_version_1_run_resumed_goes_on_in_version_1(v1_run, invoke, fake):
+    manifest = json.loads((v1_run / "run.json").read_text())
+    manifest["stages"]["dialogue"]["status"] = "failed"  # cut short after turn 3
+    (v1_run / "run.json").write_text(json.dumps(manifest))
+    transcript = v1_run / "dialogue" / "transcript.jsonl"
+    transcript.write_text("".join(transcript.read_text().splitlines(keepends=True)[:3]))
+    result = invoke("resume", v1_run.name, "--base-url", fake.base_url, "--model", "m")
+    assert result.exit_code == 0, result.output
+    lines = read_jsonl(transcript)
+    assert len(lines) > 3
+    assert all(schemas.errors(line, schemas.TRANSCRIPT_LINE, 1) == [] for line in lines)

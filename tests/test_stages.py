@@ -16,7 +16,7 @@ from pipeline.endpoints import Endpoint
 from pipeline.errors import EndpointError, RunError
 from pipeline.parameters import DialogueParameters
 from pipeline.records import CallRecord
-from pipeline.runs import Run, create_run
+from pipeline.runs import Run, create_run, open_run
 
 from .conftest import ROLES, only_run, read_jsonl
 from .fakeserver import Status
@@ -40,6 +40,7 @@ def finished(run: Run, name: str, status: str = "done", *, pid: int | None = Non
     entry.status, entry.pid = status, pid
     entry.upstream = stages.upstream(run, name)
     entry.error = "it failed" if status == "failed" else None
+    entry.ended = None if status == "running" else "2026-11-26T08:00:00.000Z"
     run.save()
 
 
@@ -104,13 +105,30 @@ def test_the_status_a_user_sees(run, recorded, pid, changed, expected):
     assert stages.status(run, "dialogue") == expected
 
 
-def test_a_run_made_before_upstream_hashes_keeps_its_stored_status(run):
+def test_a_run_made_before_upstream_hashes_goes_stale_from_when_it_is_opened(run):
     for name in ("dialogue", "judge"):
         run.stage(name).upstream = None
-    run.stage("judge").status = "stale"
+    run.stage("judge").status = "stale"  # as older code stored it
+    run.save()
+    opened = open_run(run.folder.parent, run.run_id)
+    assert stages.status(opened, "dialogue") == "done"
+    assert stages.status(opened, "judge") == "stale"  # stored: nothing to compare with
+    opened.write_json("director/roles.json", {**ROLES, "opening_line": "Another?"})
+    assert stages.status(opened, "dialogue") == "stale"  # what it read when opened changed
+
+
+def test_an_interrupted_dialogue_is_never_taken_for_done(run):
+    entry = run.stage("dialogue")
+    entry.status, entry.pid, entry.ended, entry.error = "running", DEAD_PID, None, None
+    run.save()
     run.write_json("director/roles.json", {**ROLES, "opening_line": "Another?"})
-    assert stages.status(run, "dialogue") == "done"  # nothing recorded to compare with
-    assert stages.status(run, "judge") == "stale"
+    assert stages.status(run, "dialogue") == "stale"  # start over, not go on
+    stages.refresh(run)
+    assert run.stage("dialogue").status == "running"  # the record of the crash is kept
+    run.write_json("director/roles.json", ROLES)  # the same roles again
+    assert stages.status(run, "dialogue") == "interrupted"
+    entry.status = "stale"  # as older code stored it over an interrupted stage
+    assert stages.status(run, "dialogue") == "interrupted"
 
 
 def test_advance_runs_what_is_not_done_in_order_and_resumes_what_stopped(run, monkeypatch):
