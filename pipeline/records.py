@@ -568,6 +568,26 @@ def _json(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class ParentLink:
+    """Where a child run came from: the parent run, and the turn (and tool call) in it
+    that started the child."""
+
+    run_id: str
+    turn: int
+    tool_call_id: str | None = None
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> ParentLink:
+        return cls(value["run_id"], value["turn"], value.get("tool_call_id"))
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"run_id": self.run_id, "turn": self.turn}
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
 @dataclass
 class Manifest:
     """A run's ``run.json``: what it was asked, with which versions and files, and the
@@ -582,7 +602,7 @@ class Manifest:
     manifest_version: int = MANIFEST_VERSION
     dialects: dict[str, str] | None = None
     replay_of: str | None = None
-    parent: JSONObject | None = None
+    parent: ParentLink | None = None
     children: list[str] | None = None
     extra: JSONObject = field(default_factory=dict)
 
@@ -599,7 +619,7 @@ class Manifest:
             manifest_version=value.get("manifest_version", 1),
             dialects=value.get("dialects"),
             replay_of=value.get("replay_of"),
-            parent=value.get("parent"),
+            parent=ParentLink.from_json(value["parent"]) if value.get("parent") else None,
             children=value.get("children"),
             extra=_extra(value, _known(cls)),
         )
@@ -615,7 +635,7 @@ class Manifest:
             "stages": {name: entry.to_json() for name, entry in self.stages.items()},
         }
         for key in ("dialects", "replay_of", "parent", "children"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
+            if (value := getattr(self, key)) is not None:
+                out[key] = value.to_json() if isinstance(value, ParentLink) else value
         out.update(self.extra)
         return out

@@ -15,6 +15,7 @@ from pipeline.records import (
     CallRecord,
     Floor,
     Manifest,
+    ParentLink,
     Role,
     RolesDocument,
     StageRecord,
@@ -66,6 +67,7 @@ def properties(name: str, *path: str) -> set[str]:
         (Manifest, schemas.RUN_MANIFEST, (), set()),
         (Verdict, "verdict.schema.json", (), set()),
         (Usage, schemas.TRANSCRIPT_LINE, ("properties", "usage"), set()),
+        (ParentLink, schemas.RUN_MANIFEST, ("properties", "parent"), set()),
     ],
 )
 def test_each_record_has_exactly_the_fields_of_its_schema(record, schema, path, computed):
@@ -106,6 +108,22 @@ def test_every_kind_of_turn_is_written_as_the_schema_says_and_read_back(turn):
 
 def test_an_imported_turn_has_no_model_fields_at_all():
     assert {"model", "base_url", "usage", "finish_reason"}.isdisjoint(TURNS[2].to_json())
+
+
+def test_a_child_run_s_manifest_names_its_parent_and_reads_back(tmp_path):
+    from pipeline.runs import create_run, open_run
+
+    run = create_run(tmp_path, "a sub-task")
+    run.manifest.parent = ParentLink("20261126T080000Z-parent", 3, "call_1")
+    run.save()
+    written = json.loads(run.path("run.json").read_text())
+    assert written["parent"] == {
+        "run_id": "20261126T080000Z-parent",
+        "turn": 3,
+        "tool_call_id": "call_1",
+    }
+    assert schemas.errors(written, schemas.RUN_MANIFEST) == []
+    assert open_run(tmp_path, run.run_id).manifest.parent == run.manifest.parent
 
 
 def test_a_new_run_writes_a_version_2_manifest_the_schema_admits(tmp_path):
