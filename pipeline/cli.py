@@ -28,12 +28,12 @@ from .options import (
     RUNS_DIR_KEY,
     EndpointFlags,
     PathType,
+    StageChoice,
     endpoint_options,
     flag,
     runs_dir_option,
     stage_options,
 )
-from .stages import STAGE_NAMES
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -205,7 +205,7 @@ def converse(
 
 @cli.command()
 @click.argument("run_id")
-@click.argument("stage", type=click.Choice(STAGE_NAMES))
+@click.argument("stage", type=StageChoice())
 @runs_dir_option
 @endpoint_options
 @stage_options(director=True, dialogue=True)
@@ -510,7 +510,7 @@ def runs_command(runs_dir: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--stage", type=click.Choice(STAGE_NAMES), help="Show only this stage.")
+@click.option("--stage", type=StageChoice(), help="Show only this stage.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact itself as JSON.")
 @runs_dir_option
 def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:

@@ -11,15 +11,13 @@ without parsing the message.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 
-@dataclass(frozen=True)
-class Fix:
+class Fix(NamedTuple):
     """One thing the user can do about an error.
 
     Attributes:

@@ -35,6 +35,20 @@ if TYPE_CHECKING:
     from .runs import Run
 
 
+class StageChoice(click.Choice[str]):
+    """A stage name (:data:`pipeline.stages.STAGE_NAMES`), the graph read when a command
+    first needs it, not when ``pipeline`` starts."""
+
+    def __init__(self) -> None:
+        self.case_sensitive = True
+
+    @property  # click sets it in __init__; here it is read when first needed
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        from .stages import STAGE_NAMES
+
+        return STAGE_NAMES
+
+
 class PathType(click.Path):
     """click.Path giving a pathlib.Path, with pathlib imported only when one is given."""
 
