@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .endpoints import DEFAULT_KEY_ENV, Endpoint
 from .errors import EndpointError, Fix, one_line
 from .parameters import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
-from .records import CallError, CallRecord, JSONObject, Streamed, Usage, sha256_of, timestamp
+from .records import (
+    CallError,
+    CallRecord,
+    JSONObject,
+    Streamed,
+    ToolCall,
+    Usage,
+    sha256_of,
+    timestamp,
+)
 from .threads import off_main_thread
 
 if TYPE_CHECKING:  # the SDK is imported on first use, not at CLI start-up
@@ -45,6 +54,7 @@ class ChatResult:
         chunks: how many streamed pieces carried text (about one token each on llama.cpp
             servers; a stand-in for ``completion_tokens`` when usage is not reported).
         time: when the answer was complete (ISO 8601 UTC), as recorded.
+        tool_calls: the tool calls the model made (``finish_reason`` ``tool_calls``).
     """
 
     content: str
@@ -53,6 +63,7 @@ class ChatResult:
     usage: Usage | None
     chunks: int = 0
     time: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 def chat_body(
@@ -64,10 +75,12 @@ def chat_body(
     seed: int | None = None,
     stream: bool = False,
     response_format: JSONObject | None = None,
+    tools: list[JSONObject] | None = None,
 ) -> JSONObject:
     """A Chat Completions request body for ``messages`` (no credentials): the endpoint's
     extra ``params`` override the sampling parameters given here; a streaming body asks
-    for the usage in the last chunk."""
+    for the usage in the last chunk; ``tools`` are OpenAI function tools
+    (``{"type": "function", "function": {name, description, parameters}}``)."""
     body: JSONObject = {
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -80,6 +93,8 @@ def chat_body(
         body.update(stream=True, stream_options={"include_usage": True})
     if response_format is not None:
         body["response_format"] = response_format
+    if tools:
+        body["tools"] = tools
     return body
 
 
@@ -148,6 +163,7 @@ class ModelClient:
             Usage.from_json(streamed.usage),
             len(streamed.pieces),
             call.time,
+            streamed.tool_calls,
         )
 
     def _exchange(
@@ -286,10 +302,12 @@ class HTTPTransport:
 
 
 def _assemble(chunks: Iterator[Any], on_delta: DeltaSink | None) -> Streamed:
-    """The streamed answer from the SDK's chunks, passing each piece of text on."""
+    """The streamed answer from the SDK's chunks, passing each piece of text on; a tool
+    call's id, name and argument pieces come in chunks that name it by its ``index``."""
     pieces: list[str] = []
     finish_reason = model = fingerprint = None
     usage: dict[str, int] | None = None
+    calls: dict[int, dict[str, str]] = {}
     for chunk in chunks:
         model = chunk.model or model
         fingerprint = getattr(chunk, "system_fingerprint", None) or fingerprint
@@ -304,9 +322,16 @@ def _assemble(chunks: Iterator[Any], on_delta: DeltaSink | None) -> Streamed:
                 pieces.append(text)
                 if on_delta:
                     on_delta(text)
+            for delta in (choice.delta.tool_calls if choice.delta else None) or []:
+                call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] = delta.id or call["id"]
+                if delta.function is not None:
+                    call["name"] = delta.function.name or call["name"]
+                    call["arguments"] += delta.function.arguments or ""
             if choice.finish_reason:
                 finish_reason = choice.finish_reason
-    return Streamed(pieces, finish_reason, model, usage, fingerprint)
+    tool_calls = tuple(ToolCall(**calls[index]) for index in sorted(calls))
+    return Streamed(pieces, finish_reason, model, usage, fingerprint, tool_calls)
 
 
 PROBE_TIMEOUT_S = 3.0

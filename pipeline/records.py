@@ -355,21 +355,37 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Streamed:
-    """A streamed answer: its text pieces in the order they came, and what the last
-    chunks said (``usage`` as ``{prompt_tokens, completion_tokens}``)."""
+    """A streamed answer: its text pieces in the order they came, what the last chunks
+    said (``usage`` as ``{prompt_tokens, completion_tokens}``), and the tool calls the
+    model made, assembled from their pieces."""
 
     pieces: list[str]
     finish_reason: str | None = None
     model: str | None = None
     usage: dict[str, int] | None = None
     system_fingerprint: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def content(self) -> str:
         return "".join(self.pieces)
 
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> Streamed:
+        calls = tuple(ToolCall(**c) for c in value.get("tool_calls") or ())
+        return cls(**{**value, "tool_calls": calls})
+
     def to_json(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        out: dict[str, object] = {
+            "pieces": self.pieces,
+            "finish_reason": self.finish_reason,
+            "model": self.model,
+            "usage": self.usage,
+            "system_fingerprint": self.system_fingerprint,
+        }
+        if self.tool_calls:  # a stream without tool calls is recorded as it always was
+            out["tool_calls"] = [c.to_json() for c in self.tool_calls]
+        return out
 
 
 @dataclass(frozen=True)
@@ -420,7 +436,7 @@ class CallRecord:
             request=value["request"],
             request_sha256=value["request_sha256"],
             response=value.get("response"),
-            stream=Streamed(**stream) if stream is not None else None,
+            stream=Streamed.from_json(stream) if stream is not None else None,
             error=CallError(**error) if error is not None else None,
             usage=value.get("usage"),
             system_fingerprint=value.get("system_fingerprint"),

@@ -57,6 +57,7 @@ class Reply:
     usage: dict[str, int] | None = field(
         default_factory=lambda: {"prompt_tokens": 11, "completion_tokens": 7}
     )
+    tool_calls: list[tuple[str, str, str]] | None = None  # (id, name, arguments as JSON text)
 
 
 @dataclass
@@ -214,6 +215,20 @@ class FakeServer:
                                 "role": "assistant",
                                 "content": reply.content,
                                 "refusal": reply.refusal,
+                                **(
+                                    {
+                                        "tool_calls": [
+                                            {
+                                                "id": i,
+                                                "type": "function",
+                                                "function": {"name": n, "arguments": a},
+                                            }
+                                            for i, n, a in reply.tool_calls
+                                        ]
+                                    }
+                                    if reply.tool_calls
+                                    else {}
+                                ),
                             },
                             "finish_reason": reply.finish_reason,
                         }
@@ -249,6 +264,29 @@ class FakeServer:
                         ],
                     }
                     self._event(chunk)
+                for index, (call_id, name, arguments) in enumerate(reply.tool_calls or []):
+                    # as OpenAI streams a call: its id and name first, then the arguments
+                    # in pieces, each chunk naming the call by its index
+                    half = len(arguments) // 2
+                    deltas = [
+                        {"index": index, "id": call_id, "type": "function",
+                         "function": {"name": name, "arguments": ""}},
+                        {"index": index, "function": {"arguments": arguments[:half]}},
+                        {"index": index, "function": {"arguments": arguments[half:]}},
+                    ]  # fmt: skip
+                    for delta in deltas:
+                        self._event(
+                            {
+                                **base,
+                                "choices": [
+                                    {
+                                        "index": 0,
+                                        "delta": {"tool_calls": [delta]},
+                                        "finish_reason": None,
+                                    }
+                                ],
+                            }
+                        )
                 self._event(
                     {
                         **base,

@@ -43,6 +43,8 @@ SAMPLE_DATA = {
     "timestamp": "202611251200",
     "models": [("Student", "model-a"), ("Mentor", "model-b")],
     "roles": ROLES,
+    "tools": [{"name": "add", "description": "Adds two numbers.", "parameters": "{}"}],
+    "calls": [{"name": "add", "id": "call-1", "result": "5", "error": None}],
     "lines": [
         {"turn": 1, "role": "Student", "role_index": 0, "content": ROLES["opening_line"]},
         {"turn": 2, "role": "Mentor", "role_index": 1, "content": "Here are three topics."},
