@@ -10,3 +10,6 @@ EXPORT_FORMATS = ("md", "txt", "jsonl", "finetune")
 # The token with which a role declares the task done, unless --done-token says another;
 # see pipeline.termination.
 DEFAULT_DONE_TOKEN = "<TASK_DONE>"
+# How tools are offered to a role: OpenAI tool calls, a text protocol in the prompt, or
+# auto (known per server, else tool calls, falling back to the prompt); see pipeline.tools.
+TOOL_CALL_CHOICES = ("auto", "tools", "prompt")

@@ -37,7 +37,7 @@ from .threads import off_main_thread
 if TYPE_CHECKING:  # the SDK is imported on first use, not at CLI start-up
     import openai
 
-Message = dict[str, str]
+Message = JSONObject  # a chat message: role, content and, for tool calls, more
 Recorder = Callable[[CallRecord], None]
 DeltaSink = Callable[[str], None]
 

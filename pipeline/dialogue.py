@@ -21,12 +21,13 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from . import director, schemas, structured, templates
-from .client import Message, ModelClient, chat_body
+from . import director, schemas, structured, templates, tooluse
+from .client import Message, ModelClient
 from .errors import Fix, PipelineError, RunError
 from .parameters import DialogueParameters
 from .records import Floor, RolesDocument, Turn, Usage, sha256_of, total_usage
 from .termination import TokenFilter, detect_loop, said_done, strip_token
+from .tools import Toolbox
 
 if TYPE_CHECKING:
     from .runs import Run
@@ -109,9 +110,13 @@ def check(run: Run) -> None:
 
 
 def inputs(ctx: StageContext) -> object:
-    """See :mod:`pipeline.stages`."""
+    """See :mod:`pipeline.stages`. With tools, the tools each role is offered and how."""
     roles = director.load_roles(ctx.run)
-    return dialogue_inputs(roles, ctx.models.roles(roles), ctx.plan.dialogue)
+    found = dialogue_inputs(roles, ctx.models.roles(roles), ctx.plan.dialogue)
+    if ctx.tools is not None:
+        offered = [list(ctx.tools.toolbox(ctx, i).tools) for i in range(len(roles.roles))]
+        found["tools"] = {"offered": offered, "parameters": asdict(ctx.plan.tools)}
+    return found
 
 
 class _Ending:
@@ -253,11 +258,18 @@ def run(ctx: StageContext) -> None:
     for i, line in enumerate(lines):  # a resumed dialogue may already have ended
         outcome = outcome or ending.observe(line, [x.content for x in lines[: i + 1]])
     floor = _Floor(ctx, roles, moderator)
+    if ctx.tools is not None and run_.manifest.manifest_version < 2:
+        raise RunError(
+            f"run {run_.run_id} was made before tool calls could be recorded",
+            fix=Fix("start a new run", command=("generate", "TASK")),
+            run_id=run_.run_id,
+            stage=STAGE,
+        )
     with ctx.running(
-        endpoint=clients[0].endpoint,
-        parameters=asdict(params),
-        inputs=dialogue_inputs(roles, clients, params),
+        endpoint=clients[0].endpoint, parameters=asdict(params), inputs=inputs(ctx)
     ) as entry:
+        if ctx.tools is not None:
+            entry.tools = asdict(ctx.plan.tools)
         entry.role_endpoints = [  # by position: role names need not be unique
             clients[min(i, len(clients) - 1)].endpoint for i in range(len(roles.roles))
         ]
@@ -308,17 +320,17 @@ def _take_turn(
     if number == 1:
         out.delta(visible.feed(roles.opening_line) + visible.flush())
         return Turn(number, name, speaker, roles.opening_line, kind="opening")
-    params = ctx.plan.dialogue
-    body = chat_body(
-        client.endpoint,
+    toolbox = ctx.tools.toolbox(ctx, speaker) if ctx.tools is not None else Toolbox([])
+    answer = tooluse.generate(
+        ctx,
+        client,
         messages_for(speaker, roles, lines),
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        seed=params.seed,
-        stream=True,
+        toolbox,
+        number,
+        lambda text: out.delta(visible.feed(text)),
     )
-    result = client.stream(body, ctx.recorder, lambda text: out.delta(visible.feed(text)))
     out.delta(visible.flush())
+    result = answer.result
     return Turn(
         number,
         name,
@@ -328,9 +340,10 @@ def _take_turn(
         finish_reason=result.finish_reason,
         model=result.model,
         base_url=client.endpoint.base_url,
-        usage=result.usage,
-        chunks=result.chunks,
+        usage=answer.usage,
+        chunks=answer.chunks,
         time=result.time,
+        tool_calls=answer.tool_calls,
     )
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
-from .choices import DEFAULT_DONE_TOKEN, FLOORS
+from .choices import DEFAULT_DONE_TOKEN, FLOORS, TOOL_CALL_CHOICES
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -251,6 +251,33 @@ class JudgeParameters:
     temperature: float = 0.0
     repair_attempts: int = 2
     seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ToolParameters:
+    """How roles call tools (see :mod:`pipeline.tools`).
+
+    Attributes:
+        tool_calls: the tool-call dialect: ``tools`` (OpenAI tool calls), ``prompt`` (a text
+            protocol), or ``auto`` (known per server, else ``tools``, falling back to
+            ``prompt`` when the server refuses them).
+        max_rounds: the most rounds of tool calls in one turn; after them, the model is
+            asked for its turn without tools.
+    """
+
+    tool_calls: str = option(
+        "auto",
+        "--tool-calls",
+        help="How roles call tools: OpenAI tool calls, a text protocol in the prompt, or "
+        "auto (known per server, else tool calls, falling back to the prompt).",
+        choices=TOOL_CALL_CHOICES,
+    )
+    max_rounds: int = option(
+        4,
+        "--max-tool-rounds",
+        help="Most rounds of tool calls in one turn.",
+        range=(1, 32),
+    )
 
 
 # The classes whose fields have command-line options, in the order of their options in

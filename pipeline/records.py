@@ -510,6 +510,7 @@ class StageRecord:
     usage_by_role: dict[str, Usage] | None = None
     moderator_usage: Usage | None = None
     moderator_fallbacks: int | None = None
+    tools: JSONObject | None = None
     extra: JSONObject = field(default_factory=dict)
 
     @classmethod
@@ -548,6 +549,7 @@ class StageRecord:
             ),
             moderator_usage=Usage.from_json(value.get("moderator_usage")),
             moderator_fallbacks=value.get("moderator_fallbacks"),
+            tools=value.get("tools"),
             extra=_extra(value, _known(cls)),
         )
 
@@ -617,6 +619,7 @@ class Manifest:
     stages: dict[str, StageRecord] = field(default_factory=dict)
     manifest_version: int = MANIFEST_VERSION
     dialects: dict[str, str] | None = None
+    tool_dialects: dict[str, str] | None = None
     replay_of: str | None = None
     parent: ParentLink | None = None
     children: list[str] | None = None
@@ -634,6 +637,7 @@ class Manifest:
             stages={k: StageRecord.from_json(v) for k, v in value["stages"].items()},
             manifest_version=value.get("manifest_version", 1),
             dialects=value.get("dialects"),
+            tool_dialects=value.get("tool_dialects"),
             replay_of=value.get("replay_of"),
             parent=ParentLink.from_json(value["parent"]) if value.get("parent") else None,
             children=value.get("children"),
@@ -650,7 +654,7 @@ class Manifest:
             "files": self.files,
             "stages": {name: entry.to_json() for name, entry in self.stages.items()},
         }
-        for key in ("dialects", "replay_of", "parent", "children"):
+        for key in ("dialects", "tool_dialects", "replay_of", "parent", "children"):
             if (value := getattr(self, key)) is not None:
                 out[key] = value.to_json() if isinstance(value, ParentLink) else value
         out.update(self.extra)

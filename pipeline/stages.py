@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .parameters import DialogueParameters, DirectorParameters, JudgeParameters
+from .parameters import DialogueParameters, DirectorParameters, JudgeParameters, ToolParameters
 
 if TYPE_CHECKING:
     from .client import ModelClient
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .recorder import StageCalls
     from .records import RolesDocument, StageRecord, Turn
     from .runs import Run
+    from .tools import Toolbox
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,12 @@ class OneClient:
         return [self.client for _ in roles.roles]
 
 
+class ToolSource(Protocol):
+    """The tools each role of a dialogue may call."""
+
+    def toolbox(self, ctx: StageContext, speaker: int) -> Toolbox: ...
+
+
 class Listener(Protocol):
     """Receives the conversation as it happens (the CLI prints it)."""
 
@@ -154,6 +161,7 @@ class Plan:
     director: DirectorParameters
     dialogue: DialogueParameters
     judge: JudgeParameters
+    tools: ToolParameters = field(default_factory=ToolParameters)
 
     @classmethod
     def of(
@@ -161,6 +169,7 @@ class Plan:
         director: DirectorParameters | None = None,
         dialogue: DialogueParameters | None = None,
         judge: JudgeParameters | None = None,
+        tools: ToolParameters | None = None,
     ) -> Plan:
         """The defaults for what is not given; the judge samples with the dialogue's seed."""
         dialogue = dialogue or DialogueParameters()
@@ -168,6 +177,7 @@ class Plan:
             director or DirectorParameters(),
             dialogue,
             judge or JudgeParameters(seed=dialogue.seed),
+            tools or ToolParameters(),
         )
 
     @classmethod
@@ -178,10 +188,12 @@ class Plan:
             return dict(run.stage(name).parameters)
 
         judge = given("judge")
+        tools = run.stage("dialogue").tools
         return cls.of(
             DirectorParameters(**given("director")),
             DialogueParameters(**given("dialogue")),
             JudgeParameters(**judge) if judge else None,
+            ToolParameters(**tools) if tools else None,
         )
 
     def planned(self) -> dict[str, dict[str, Any]]:
@@ -203,6 +215,7 @@ class StageContext:
         listener: sees the conversation as it happens.
         dialects: per stage, the structured-output dialects to try instead of the planned
             ones (a replay uses those the original planned).
+        tools: the tools each role may call; None for none.
         stage: the stage being run (set by :func:`execute`).
         calls: its recorder (set by :func:`execute`).
         resume: go on from where an earlier attempt stopped (a resumable stage).
@@ -213,6 +226,7 @@ class StageContext:
     plan: Plan
     listener: Listener = field(default_factory=Silent)
     dialects: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    tools: ToolSource | None = None
     stage: str = ""
     calls: StageCalls | None = None
     resume: bool = False
