@@ -138,6 +138,10 @@ class Models:
         with self._lock:
             return [self._client(assigned) for assigned in self.prepare(roles_doc)]
 
+    def child(self, run_id: str) -> Models:
+        """A child run's clients: the same (see :class:`pipeline.stages.ClientSource`)."""
+        return self
+
     def prepare(self, roles_doc: RolesDocument) -> list[Assigned]:
         """Start loading the embedded servers that :meth:`roles` will need, without waiting
         (say, while the user reviews the roles); return what each role is assigned."""

@@ -263,6 +263,11 @@ class ToolParameters:
             ``prompt`` when the server refuses them).
         max_rounds: the most rounds of tool calls in one turn; after them, the model is
             asked for its turn without tools.
+        delegate: every role gets the ``delegate`` tool, which hands a sub-task to a
+            child run (:mod:`pipeline.delegate`).
+        max_depth: how deep runs may nest: a run at this depth (the root is 0) may not
+            delegate.
+        max_children: the most child runs one run may start.
     """
 
     tool_calls: str = option(
@@ -277,6 +282,17 @@ class ToolParameters:
         "--max-tool-rounds",
         help="Most rounds of tool calls in one turn.",
         range=(1, 32),
+    )
+    delegate: bool = option(
+        False,
+        "--delegate/--no-delegate",
+        help="Give every role a delegate tool that hands a sub-task to a child run.",
+    )
+    max_depth: int = option(
+        2, "--max-depth", help="How deep delegated runs may nest.", range=(0, 10)
+    )
+    max_children: int = option(
+        4, "--max-children", help="Most child runs one run may start.", range=(0, 100)
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import stages
 from .client import DeltaSink, ModelClient
+from .delegate import Delegation
 from .endpoints import Endpoint
 from .errors import ReplayError, RunError
 from .recorder import read_calls
@@ -81,8 +82,9 @@ class RecordedModels:
     """The clients a run's stages used, as its manifest recorded their endpoints, each
     answering from that stage's recording (a :class:`pipeline.stages.ClientSource`)."""
 
-    def __init__(self, source: Run) -> None:
+    def __init__(self, source: Run, replayed: str = "") -> None:
         self.source = source
+        self.replayed = replayed  # the id of the run that replays it
         self._recordings: dict[str, Recording] = {}
 
     def _client(self, stage: str, described: Endpoint | None) -> ModelClient:
@@ -117,6 +119,15 @@ class RecordedModels:
                 stage="dialogue",
             )
         return [self._client("dialogue", endpoint) for endpoint in recorded]
+
+    def child(self, run_id: str) -> RecordedModels:
+        """The clients of the child run that replays the source's child at the same place
+        (the same suffix after the parent's id)."""
+        from .runs import open_run
+
+        suffix = run_id.removeprefix(self.replayed)
+        source = open_run(self.source.folder.parent, self.source.run_id + suffix)
+        return RecordedModels(source, run_id)
 
 
 def replayable(source: Run, name: str) -> bool:
@@ -154,12 +165,14 @@ def replay_run(
     run = create_run(runs_dir, source.task, planned, run_id=into)
     run.manifest.replay_of = source.run_id
     run.save()
+    tools = source.stage("dialogue").tools or {}
     ctx = stages.StageContext(
         run,
-        RecordedModels(source),
+        RecordedModels(source, run.run_id),
         stages.Plan.recorded(source),
         listener or stages.Silent(),
         dialects={n: source.stage(n).dialect_plan or [] for n in stages.STAGE_NAMES},
+        tools=Delegation() if tools.get("delegate") else None,
     )
     with run.locked():
         for node in stages.GRAPH:

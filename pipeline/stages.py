@@ -104,6 +104,10 @@ class ClientSource(Protocol):
 
     def roles(self, roles: RolesDocument) -> list[ModelClient]: ...
 
+    def child(self, run_id: str) -> ClientSource:
+        """The clients of the child run ``run_id`` (the same ones, except in a replay)."""
+        ...
+
 
 @dataclass(frozen=True)
 class OneClient:
@@ -123,6 +127,9 @@ class OneClient:
 
     def roles(self, roles: RolesDocument) -> list[ModelClient]:
         return [self.client for _ in roles.roles]
+
+    def child(self, run_id: str) -> OneClient:
+        return self
 
 
 class ToolSource(Protocol):

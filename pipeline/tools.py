@@ -38,6 +38,16 @@ class ToolError(Exception):
 
 
 @dataclass(frozen=True)
+class ToolUse:
+    """Where a call is made: the call, the turn, and its place among the turn's calls
+    (1-based, across rounds): what a tool needs to name what it makes after the call."""
+
+    call: ToolCall
+    turn: int
+    index: int
+
+
+@dataclass(frozen=True)
 class Tool:
     """A function a role may call.
 
@@ -45,14 +55,15 @@ class Tool:
         name: what the model calls it (letters, digits, ``_`` and ``-``).
         description: what it does and when to use it, for the model.
         parameters: the JSON Schema of its arguments (an object schema).
-        run: the function: the arguments, checked against ``parameters``, in; the result
-            as text out; raises :class:`ToolError` (or anything) when it fails.
+        run: the function: the arguments, checked against ``parameters``, and the
+            :class:`ToolUse` in; the result as text out; raises :class:`ToolError` (or
+            anything) when it fails.
     """
 
     name: str
     description: str
     parameters: JSONObject
-    run: Callable[[dict[str, Any]], str]
+    run: Callable[[dict[str, Any], ToolUse], str]
 
     def spec(self) -> JSONObject:
         """The tool as the ``tools`` dialect offers it."""
@@ -93,9 +104,10 @@ class Toolbox:
             ],
         ).strip()
 
-    def call(self, call: ToolCall) -> ToolCall:
-        """``call`` with its ``result``, or its ``error`` when anything went wrong (never
-        raises for a bad call or a failing tool)."""
+    def call(self, call: ToolCall, turn: int = 0, index: int = 1) -> ToolCall:
+        """``call`` (the ``index``-th of turn ``turn``) with its ``result``, or its ``error``
+        when anything went wrong (never raises for a bad call or a failing tool; Ctrl-C
+        still interrupts)."""
         from .schemas import Schema
 
         tool = self.tools.get(call.name)
@@ -112,7 +124,9 @@ class Toolbox:
         if problems:
             return replace(call, error=f"the arguments do not fit: {'; '.join(problems[:3])}")
         try:
-            return replace(call, result=str(tool.run(arguments)))
+            return replace(call, result=str(tool.run(arguments, ToolUse(call, turn, index))))
+        except ToolError as e:  # the tool's own account of what went wrong
+            return replace(call, error=str(e))
         except Exception as e:  # any failure of the tool is the model's to read
             return replace(call, error=f"{tool.name} failed: {e}")
 

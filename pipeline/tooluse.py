@@ -157,13 +157,15 @@ def _with_rounds(
     out = list(messages)
     if used == "prompt":
         out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{toolbox.prompt_instructions()}"}
+    made = 0
     for index, done in enumerate(rounds):
         calls = list(done.calls)
         for i, call in enumerate(calls):
             if call.result is None and call.error is None:
-                calls[i] = toolbox.call(call)
+                calls[i] = toolbox.call(call, turn, made + i + 1)
                 rounds[index] = Round(done.content, tuple(calls))
                 _save(ctx, turn, rounds)
+        made += len(calls)
         out += result_messages(used, done.content, calls)
     return out
 

@@ -11,20 +11,27 @@ import pytest
 from pipeline.client import ModelClient, chat_body
 from pipeline.endpoints import Endpoint
 from pipeline.records import CallRecord, Streamed, ToolCall
-from pipeline.tools import Tool, Toolbox, ToolError, parse_prompt_calls, result_messages
+from pipeline.tools import (
+    Tool,
+    Toolbox,
+    ToolError,
+    ToolUse,
+    parse_prompt_calls,
+    result_messages,
+)
 
 from .fakeserver import FakeServer, Reply
 
 
-def add(arguments: dict[str, Any]) -> str:
+def add(arguments: dict[str, Any], use: ToolUse | None = None) -> str:
     return str(arguments["a"] + arguments["b"])
 
 
-def broken(arguments: dict[str, Any]) -> str:
+def broken(arguments: dict[str, Any], use: ToolUse) -> str:
     raise ToolError("the service is down")
 
 
-def buggy(arguments: dict[str, Any]) -> str:
+def buggy(arguments: dict[str, Any], use: ToolUse) -> str:
     return str(1 / 0)
 
 
@@ -52,7 +59,7 @@ BOX = Toolbox(
          "in double quotes)"),
         ("add", "[1, 2]", None, "the arguments are not a JSON object"),
         ("add", '{"a": 2}', None, "the arguments do not fit: $: 'b' is a required property"),
-        ("broken", "{}", None, "broken failed: the service is down"),
+        ("broken", "{}", None, "the service is down"),
         ("buggy", "{}", None, "buggy failed: division by zero"),
     ],
 )  # fmt: skip
@@ -237,7 +244,10 @@ def test_a_role_calls_a_tool_and_goes_on_with_its_result(tmp_path, dialect):
         assert '<tool_result name="add" id="call-2-1-1">\n5' in follow_up["messages"][-1]["content"]
         assert "<tool_call>" in follow_up["messages"][0]["content"]  # the tools described
     assert run.manifest.tool_dialects == {fake.base_url: dialect}
-    assert run.stage("dialogue").tools == {"tool_calls": dialect, "max_rounds": 4}
+    assert run.stage("dialogue").tools == {
+        "tool_calls": dialect, "max_rounds": 4, "delegate": False, "max_depth": 2,
+        "max_children": 4,
+    }  # fmt: skip
     assert not run.path("dialogue/pending-turn.json").exists()
     assert turn_two  # the turn's requests are recorded like any other
     assert len(list(run.path("dialogue/calls").glob("*.json"))) == len(requests) - 1
@@ -274,7 +284,7 @@ def test_a_dialogue_resumed_runs_only_the_pending_calls_and_never_re_asks_for_th
 ):
     state = {"interrupt": True}
 
-    def flaky_add(arguments: dict[str, Any]) -> str:
+    def flaky_add(arguments: dict[str, Any], use: ToolUse) -> str:
         if state.pop("interrupt", False):
             signal.raise_signal(signal.SIGINT)  # Ctrl-C while the tool runs
         return add(arguments)

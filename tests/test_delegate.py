@@ -1,0 +1,167 @@
+"""delegate: a role hands a sub-task to a child run; the tree is linked both ways, limited
+in depth, resumed and replayed."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import stages
+from pipeline.client import ModelClient
+from pipeline.delegate import Delegation, depth
+from pipeline.endpoints import Endpoint
+from pipeline.parameters import DialogueParameters, ToolParameters
+from pipeline.runs import create_run, open_run
+
+from .conftest import ROLES, read_jsonl
+from .fakeserver import FakeServer, Reply
+
+# What each run's mentor hands down, by the run's task: the root delegates twice (one
+# call each in two rounds), the first child once, the grandchild tries and is refused.
+DELEGATES = {
+    "root": ["child one", "child two"],
+    "child one": ["grandchild"],
+    "child two": [],
+    "grandchild": ["too deep"],
+}
+
+
+def task_of(text: str) -> str:
+    return re.search(r"<task>\n(.*?)\n</task>", text, re.DOTALL).group(1)  # type: ignore[union-attr]
+
+
+def tree(body: dict[str, Any]) -> Reply:
+    """The model of every run of the tree."""
+    messages = body["messages"]
+    first = messages[0]["content"]
+    kind = (body.get("response_format") or {}).get("json_schema", {}).get("name")
+    if kind == "roles":  # each run's roles carry its task, for its turns to see
+        task = task_of(first)
+        mentor = {**ROLES["roles"][1], "system_prompt": f"You mentor. TASK: {task}."}
+        return Reply(json.dumps({**ROLES, "roles": [ROLES["roles"][0], mentor]}))
+    if kind == "verdict":
+        verdict = {"completed": True, "score": 7, "reasons": "ok"}
+        return Reply(json.dumps({**verdict, "deliverable": f"the work on {task_of(first)}"}))
+    mentor = re.search(r"TASK: (.*?)\.", first)
+    if mentor is None or len(messages) < 2 or messages[1]["role"] != "user":
+        return Reply(f"reply {len(messages)}")
+    if len([m for m in messages if m["role"] == "user"]) > 1:
+        return Reply(f"reply {len(messages)}")  # a later turn: just talk
+    todo = DELEGATES[mentor.group(1)]
+    done = sum(1 for m in messages if m["role"] == "tool")
+    if done < len(todo):  # one call a round, until every sub-task is handed down
+        call = (f"call_{done + 1}", "delegate", json.dumps({"task": todo[done]}))
+        return Reply("", finish_reason="tool_calls", tool_calls=[call])
+    return Reply(f"With that: {messages[-1]['content']}" if done else "reply 2")
+
+
+def run_tree(runs_dir: Path, fake: FakeServer, max_depth: int = 2):
+    client = ModelClient(Endpoint(fake.base_url, "m", None), max_retries=0)
+    tools = ToolParameters(tool_calls="tools", delegate=True, max_depth=max_depth)
+    plan = stages.Plan.of(dialogue=DialogueParameters(turns=3), tools=tools)
+    root = create_run(runs_dir, "root", plan.planned())
+    ctx = stages.StageContext(root, stages.OneClient(client), plan, tools=Delegation())
+    with root.locked():
+        stages.advance(ctx, include=("judge",))
+    return open_run(runs_dir, root.run_id)
+
+
+def test_a_tree_of_runs_is_made_linked_and_limited(runs_dir):
+    with FakeServer(tree) as fake:
+        root = run_tree(runs_dir, fake)
+    one, two = root.manifest.children or []
+    assert (one, two) == (f"{root.run_id}-t2-1", f"{root.run_id}-t2-2")
+    child = open_run(runs_dir, one)
+    (grand,) = child.manifest.children or []
+    grandchild = open_run(runs_dir, grand)
+    for run, parent in ((child, root), (open_run(runs_dir, two), root), (grandchild, child)):
+        assert run.manifest.parent is not None and run.manifest.parent.run_id == parent.run_id
+        assert run.manifest.parent.turn == 2
+        assert {s: stages.status(run, s) for s in stages.STAGE_NAMES} == dict.fromkeys(
+            stages.STAGE_NAMES, "done"
+        )
+    assert [depth(r) for r in (root, child, grandchild)] == [0, 1, 2]
+    # the grandchild's delegation was refused with a result that names the limit
+    (refused,) = read_jsonl(grandchild.path("dialogue/transcript.jsonl"))[1]["tool_calls"]
+    assert refused["error"].startswith("the depth limit is reached (max_depth 2)")
+    # each child's deliverable came back as the result of the call that made it
+    calls = read_jsonl(root.path("dialogue/transcript.jsonl"))[1]["tool_calls"]
+    assert [c["result"] for c in calls] == ["the work on child one", "the work on child two"]
+    assert read_jsonl(root.path("dialogue/transcript.jsonl"))[1]["content"] == (
+        "With that: the work on child two"
+    )
+
+
+def files(run_dir: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(run_dir).as_posix(): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name not in ("run.json", ".lock")
+    }
+
+
+def test_replay_reproduces_every_run_of_the_tree(runs_dir, invoke):
+    with FakeServer(tree) as fake:
+        root = run_tree(runs_dir, fake)
+    result = invoke("replay", root.run_id, "--into", "20261126T100000Z-again")
+    assert result.exit_code == 0, result.output
+    again = open_run(runs_dir, "20261126T100000Z-again")
+    originals = sorted(p.name for p in runs_dir.iterdir() if p.name.startswith(root.run_id))
+    assert len(originals) == 4  # the root, two children, a grandchild
+    for name in originals:
+        replayed = name.replace(root.run_id, again.run_id)
+        assert files(runs_dir / replayed) == files(runs_dir / name), name
+        manifest = json.loads((runs_dir / replayed / "run.json").read_text())
+        if name != root.run_id:
+            assert manifest["parent"]["run_id"] == replayed.rsplit("-t", 1)[0]
+
+
+def test_a_tree_interrupted_in_a_grandchild_is_finished_by_resuming_the_root(
+    runs_dir, sigint_raises
+):
+    import signal
+
+    calls = {"n": 0}
+
+    def interrupted(body: dict[str, Any]) -> Reply:
+        reply = tree(body)
+        if "TASK: grandchild." in body["messages"][0]["content"] and not body.get(
+            "response_format"
+        ):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                signal.raise_signal(signal.SIGINT)  # Ctrl-C in the grandchild's dialogue
+        return reply
+
+    with FakeServer(interrupted) as fake:
+        with pytest.raises(KeyboardInterrupt):
+            run_tree(runs_dir, fake)
+        (root_id,) = [p.name for p in runs_dir.iterdir() if p.name.endswith("-root")]
+        root = open_run(runs_dir, root_id)
+        assert stages.status(root, "dialogue") == "failed"
+        asked_before = len(fake.chat_requests())
+        client = ModelClient(Endpoint(fake.base_url, "m", None), max_retries=0)
+        ctx = stages.StageContext(
+            root, stages.OneClient(client), stages.Plan.recorded(root), tools=Delegation()
+        )
+        with root.locked():
+            stages.advance(ctx, include=("judge",))
+        again = fake.chat_requests()[asked_before:]
+    names = sorted(p.name for p in runs_dir.iterdir() if p.name.startswith(root_id))
+    assert len(names) == 4  # no child made twice
+    for name in names:
+        run = open_run(runs_dir, name)
+        turns = [line["turn"] for line in read_jsonl(run.path("dialogue/transcript.jsonl"))]
+        assert turns == [1, 2, 3], name  # every turn once
+        assert stages.status(run, "judge") == "done", name
+    # only the child not yet made was directed: the others were gone on with, not redone
+    directed = [
+        task_of(r["messages"][0]["content"])
+        for r in again
+        if (r.get("response_format") or {}).get("json_schema", {}).get("name") == "roles"
+    ]
+    assert directed == ["child two"]
