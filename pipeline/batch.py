@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from . import stages
+from .delegate import Delegation
 from .errors import ConfigError, PipelineError
 from .models import Models
 from .parameters import (
     DialogueParameters,
     DirectorParameters,
     StageOption,
+    ToolParameters,
     apply_options,
     options_of,
     shown,
@@ -141,8 +143,10 @@ class Batch:
         dialogue: DialogueParameters,
         *,
         judge: bool = False,
+        tools: ToolParameters | None = None,
     ) -> None:
         self.tasks = read_tasks(tasks_file)
+        self.tools = tools or ToolParameters()
         self.tasks_file = tasks_file
         self.runs_dir = runs_dir
         self.models = models
@@ -195,7 +199,7 @@ class Batch:
         return director, dialogue
 
     def _process(self, task: BatchTask) -> Outcome:
-        plan = stages.Plan.of(*self._parameters(task))
+        plan = stages.Plan.of(*self._parameters(task), tools=self.tools)
         include = ("judge",) if task.options.get("judge", self.judge) else ()
         run_id = self._run_id_for(task)
         try:
@@ -209,7 +213,9 @@ class Batch:
             if not stages.pending(run, include=include):
                 return self._outcome(task, run, "skipped")
             with run.locked():
-                stages.advance(stages.StageContext(run, self.models, plan), include=include)
+                tools = Delegation() if self.tools.delegate else None
+                ctx = stages.StageContext(run, self.models, plan, tools=tools)
+                stages.advance(ctx, include=include)
         except PipelineError as e:
             self._note(task, status="failed", error=e.message)
             return Outcome(task, "failed", run_id, error=e.message, exception=e)

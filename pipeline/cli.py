@@ -40,10 +40,10 @@ if TYPE_CHECKING:
 
     from .batch import Outcome
     from .models import Models
-    from .parameters import DialogueParameters, DirectorParameters
+    from .parameters import DialogueParameters, DirectorParameters, ToolParameters
     from .records import RolesDocument, Turn
     from .runs import Run
-    from .stages import StageContext
+    from .stages import StageContext, ToolSource
 
 REVIEW_QUESTION = "Run the dialogue? [y/N/e]"
 
@@ -119,7 +119,7 @@ def _nonempty_task(ctx: click.Context, param: click.Parameter, value: str) -> st
 @click.argument("task", callback=_nonempty_task)
 @runs_dir_option
 @endpoint_options
-@stage_options(director=True, dialogue=True)
+@stage_options(director=True, dialogue=True, tools=True)
 @click.option("--yes", "-y", is_flag=True, help="Run the dialogue without asking.")
 @click.option("--judge", "judge", is_flag=True, help="Then ask a model to judge the result.")
 def generate(
@@ -128,6 +128,7 @@ def generate(
     flags: EndpointFlags,
     director_params: DirectorParameters,
     dialogue_params: DialogueParameters,
+    tool_params: ToolParameters,
     yes: bool,
     judge: bool,
 ) -> None:
@@ -142,11 +143,11 @@ def generate(
     from .director import load_roles
     from .runs import create_run
 
-    plan = stages.Plan.of(director_params, dialogue_params)
+    plan = stages.Plan.of(director_params, dialogue_params, tools=tool_params)
     with flags.models() as models:
         client = models.director()
         run = create_run(runs_dir, task, plan.planned())
-        ctx = stages.StageContext(run, models, plan, _Printer())
+        ctx = stages.StageContext(run, models, plan, _Printer(), tools=_tools(tool_params))
         with _writing(run):
             click.echo(
                 f"run {run.run_id}: asking the director ({client.endpoint.model})...", err=True
@@ -175,9 +176,13 @@ def generate(
 @click.argument("run_id")
 @runs_dir_option
 @endpoint_options
-@stage_options(director=False, dialogue=True)
+@stage_options(director=False, dialogue=True, tools=True)
 def converse(
-    run_id: str, runs_dir: Path, flags: EndpointFlags, dialogue_params: DialogueParameters
+    run_id: str,
+    runs_dir: Path,
+    flags: EndpointFlags,
+    dialogue_params: DialogueParameters,
+    tool_params: ToolParameters,
 ) -> None:
     """Run the dialogue stage of RUN_ID, whose director stage is done.
 
@@ -192,8 +197,8 @@ def converse(
     with _writing(run):
         load_roles(run)  # fail before starting a server when the run is not ready
         with flags.models(run) as models:
-            plan = stages.Plan.of(dialogue=dialogue_params)
-            ctx = stages.StageContext(run, models, plan, _Printer())
+            plan = stages.Plan.of(dialogue=dialogue_params, tools=tool_params)
+            ctx = stages.StageContext(run, models, plan, _Printer(), tools=_tools(tool_params))
             if stages.is_current(ctx, "dialogue"):
                 click.echo(
                     f"the dialogue of run {run.run_id} is already done with these inputs; "
@@ -208,7 +213,7 @@ def converse(
 @click.argument("stage", type=StageChoice())
 @runs_dir_option
 @endpoint_options
-@stage_options(director=True, dialogue=True)
+@stage_options(director=True, dialogue=True, tools=True)
 def rerun(
     run_id: str,
     stage: str,
@@ -216,6 +221,7 @@ def rerun(
     flags: EndpointFlags,
     director_params: DirectorParameters,
     dialogue_params: DialogueParameters,
+    tool_params: ToolParameters,
 ) -> None:
     """Regenerate STAGE of RUN_ID from the run's saved inputs.
 
@@ -231,8 +237,8 @@ def rerun(
         if stage == "dialogue":
             load_roles(run)
         with flags.models(run) as models:
-            plan = stages.Plan.of(director_params, dialogue_params)
-            ctx = stages.StageContext(run, models, plan, _Printer())
+            plan = stages.Plan.of(director_params, dialogue_params, tools=tool_params)
+            ctx = stages.StageContext(run, models, plan, _Printer(), tools=_tools(tool_params))
             if stage == "director":
                 _redo_director(ctx, models, runs_dir)
             elif stage == "dialogue":
@@ -280,7 +286,8 @@ def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
                     err=True,
                 )
         with flags.models(run) as models:
-            stages.advance(stages.StageContext(run, models, plan, _Printer()))
+            tools = _tools(plan.tools) if run.stage("dialogue").tools else None
+            stages.advance(stages.StageContext(run, models, plan, _Printer(), tools=tools))
         click.echo(
             f"\nrun {run.run_id} done ({_views().ending(run.stage('dialogue'))}): {run.folder}"
         )
@@ -298,7 +305,7 @@ def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
 )
 @runs_dir_option
 @endpoint_options
-@stage_options(director=True, dialogue=True)
+@stage_options(director=True, dialogue=True, tools=True)
 @click.option("--judge", is_flag=True, help="Judge each run when its dialogue ends.")
 def batch(
     tasks_file: Path,
@@ -307,6 +314,7 @@ def batch(
     flags: EndpointFlags,
     director_params: DirectorParameters,
     dialogue_params: DialogueParameters,
+    tool_params: ToolParameters,
     judge: bool,
 ) -> None:
     """Run every task of TASKS_FILE, JOBS at a time, each as a normal run.
@@ -322,7 +330,15 @@ def batch(
 
     # The embedded server gets slots and KV cache for `jobs` dialogues at once.
     with flags.models(min_retries=8, sessions=jobs) as models:
-        work = Batch(tasks_file, runs_dir, models, director_params, dialogue_params, judge=judge)
+        work = Batch(
+            tasks_file,
+            runs_dir,
+            models,
+            director_params,
+            dialogue_params,
+            judge=judge,
+            tools=tool_params,
+        )
         counts = {"done": 0, "skipped": 0, "failed": 0}
 
         def status() -> str:
@@ -577,6 +593,15 @@ def serve(host: str, port: int, model_file: Path | None) -> None:
 
 
 # -- helpers --------------------------------------------------------------------------
+
+
+def _tools(params: ToolParameters) -> ToolSource | None:
+    """The tools the roles get: the delegate tool with --delegate, else none."""
+    if not params.delegate:
+        return None
+    from .delegate import Delegation
+
+    return Delegation()
 
 
 def _runs_dir_flag(runs_dir: Path) -> str:

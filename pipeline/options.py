@@ -23,6 +23,7 @@ from .parameters import (
     DialogueParameters,
     DirectorParameters,
     StageOption,
+    ToolParameters,
     apply_options,
     options_of,
 )
@@ -255,16 +256,18 @@ def _checked(
         raise click.BadParameter(str(e), ctx, param) from e
 
 
-def stage_options(*, director: bool, dialogue: bool) -> Callable[[Any], Any]:
-    """Add the options of the director and/or dialogue stages, as their parameters' fields
-    declare them (:func:`pipeline.parameters.options_of`: --temperature and --seed, which
-    both stages have, are one option setting both); the command receives the parameters
-    as ``director_params`` / ``dialogue_params``."""
-    stages: list[tuple[str, type[DirectorParameters] | type[DialogueParameters]]] = []
+def stage_options(*, director: bool, dialogue: bool, tools: bool = False) -> Callable[[Any], Any]:
+    """Add the options of the director and/or dialogue stages and of tool use, as their
+    parameters' fields declare them (:func:`pipeline.parameters.options_of`: --temperature
+    and --seed, which both stages have, are one option setting both); the command
+    receives the parameters as ``director_params`` / ``dialogue_params`` / ``tool_params``."""
+    stages: list[tuple[str, type[Any]]] = []
     if director:
         stages.append(("director_params", DirectorParameters))
     if dialogue:
         stages.append(("dialogue_params", DialogueParameters))
+    if tools:
+        stages.append(("tool_params", ToolParameters))
     specs = options_of(*(cls for _, cls in stages))
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -298,7 +298,7 @@ class ToolParameters:
 
 # The classes whose fields have command-line options, in the order of their options in
 # --help; an option declared on several of them comes after all the others.
-STAGE_PARAMETERS: tuple[type, ...] = (DirectorParameters, DialogueParameters)
+STAGE_PARAMETERS: tuple[type, ...] = (DirectorParameters, DialogueParameters, ToolParameters)
 
 _KINDS = {int: "integer", float: "number", bool: "boolean", str: "string"}
 

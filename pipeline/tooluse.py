@@ -55,11 +55,18 @@ class Answer:
 
 
 def dialect(ctx: StageContext, client: ModelClient) -> str:
-    """The tool-call dialect for ``client``'s endpoint in this run (see the module)."""
+    """The tool-call dialect for ``client``'s endpoint in this run (see the module). In
+    ``auto``, llama.cpp's servers (the embedded engine among them) get ``prompt``: they
+    accept ``tools`` but silently ignore them when the model's chat template has no tool
+    support, as the default model's has not."""
     asked = ctx.plan.tools.tool_calls
     if asked != "auto":
         return asked
-    return (ctx.run.manifest.tool_dialects or {}).get(client.endpoint.base_url, "tools")
+    endpoint = client.endpoint
+    remembered = (ctx.run.manifest.tool_dialects or {}).get(endpoint.base_url)
+    if remembered:
+        return remembered
+    return "prompt" if endpoint.embedded or endpoint.server == "llama.cpp" else "tools"
 
 
 def _remember(ctx: StageContext, client: ModelClient, used: str) -> None:

@@ -23,6 +23,7 @@ from pipeline.parameters import (
     DialogueParameters,
     DirectorParameters,
     JudgeParameters,
+    ToolParameters,
     option,
     options_of,
 )
@@ -30,7 +31,7 @@ from pipeline.parameters import (
 from .conftest import ROLES, only_run
 from .fakeserver import Action, FakeServer, Reply
 
-D, G = DirectorParameters, DialogueParameters
+D, G, T = DirectorParameters, DialogueParameters, ToolParameters
 
 # Every stage option in --help order, and the fields it sets.
 OPTIONS = [
@@ -44,6 +45,11 @@ OPTIONS = [
     ("--max-tokens-total", ((G, "max_tokens_total"),)),
     ("--loop-detection/--no-loop-detection", ((G, "detect_loops"),)),
     ("--floor", ((G, "floor"),)),
+    ("--tool-calls", ((T, "tool_calls"),)),
+    ("--max-tool-rounds", ((T, "max_rounds"),)),
+    ("--delegate/--no-delegate", ((T, "delegate"),)),
+    ("--max-depth", ((T, "max_depth"),)),
+    ("--max-children", ((T, "max_children"),)),
     ("--temperature", ((D, "temperature"), (G, "temperature"))),
     ("--seed", ((D, "seed"), (G, "seed"))),
 ]
@@ -55,7 +61,12 @@ def test_every_stage_option_and_the_fields_it_sets():
 
 @pytest.mark.parametrize(
     ("command", "stages"),
-    [("generate", (D, G)), ("rerun", (D, G)), ("batch", (D, G)), ("converse", (G,))],
+    [
+        ("generate", (D, G, T)),
+        ("rerun", (D, G, T)),
+        ("batch", (D, G, T)),
+        ("converse", (G, T)),
+    ],
 )
 def test_the_commands_show_the_stage_options_in_order(command, stages):
     names = {s.name for s in options_of(*STAGE_PARAMETERS)}
@@ -151,7 +162,9 @@ def click_option(command: str, name: str) -> click.Option:
 @pytest.mark.parametrize("command", ["generate", "rerun", "batch", "converse"])
 @pytest.mark.parametrize("spec", options_of(*STAGE_PARAMETERS), ids=lambda s: s.option.flag)
 def test_every_click_default_is_the_field_default(command, spec):
-    fields_here = [(cls, name) for cls, name in spec.fields if command != "converse" or cls is G]
+    fields_here = [
+        (cls, name) for cls, name in spec.fields if command != "converse" or cls in (G, T)
+    ]
     if not fields_here:  # converse has no director options
         assert spec.name not in {p.name for p in cli.cli.commands[command].params}
         return
