@@ -122,6 +122,12 @@ def _nonempty_task(ctx: click.Context, param: click.Parameter, value: str) -> st
 @stage_options(director=True, dialogue=True, tools=True)
 @click.option("--yes", "-y", is_flag=True, help="Run the dialogue without asking.")
 @click.option("--judge", "judge", is_flag=True, help="Then ask a model to judge the result.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the limits of the run (and of the runs it may delegate to) and the most "
+    "model calls they can make, then stop without calling anything.",
+)
 def generate(
     task: str,
     runs_dir: Path,
@@ -131,6 +137,7 @@ def generate(
     tool_params: ToolParameters,
     yes: bool,
     judge: bool,
+    dry_run: bool,
 ) -> None:
     """Write roles for TASK, let you review them, then run the dialogue.
 
@@ -144,6 +151,9 @@ def generate(
     from .runs import create_run
 
     plan = stages.Plan.of(director_params, dialogue_params, tools=tool_params)
+    if dry_run:
+        click.echo(_views().worst_case_text(plan, judge=judge))
+        return
     with flags.models() as models:
         client = models.director()
         run = create_run(runs_dir, task, plan.planned())

@@ -30,6 +30,8 @@ from .records import ParentLink
 from .tools import Tool, Toolbox, ToolError, ToolUse
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .runs import Run
 
 NAME = "delegate"
@@ -132,3 +134,76 @@ def delegate(ctx: stages.StageContext, arguments: dict[str, Any], use: ToolUse) 
         return "\n\n".join(f"{t.role}: {t.content}" for t in child.read_transcript()[-LAST_TURNS:])
     except PipelineError as e:
         raise ToolError(f"the child run {name} failed: {e.message}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class WorstCase:
+    """The most a run (and the tree of runs it may delegate to) can ask of the models.
+
+    Attributes:
+        runs: runs in the tree, the root included: ``1 + C + C**2 + ... + C**D`` for at
+            most ``C`` children per run and a depth of ``D``.
+        director, dialogue, judge: model calls of each stage of one run, at most.
+    """
+
+    runs: int
+    director: int
+    dialogue: int
+    judge: int
+
+    @property
+    def per_run(self) -> int:
+        return self.director + self.dialogue + self.judge
+
+    @property
+    def calls(self) -> int:
+        return self.runs * self.per_run
+
+
+DIALECT_FALLBACKS = 2  # auto tries json_schema, then json_object, then prompt
+
+
+def worst_case(plan: stages.Plan, *, judge: bool) -> WorstCase:
+    """The most model calls ``plan`` can make: every structured answer re-asked for every
+    repair, once for its length and through every dialect; every generated turn using
+    every tool round (and falling back once from ``tools``); a moderator's pick repaired
+    once; every run delegating as far as the limits allow."""
+    tools = plan.tools
+    runs = sum(tools.max_children**d for d in range(tools.max_depth + 1)) if tools.delegate else 1
+
+    def answer(repairs: int) -> int:
+        return repairs + 2 + DIALECT_FALLBACKS
+
+    per_turn = (tools.max_rounds + 2) if tools.delegate else 1
+    if plan.dialogue.floor == "moderator":
+        per_turn += 2 + DIALECT_FALLBACKS
+    return WorstCase(
+        runs,
+        answer(plan.director.repair_attempts),
+        (plan.dialogue.turns - 1) * per_turn,
+        answer(plan.judge.repair_attempts) if judge else 0,
+    )
+
+
+def tree_tokens(runs_dir: Path, run_id: str) -> int:
+    """The tokens run ``run_id`` and every run it delegated to used, by every stage, as
+    their manifests recorded (0 for a run that cannot be read)."""
+    from .errors import RunError
+    from .runs import open_run
+
+    try:
+        run = open_run(runs_dir, run_id)
+    except RunError:
+        return 0
+    own = 0
+    for entry in run.manifest.stages.values():
+        for usage in (entry.usage, entry.moderator_usage):
+            own += usage.total if usage is not None else 0
+    return own + sum(tree_tokens(runs_dir, child) for child in run.manifest.children or [])
+
+
+def children_tokens(run: Run, turn: int) -> int:
+    """The tokens of the runs that turn ``turn`` of ``run`` delegated to (and theirs)."""
+    prefix = f"{run.run_id}-t{turn}-"
+    mine = [c for c in run.manifest.children or [] if c.startswith(prefix)]
+    return sum(tree_tokens(run.folder.parent, child) for child in mine)

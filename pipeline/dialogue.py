@@ -17,11 +17,12 @@ completes; ``transcript.md``, the transcript rendered for reading at the end;
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from . import director, schemas, structured, templates, tooluse
+from . import delegate, director, schemas, structured, templates, tooluse
 from .client import Message, ModelClient
 from .errors import Fix, PipelineError, RunError
 from .parameters import DialogueParameters
@@ -122,7 +123,13 @@ def inputs(ctx: StageContext) -> object:
 class _Ending:
     """Watches the turns and says when, and why, the conversation is over."""
 
-    def __init__(self, roles: RolesDocument, params: DialogueParameters) -> None:
+    def __init__(
+        self,
+        roles: RolesDocument,
+        params: DialogueParameters,
+        delegated: Callable[[int], int] = lambda turn: 0,
+    ) -> None:
+        self.delegated = delegated  # the tokens of the runs a turn delegated to
         self.token = roles.done_token
         self.declarers = roles.declarers
         self.participants = len(roles.roles)
@@ -139,6 +146,8 @@ class _Ending:
             self.tokens += line.usage.total
         else:
             self.tokens += line.chunks or 0
+        if line.tool_calls:
+            self.tokens += self.delegated(turn)
         if self.closing_left is not None:
             self.closing_left -= 1
             return ("done_token", self.done_at or turn) if self.closing_left <= 0 else None
@@ -253,7 +262,7 @@ def run(ctx: StageContext) -> None:
     lines = run_.read_transcript(repair=True) if ctx.resume else []
     if ctx.resume:
         _check_continuation(run_.run_id, roles, lines, params.turns)
-    ending = _Ending(roles, params)
+    ending = _Ending(roles, params, functools.partial(delegate.children_tokens, run_))
     outcome = None
     for i, line in enumerate(lines):  # a resumed dialogue may already have ended
         outcome = outcome or ending.observe(line, [x.content for x in lines[: i + 1]])

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .batch import Outcome
     from .records import RolesDocument, StageRecord, Turn, Verdict
     from .runs import Run
+    from .stages import Plan
 
 TASK_WIDTH = 48
 
@@ -81,6 +82,7 @@ class RunSummary:
         stages: each stage's status as :func:`pipeline.stages.status` says it.
         turns: the turns in its transcript so far.
         termination_reason: how the dialogue ended (``interrupted`` when its process died).
+        parent: the run that delegated it, for a child run.
         error: for a run whose manifest cannot be read, why (the other fields are empty).
     """
 
@@ -90,6 +92,7 @@ class RunSummary:
     stages: dict[str, str] = field(default_factory=dict)
     turns: int = 0
     termination_reason: str | None = None
+    parent: str | None = None
     error: str | None = None
 
     def as_json(self) -> dict[str, object]:
@@ -105,8 +108,15 @@ def summary(run: Run) -> RunSummary:
     reason = run.stage("dialogue").termination_reason
     if statuses["dialogue"] == "interrupted":
         reason = "interrupted"
+    link = run.manifest.parent
     return RunSummary(
-        run.run_id, run.manifest.created, run.task, statuses, len(run.read_transcript()), reason
+        run.run_id,
+        run.manifest.created,
+        run.task,
+        statuses,
+        len(run.read_transcript()),
+        reason,
+        link.run_id if link else None,
     )
 
 
@@ -118,7 +128,7 @@ def unreadable(error: RunError) -> RunSummary:
 def runs_table(rows: Sequence[RunSummary]) -> str:
     """The listing as an aligned table, one run per line; an unreadable run gets a line
     that says why."""
-    header = ("RUN", "CREATED", "DIRECTOR", "DIALOGUE", "TURNS", "ENDED BY")
+    header = ("RUN", "CREATED", "DIRECTOR", "DIALOGUE", "TURNS", "ENDED BY", "PARENT")
     cells = {row.run_id: _cells(row) for row in rows if row.error is None}
     widths = [max(len(c[i]) for c in [header, *cells.values()]) for i in range(len(header))]
 
@@ -142,6 +152,7 @@ def _cells(row: RunSummary) -> tuple[str, ...]:
         row.stages.get("dialogue", "-"),
         str(row.turns),
         row.termination_reason or "-",
+        row.parent or "-",
     )
 
 
@@ -151,13 +162,16 @@ def _cut(text: str) -> str:
 
 
 def run_header(run: Run) -> str:
-    """The facts of a run shown above its roles and transcript by ``pipeline show``."""
+    """The facts of a run shown above its roles and transcript by ``pipeline show``; for a
+    run in a tree of delegated runs, the tree."""
     info = summary(run)
     lines = [
         click.style(f"Run {run.run_id}", bold=True),
         f"Task: {run.task}",
         f"Created: {info.created}",
     ]
+    if run.manifest.parent is not None or run.manifest.children:
+        lines.append("Tree:\n" + tree_text(run))
     for name in STAGE_NAMES:
         entry = run.stage(name)
         parts = [info.stages[name]]
@@ -269,3 +283,60 @@ def _roles_plain(run: Run) -> str:
 
 def _transcript_plain(run: Run) -> str:
     return click.unstyle(transcript_text(run.read_transcript()))
+
+
+def tree_text(run: Run) -> str:
+    """The tree of delegated runs ``run`` belongs to, from its root: one run a line, its
+    dialogue's status and its task; ``*`` marks ``run``."""
+    from .runs import open_run
+
+    runs_dir = run.folder.parent
+    root = run
+    while root.manifest.parent is not None:
+        try:
+            root = open_run(runs_dir, root.manifest.parent.run_id)
+        except RunError:
+            break
+    out: list[str] = []
+
+    def walk(node: Run, lead: str, branch: str) -> None:
+        mark = " *" if node.run_id == run.run_id else ""
+        state = status(node, "dialogue")
+        out.append(f"{lead}{branch}{node.run_id}{mark}  {state}  {_cut(node.task)}")
+        children = node.manifest.children or []
+        for i, name in enumerate(children):
+            last = i == len(children) - 1
+            deeper = lead if not branch else lead + ("   " if branch == "└─ " else "│  ")
+            try:
+                walk(open_run(runs_dir, name), deeper, "└─ " if last else "├─ ")
+            except RunError as e:
+                out.append(f"{deeper}{'└─ ' if last else '├─ '}{name}  unreadable: {e.message}")
+
+    walk(root, "  ", "")
+    return "\n".join(out)
+
+
+def worst_case_text(plan: Plan, *, judge: bool) -> str:
+    """What ``generate --dry-run`` prints: the limits of the tree of runs and the most
+    model calls it can make (:func:`pipeline.delegate.worst_case`)."""
+    from .delegate import worst_case
+
+    most = worst_case(plan, judge=judge)
+    tools = plan.tools
+    lines = ["dry run: nothing was called"]
+    if tools.delegate:
+        lines.append(
+            f"runs: at most {most.runs} (the root and its delegated runs: depth "
+            f"{tools.max_depth}, {tools.max_children} children per run)"
+        )
+    else:
+        lines.append("runs: 1 (no delegation)")
+    lines.append(
+        f"model calls per run: at most {most.per_run} ({most.director} director, "
+        f"{most.dialogue} dialogue over {plan.dialogue.turns - 1} generated turns"
+        + (f", {most.judge} judge)" if judge else ")")
+    )
+    lines.append(f"model calls in all: at most {most.calls}")
+    if plan.dialogue.max_tokens_total is not None:
+        lines.append(f"tokens: the dialogue of each run stops at {plan.dialogue.max_tokens_total}")
+    return "\n".join(lines)

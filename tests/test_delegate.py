@@ -59,10 +59,19 @@ def tree(body: dict[str, Any]) -> Reply:
     return Reply(f"With that: {messages[-1]['content']}" if done else "reply 2")
 
 
-def run_tree(runs_dir: Path, fake: FakeServer, max_depth: int = 2):
+@pytest.fixture
+def fake_tree():  # type: ignore[no-untyped-def]
+    with FakeServer(tree) as server:
+        yield server
+
+
+def run_tree(
+    runs_dir: Path, fake: FakeServer, max_depth: int = 2, max_tokens_total: int | None = None
+):
     client = ModelClient(Endpoint(fake.base_url, "m", None), max_retries=0)
     tools = ToolParameters(tool_calls="tools", delegate=True, max_depth=max_depth)
-    plan = stages.Plan.of(dialogue=DialogueParameters(turns=3), tools=tools)
+    dialogue = DialogueParameters(turns=3, max_tokens_total=max_tokens_total)
+    plan = stages.Plan.of(dialogue=dialogue, tools=tools)
     root = create_run(runs_dir, "root", plan.planned())
     ctx = stages.StageContext(root, stages.OneClient(client), plan, tools=Delegation())
     with root.locked():
@@ -165,3 +174,40 @@ def test_a_tree_interrupted_in_a_grandchild_is_finished_by_resuming_the_root(
         if (r.get("response_format") or {}).get("json_schema", {}).get("name") == "roles"
     ]
     assert directed == ["child two"]
+
+
+def test_the_command_line_makes_a_tree_that_runs_show_export_and_diff_see(fake_tree, invoke):
+    result = invoke(
+        "generate", "root", "--base-url", fake_tree.base_url, "--model", "m", "--yes",
+        "--judge", "--turns", "3", "--delegate", "--tool-calls", "tools",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    listed = {row["run_id"]: row for row in json.loads(invoke("runs", "--json").stdout)}
+    (root,) = [name for name, row in listed.items() if row["parent"] is None]
+    child, grandchild = f"{root}-t2-1", f"{root}-t2-1-t2-1"
+    assert listed[grandchild]["parent"] == child and listed[child]["parent"] == root
+    table = invoke("runs").stdout.splitlines()
+    assert table[0].split()[-2:] == ["PARENT", "TASK"]
+    shown = invoke("show", child)
+    assert shown.exit_code == 0, shown.output
+    tree = shown.stdout.split("Tree:\n", 1)[1].splitlines()[:4]
+    assert [line.split()[:2] for line in tree] == [
+        [root, "done"],
+        ["├─", child],
+        ["│", "└─"],
+        ["└─", f"{root}-t2-2"],
+    ]
+    assert f"{child} *" in shown.stdout  # the run shown is marked
+    exported = invoke("export", grandchild, "--format", "jsonl")
+    assert exported.exit_code == 0 and len(exported.stdout.splitlines()) == 3
+    assert invoke("diff", child, f"{root}-t2-2").exit_code == 0
+
+
+def test_the_tokens_of_delegated_runs_count_toward_the_parent_s_budget(runs_dir):
+    # each call reports 18 tokens: the root's own three calls of turn 2 stay under 100,
+    # the runs it delegated to do not
+    with FakeServer(tree) as fake:
+        root = run_tree(runs_dir, fake, max_tokens_total=100)
+    entry = root.stage("dialogue")
+    assert (entry.termination_reason, entry.termination_turn) == ("token_budget", 2)
+    assert entry.usage is not None and entry.usage.total == 3 * 18  # its own calls only

@@ -391,14 +391,15 @@ def test_runs_lists_every_run_and_reports_a_corrupt_one(fake, invoke, runs_dir):
         "TURNS",
         "ENDED",
         "BY",
+        "PARENT",
         "TASK",
     ]
     assert lines[1].split()[0] == first.name
-    assert lines[1].split()[3:] == ["done", "done", "2", "max_turns", "first", "task"]
+    assert lines[1].split()[3:] == ["done", "done", "2", "max_turns", "-", "first", "task"]
     assert lines[2].startswith(
         f"{second.name}  unreadable: the manifest of run {second.name} is unreadable"
     )
-    assert lines[3].split()[3:] == ["done", "pending", "0", "-", "third", "task"]
+    assert lines[3].split()[3:] == ["done", "pending", "0", "-", "-", "third", "task"]
 
     as_json = json.loads(invoke("runs", "--json").stdout)
     assert [row["run_id"] for row in as_json] == [first.name, second.name, third.name]
