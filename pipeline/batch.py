@@ -34,7 +34,7 @@ from .parameters import (
     shown,
 )
 from .records import utc_now
-from .runs import Run, atomic_write_json, create_run, open_run, slugify
+from .runs import Run, atomic_write_json, open_run, slugify
 
 # The options a task may set: the director's and the dialogue's command-line options, by
 # name (--director-max-tokens is director_max_tokens, --loop-detection/--no-loop-detection
@@ -209,7 +209,7 @@ class Batch:
             else:
                 if folder.exists():  # a creation cut short: a folder with no manifest yet
                     shutil.rmtree(folder)
-                run = create_run(self.runs_dir, task.task, plan.planned(), run_id=run_id)
+                run = plan.new_run(self.runs_dir, task.task, run_id=run_id, judge=bool(include))
             if not stages.pending(run, include=include):
                 return self._outcome(task, run, "skipped")
             with run.locked():

@@ -148,7 +148,6 @@ def generate(
     """
     from . import stages
     from .director import load_roles
-    from .runs import create_run
 
     plan = stages.Plan.of(director_params, dialogue_params, tools=tool_params)
     if dry_run:
@@ -156,7 +155,7 @@ def generate(
         return
     with flags.models() as models:
         client = models.director()
-        run = create_run(runs_dir, task, plan.planned())
+        run = plan.new_run(runs_dir, task, judge=judge)
         ctx = stages.StageContext(run, models, plan, _Printer(), tools=_tools(tool_params))
         with _writing(run):
             click.echo(
@@ -269,13 +268,15 @@ def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
 
     A director stage that did not finish is done again; an unfinished dialogue goes on
     from its last complete turn, with the parameters it was started with. A stale
-    dialogue (its roles were edited or regenerated) starts over.
+    dialogue (its roles were edited or regenerated) starts over. A run made with --judge,
+    or judged before, is judged at the end; runs it delegated to are finished first.
     """
     from . import stages
 
     run = _open(runs_dir, run_id)
     with _writing(run):
-        todo = stages.pending(run)
+        include = stages.planned_stages(run)
+        todo = stages.pending(run, include=include)
         if not todo:
             click.echo(f"run {run.run_id} is complete; nothing to resume")
             return
@@ -297,7 +298,8 @@ def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
                 )
         with flags.models(run) as models:
             tools = _tools(plan.tools) if run.stage("dialogue").tools else None
-            stages.advance(stages.StageContext(run, models, plan, _Printer(), tools=tools))
+            ctx = stages.StageContext(run, models, plan, _Printer(), tools=tools)
+            stages.advance(ctx, include=include)
         click.echo(
             f"\nrun {run.run_id} done ({_views().ending(run.stage('dialogue'))}): {run.folder}"
         )

@@ -89,7 +89,7 @@ def delegate(ctx: stages.StageContext, arguments: dict[str, Any], use: ToolUse) 
         ToolError: a limit is reached, or the child run failed; the message says which.
     """
     from .judge import VERDICT, load_verdict
-    from .runs import create_run, open_run
+    from .runs import open_run
 
     parent = ctx.run
     limits = ctx.plan.tools
@@ -120,7 +120,7 @@ def delegate(ctx: stages.StageContext, arguments: dict[str, Any], use: ToolUse) 
         if (runs_dir / name / "run.json").is_file():
             child = open_run(runs_dir, name)
         else:
-            child = create_run(runs_dir, arguments["task"], plan.planned(), run_id=name)
+            child = plan.new_run(runs_dir, arguments["task"], run_id=name, judge=True)
             child.manifest.parent = ParentLink(parent.run_id, use.turn, use.call.id)
             child.save()
         if name not in children:

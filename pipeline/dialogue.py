@@ -286,6 +286,7 @@ def run(ctx: StageContext) -> None:
             entry.moderator_endpoint = moderator.endpoint
         if ctx.resume:
             entry.resumed_at_turn = len(lines) + 1
+        run_.save()  # what the dialogue runs on, kept even if it is killed at once
         try:
             while outcome is None and len(lines) < params.turns:
                 number = len(lines) + 1

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .parameters import DialogueParameters, DirectorParameters, JudgeParameters, ToolParameters
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .client import ModelClient
     from .endpoints import Endpoint
     from .recorder import StageCalls
@@ -202,6 +204,28 @@ class Plan:
             JudgeParameters(**judge) if judge else None,
             ToolParameters(**tools) if tools else None,
         )
+
+    def new_run(
+        self, runs_dir: Path, task: str, *, run_id: str | None = None, judge: bool = False
+    ) -> Run:
+        """A new run for ``task`` planned with these parameters (see
+        :func:`pipeline.runs.create_run`), the judge among its stages when ``judge``, and
+        its roles' tool use recorded up front: a run stopped before it got there resumes
+        with them (:func:`planned_stages`).
+
+        Raises:
+            RunError: the run folder cannot be made, or ``run_id`` is taken.
+        """
+        from .runs import create_run
+
+        planned = self.planned()
+        if judge:
+            planned["judge"] = dataclasses.asdict(self.judge)
+        run = create_run(runs_dir, task, planned, run_id=run_id)
+        if self.tools.delegate:
+            run.stage("dialogue").tools = dataclasses.asdict(self.tools)
+            run.save()
+        return run
 
     def planned(self) -> dict[str, dict[str, Any]]:
         """The parameters recorded in a new run's manifest, stage by stage."""
@@ -382,6 +406,17 @@ def advance(ctx: StageContext, *, include: Sequence[str] = ()) -> None:
         now = status(ctx.run, node.name)
         if now != "done":
             execute(ctx, node.name, resume=now in ("interrupted", "failed"))
+
+
+def planned_stages(run: Run) -> tuple[str, ...]:
+    """The optional stages ``run`` was planned with or has run (``advance``'s ``include``
+    for a resumed run)."""
+    return tuple(
+        node.name
+        for node in GRAPH
+        if node.optional
+        and (run.stage(node.name).parameters or run.stage(node.name).status != "pending")
+    )
 
 
 def pending(run: Run, *, include: Sequence[str] = ()) -> list[str]:

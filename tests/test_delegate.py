@@ -4,13 +4,20 @@ in depth, resumed and replayed."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from pipeline import stages
+from pipeline.cli import cli
 from pipeline.client import ModelClient
 from pipeline.delegate import Delegation, depth
 from pipeline.endpoints import Endpoint
@@ -211,3 +218,64 @@ def test_the_tokens_of_delegated_runs_count_toward_the_parent_s_budget(runs_dir)
     entry = root.stage("dialogue")
     assert (entry.termination_reason, entry.termination_turn) == ("token_budget", 2)
     assert entry.usage is not None and entry.usage.total == 3 * 18  # its own calls only
+
+
+def count_requests(runs_dir: Path) -> int:
+    with FakeServer(tree) as fake:
+        run_tree(runs_dir, fake)
+        return len(fake.chat_requests())
+
+
+class KillAt:
+    """The tree's model, holding request ``point`` until the test has killed the process."""
+
+    def __init__(self, point: int) -> None:
+        self.point, self.seen = point, 0
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, body: dict[str, Any]) -> Reply:
+        self.seen += 1
+        if self.seen == self.point:
+            self.reached.set()
+            self.release.wait(30)
+        return tree(body)
+
+
+def test_a_tree_killed_at_any_moment_is_completed_by_resume(tmp_path):
+    total = count_requests(tmp_path / "count")
+    points = sorted({1 + (total - 1) * i // 11 for i in range(12)})  # 12 kill points
+    assert len(points) >= 10
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PIPELINE_"))}
+    for point in points:
+        runs_dir = tmp_path / f"kill-{point}"
+        killing = KillAt(point)
+        with FakeServer(killing) as fake:
+            command = [
+                sys.executable, "-m", "pipeline", "generate", "root", "--yes", "--judge",
+                "--turns", "3", "--delegate", "--tool-calls", "tools", "--runs-dir",
+                str(runs_dir), "--base-url", fake.base_url, "--model", "m",
+            ]  # fmt: skip
+            proc = subprocess.Popen(
+                command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            try:
+                assert killing.reached.wait(60), f"request {point} never came"
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(30)
+            finally:
+                killing.release.set()
+            (root,) = [p.name for p in runs_dir.iterdir() if p.name.endswith("-root")]
+            result = CliRunner().invoke(cli, ["resume", root, "--runs-dir", str(runs_dir)])
+            assert result.exit_code == 0, (point, result.output)
+        names = sorted(p.name for p in runs_dir.iterdir() if p.is_dir())
+        assert names == sorted([root, f"{root}-t2-1", f"{root}-t2-1-t2-1", f"{root}-t2-2"]), point
+        for name in names:
+            run = open_run(runs_dir, name)
+            turns = [line["turn"] for line in read_jsonl(run.path("dialogue/transcript.jsonl"))]
+            assert turns == [1, 2, 3], (point, name)  # every turn once
+            assert {s: stages.status(run, s) for s in stages.STAGE_NAMES} == dict.fromkeys(
+                stages.STAGE_NAMES, "done"
+            ), (point, name)
+            parent = run.manifest.parent
+            if parent is not None:
+                assert name in (open_run(runs_dir, parent.run_id).manifest.children or [])

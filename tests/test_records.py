@@ -237,14 +237,28 @@ def test_new_roles_make_a_version_1_run_s_dialogue_and_verdict_stale(v1_run, inv
     assert schemas.errors(stored, schemas.RUN_MANIFEST, 1) == []
 
 
-def test_a_version_1_run_resumed_goes_on_in_version_1(v1_run, invoke, fake):
+def test_a_version_1_run_resumed_goes_on_in_version_1(v1_run, invoke):
+    from .conftest import ROLES
+    from .fakeserver import FakeServer, Reply
+
+    verdict = {"completed": True, "score": 6, "reasons": "ok", "deliverable": ""}
+
+    def model(body: dict[str, Any]) -> Reply:
+        schema = (body.get("response_format") or {}).get("json_schema", {}).get("name")
+        if schema == "verdict":
+            return Reply(json.dumps(verdict))
+        return Reply(json.dumps(ROLES) if schema else f"reply {len(body['messages'])}")
+
     manifest = json.loads((v1_run / "run.json").read_text())
     manifest["stages"]["dialogue"]["status"] = "failed"  # cut short after turn 3
     (v1_run / "run.json").write_text(json.dumps(manifest))
     transcript = v1_run / "dialogue" / "transcript.jsonl"
     transcript.write_text("".join(transcript.read_text().splitlines(keepends=True)[:3]))
-    result = invoke("resume", v1_run.name, "--base-url", fake.base_url, "--model", "m")
+    with FakeServer(model) as fake:
+        result = invoke("resume", v1_run.name, "--base-url", fake.base_url, "--model", "m")
     assert result.exit_code == 0, result.output
     lines = read_jsonl(transcript)
     assert len(lines) > 3
     assert all(schemas.errors(line, schemas.TRANSCRIPT_LINE, 1) == [] for line in lines)
+    # the run had a verdict, on the old transcript: resumed to its end, it is judged again
+    assert json.loads((v1_run / "judge" / "verdict.json").read_text()) == verdict
