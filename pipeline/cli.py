@@ -711,16 +711,24 @@ def _redo_director(ctx: StageContext, models: Models, runs_dir: Path) -> None:
 
 
 class _Printer:
-    """Streams the conversation to stdout as it happens."""
+    """Streams the conversation to stdout as it happens; a delegated run's, indented."""
+
+    def __init__(self, indent: str = "") -> None:
+        self.indent = indent
 
     def turn_started(self, turn: int, role: str) -> None:
-        click.echo("\n" + _views().turn_header(turn, role))
+        click.echo("\n" + self.indent + _views().turn_header(turn, role))
+        click.echo(self.indent, nl=False)
 
     def delta(self, text: str) -> None:
-        click.echo(text, nl=False)
+        click.echo(text.replace("\n", "\n" + self.indent), nl=False)
 
     def turn_finished(self, turn: Turn) -> None:
         click.echo()
+
+    def nested(self, run_id: str, task: str) -> _Printer:
+        click.echo(f"\n{self.indent}> delegated to run {run_id}: {_views().one_line(task)}")
+        return _Printer(self.indent + "    ")
 
 
 def _converse(ctx: StageContext, models: Models) -> None:

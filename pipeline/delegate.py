@@ -127,8 +127,15 @@ def delegate(ctx: stages.StageContext, arguments: dict[str, Any], use: ToolUse) 
             parent.manifest.children = [*children, name]
             parent.save()
         with child.locked():
-            child_ctx = stages.StageContext(child, ctx.models.child(name), plan, tools=Delegation())
+            child_ctx = stages.StageContext(
+                child,
+                ctx.models.child(name),
+                plan,
+                ctx.listener.nested(name, child.task),
+                tools=Delegation(),
+            )
             stages.advance(child_ctx, include=("judge",))
+        ctx.listener.delta(f"\n< back from run {name}\n")
         if child.path(VERDICT).is_file() and (made := load_verdict(child).deliverable):
             return made
         return "\n\n".join(f"{t.role}: {t.content}" for t in child.read_transcript()[-LAST_TURNS:])

@@ -149,6 +149,10 @@ class Listener(Protocol):
 
     def turn_finished(self, turn: Turn) -> None: ...
 
+    def nested(self, run_id: str, task: str) -> Listener:
+        """The listener of the child run ``run_id`` that a turn delegated ``task`` to."""
+        ...
+
 
 class Silent:
     """A :class:`Listener` that ignores everything."""
@@ -161,6 +165,9 @@ class Silent:
 
     def turn_finished(self, turn: Turn) -> None:
         pass
+
+    def nested(self, run_id: str, task: str) -> Silent:
+        return self
 
 
 @dataclass(frozen=True)

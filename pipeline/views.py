@@ -156,6 +156,11 @@ def _cells(row: RunSummary) -> tuple[str, ...]:
     )
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line, cut to the width of a listing's task."""
+    return _cut(text)
+
+
 def _cut(text: str) -> str:
     one_line = " ".join(text.split())
     return one_line if len(one_line) <= TASK_WIDTH else one_line[: TASK_WIDTH - 3] + "..."

@@ -192,6 +192,10 @@ def test_the_command_line_makes_a_tree_that_runs_show_export_and_diff_see(fake_t
     listed = {row["run_id"]: row for row in json.loads(invoke("runs", "--json").stdout)}
     (root,) = [name for name, row in listed.items() if row["parent"] is None]
     child, grandchild = f"{root}-t2-1", f"{root}-t2-1-t2-1"
+    # the children's conversations are printed as they happen, indented under the turn
+    assert f"\n> delegated to run {child}: child one\n\n    [1] Student\n" in result.stdout
+    assert "\n        [2] Mentor\n" in result.stdout  # the grandchild's, deeper
+    assert f"\n< back from run {child}\n" in result.stdout
     assert listed[grandchild]["parent"] == child and listed[child]["parent"] == root
     table = invoke("runs").stdout.splitlines()
     assert table[0].split()[-2:] == ["PARENT", "TASK"]
