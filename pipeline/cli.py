@@ -281,7 +281,7 @@ def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
             click.echo(f"run {run.run_id} is complete; nothing to resume")
             return
         plan = stages.Plan.recorded(run)
-        statuses = {name: stages.status(run, name) for name in todo}
+        statuses = stages.statuses(run)
         if "director" in todo:
             click.echo(
                 f"run {run.run_id}: the director stage is {statuses['director']}; "

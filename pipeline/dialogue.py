@@ -275,7 +275,7 @@ def run(ctx: StageContext) -> None:
             stage=STAGE,
         )
     with ctx.running(
-        endpoint=clients[0].endpoint, parameters=asdict(params), inputs=inputs(ctx)
+        endpoint=clients[0].endpoint, parameters=asdict(params), inputs=ctx.inputs
     ) as entry:
         if ctx.tools is not None:
             entry.tools = asdict(ctx.plan.tools)

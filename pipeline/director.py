@@ -135,7 +135,7 @@ def run(ctx: StageContext) -> None:
         ctx,
         ctx.models.director(),
         params=params,
-        inputs=inputs(ctx),
+        inputs=ctx.inputs,
         prompt=render_prompt(run_.task, params.roles, params.done_token),
         schema=answer_schema(params),
         output=ROLES,

@@ -82,7 +82,7 @@ def run(ctx: StageContext) -> None:
         ctx,
         ctx.models.judge(),
         params=ctx.plan.judge,
-        inputs=inputs(ctx),
+        inputs=ctx.inputs,
         prompt=render_prompt(run_),
         schema=schemas.Schema.file(SCHEMA),
         output=VERDICT,

@@ -4,8 +4,9 @@ A stage is declared once, in :data:`GRAPH`: its name, the stages whose output it
 its own main output, and the module that runs it. That module provides two functions:
 
 ``inputs(ctx) -> object``
-    what the stage depends on; the sha256 of it is the stage's ``input_hash``, and a stage
-    that is ``done`` with the same hash is current (:func:`is_current`).
+    what the stage depends on, read once before it runs (``ctx.inputs``); its sha256 is
+    the stage's ``input_hash``, and a stage ``done`` with the same hash is current
+    (:func:`is_current`).
 ``run(ctx) -> None``
     the work, inside ``ctx.running(...)``, which records the stage in ``run.json``.
 ``check(run) -> None`` (optional)
@@ -257,6 +258,8 @@ class StageContext:
         stage: the stage being run (set by :func:`execute`).
         calls: its recorder (set by :func:`execute`).
         resume: go on from where an earlier attempt stopped (a resumable stage).
+        inputs: what the stage depends on, read once before it runs (set by
+            :func:`execute`; its sha256 is the stage's ``input_hash``).
     """
 
     run: Run
@@ -268,6 +271,7 @@ class StageContext:
     stage: str = ""
     calls: StageCalls | None = None
     resume: bool = False
+    inputs: object = None
 
     @property
     def recorder(self) -> StageCalls:
@@ -306,19 +310,34 @@ def upstream(run: Run, name: str) -> dict[str, str | None]:
     return {need: digest(run, need) for need in stage(name).needs}
 
 
+def statuses(run: Run) -> dict[str, str]:
+    """Every stage's status, by name, in the order of the graph: see :func:`status`. Each
+    stage's output is hashed once, however many stages read it."""
+    digests: dict[str, str | None] = {}
+    found: dict[str, str] = {}
+    for node in GRAPH:  # a stage comes after the stages it needs: their status is known
+        read = {need: digests.setdefault(need, digest(run, need)) for need in node.needs}
+        found[node.name] = _status(run, node, read, found)
+    return found
+
+
 def status(run: Run, name: str) -> str:
     """Stage ``name``'s status as a user sees it: ``pending``, ``running``, ``done``,
     ``failed``, ``interrupted`` (recorded running, but its process is gone) or ``stale``
     (an output it read has changed since, or a stage it needs is stale)."""
-    entry = run.stage(name)
+    return statuses(run)[name]
+
+
+def _status(run: Run, node: Stage, read: dict[str, str | None], found: dict[str, str]) -> str:
+    """As :func:`status`, given the digests of what ``node`` reads now and the status of
+    the stages it needs."""
+    entry = run.stage(node.name)
     recorded = entry.status
-    if recorded == "pending" or run.alive(name):
+    if recorded == "pending" or run.alive(node.name):
         return recorded
     if entry.upstream is None:  # nothing to compare: a stage stored stale by older code
         return "interrupted" if recorded == "running" else recorded
-    if entry.upstream != upstream(run, name) or any(
-        status(run, need) == "stale" for need in stage(name).needs
-    ):
+    if entry.upstream != read or any(found[need] == "stale" for need in node.needs):
         return "stale"
     if recorded == "running":
         return "interrupted"
@@ -333,9 +352,8 @@ def refresh(run: Run) -> None:
     """Store in ``run.json`` what :func:`status` says of staleness, over a stage that is
     done or failed (an interrupted one keeps its record: :func:`status` says it is stale)."""
     changed = False
-    for node in GRAPH:
-        entry = run.stage(node.name)
-        now = status(run, node.name)
+    for name, now in statuses(run).items():
+        entry = run.stage(name)
         if now == "stale" and entry.status in ("done", "failed"):
             entry.status, changed = "stale", True
         elif entry.status == "stale" and now != "stale":
@@ -365,8 +383,8 @@ def execute(ctx: StageContext, name: str, *, resume: bool = False) -> None:
         check(run)
     resume = resume and node.resumable
     here = dataclasses.replace(ctx, stage=name, calls=StageCalls(run, name), resume=resume)
+    here.inputs = module.inputs(here)  # its clients resolved, its inputs read: then archive
     if not resume:
-        module.inputs(here)  # its model clients resolved, its inputs read: then archive
         run.archive_stage(name)
         refresh(run)
     try:
@@ -407,9 +425,7 @@ def advance(ctx: StageContext, *, include: Sequence[str] = ()) -> None:
     """Bring ``ctx.run`` to its end from wherever it stopped: every stage that is not done,
     in the order of the graph (optional ones only when in ``include``). A resumable stage
     that was interrupted or failed goes on from where it stopped; a stale one starts over."""
-    for node in GRAPH:
-        if node.optional and node.name not in include:
-            continue
+    for node in _wanted(include):
         now = status(ctx.run, node.name)
         if now != "done":
             execute(ctx, node.name, resume=now in ("interrupted", "failed"))
@@ -428,8 +444,11 @@ def planned_stages(run: Run) -> tuple[str, ...]:
 
 def pending(run: Run, *, include: Sequence[str] = ()) -> list[str]:
     """The stages :func:`advance` would run, in order."""
-    return [
-        node.name
-        for node in GRAPH
-        if not (node.optional and node.name not in include) and status(run, node.name) != "done"
-    ]
+    now = statuses(run)
+    return [node.name for node in _wanted(include) if now[node.name] != "done"]
+
+
+def _wanted(include: Sequence[str]) -> list[Stage]:
+    """The stages of the graph a run is brought to its end with: every one but the
+    optional ones not in ``include``."""
+    return [node for node in GRAPH if not node.optional or node.name in include]

@@ -16,6 +16,7 @@ import click
 
 from .errors import RunError
 from .stages import STAGE_NAMES, status
+from .stages import statuses as stage_statuses
 from .termination import strip_token
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ class RunSummary:
 def summary(run: Run) -> RunSummary:
     """One run's listing: id, created, task, each stage's status (``interrupted`` when its
     process is gone), turns so far and the dialogue's termination reason."""
-    statuses = {name: status(run, name) for name in STAGE_NAMES}
+    statuses = stage_statuses(run)
     reason = run.stage("dialogue").termination_reason
     if statuses["dialogue"] == "interrupted":
         reason = "interrupted"
