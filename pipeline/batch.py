@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from . import stages
-from .delegate import Delegation
 from .errors import ConfigError, PipelineError
 from .models import Models
 from .parameters import (
@@ -213,7 +212,7 @@ class Batch:
             if not stages.pending(run, include=include):
                 return self._outcome(task, run, "skipped")
             with run.locked():
-                tools = Delegation() if self.tools.delegate else None
+                tools = self.models.tools(self.tools)
                 ctx = stages.StageContext(run, self.models, plan, tools=tools)
                 stages.advance(ctx, include=include)
         except PipelineError as e:

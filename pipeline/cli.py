@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .parameters import DialogueParameters, DirectorParameters, ToolParameters
     from .records import RolesDocument, Turn
     from .runs import Run
-    from .stages import StageContext, ToolSource
+    from .stages import StageContext
 
 REVIEW_QUESTION = "Run the dialogue? [y/N/e]"
 
@@ -156,7 +156,7 @@ def generate(
     with flags.models() as models:
         client = models.director()
         run = plan.new_run(runs_dir, task, judge=judge)
-        ctx = stages.StageContext(run, models, plan, _Printer(), tools=_tools(tool_params))
+        ctx = stages.StageContext(run, models, plan, _Printer(), tools=models.tools(tool_params))
         with _writing(run):
             click.echo(
                 f"run {run.run_id}: asking the director ({client.endpoint.model})...", err=True
@@ -207,7 +207,9 @@ def converse(
         load_roles(run)  # fail before starting a server when the run is not ready
         with flags.models(run) as models:
             plan = stages.Plan.of(dialogue=dialogue_params, tools=tool_params)
-            ctx = stages.StageContext(run, models, plan, _Printer(), tools=_tools(tool_params))
+            ctx = stages.StageContext(
+                run, models, plan, _Printer(), tools=models.tools(tool_params)
+            )
             if stages.is_current(ctx, "dialogue"):
                 click.echo(
                     f"the dialogue of run {run.run_id} is already done with these inputs; "
@@ -247,7 +249,9 @@ def rerun(
             load_roles(run)
         with flags.models(run) as models:
             plan = stages.Plan.of(director_params, dialogue_params, tools=tool_params)
-            ctx = stages.StageContext(run, models, plan, _Printer(), tools=_tools(tool_params))
+            ctx = stages.StageContext(
+                run, models, plan, _Printer(), tools=models.tools(tool_params)
+            )
             if stage == "director":
                 _redo_director(ctx, models, runs_dir)
             elif stage == "dialogue":
@@ -297,8 +301,7 @@ def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
                     err=True,
                 )
         with flags.models(run) as models:
-            tools = _tools(plan.tools) if run.stage("dialogue").tools else None
-            ctx = stages.StageContext(run, models, plan, _Printer(), tools=tools)
+            ctx = stages.StageContext(run, models, plan, _Printer(), tools=models.tools(plan.tools))
             stages.advance(ctx, include=include)
         click.echo(
             f"\nrun {run.run_id} done ({_views().ending(run.stage('dialogue'))}): {run.folder}"
@@ -605,15 +608,6 @@ def serve(host: str, port: int, model_file: Path | None) -> None:
 
 
 # -- helpers --------------------------------------------------------------------------
-
-
-def _tools(params: ToolParameters) -> ToolSource | None:
-    """The tools the roles get: the delegate tool with --delegate, else none."""
-    if not params.delegate:
-        return None
-    from .delegate import Delegation
-
-    return Delegation()
 
 
 def _runs_dir_flag(runs_dir: Path) -> str:

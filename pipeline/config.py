@@ -1,9 +1,11 @@
 """The config file, ``pipeline.toml``: reading and checking it.
 
 It names endpoints and assigns them to the director, the moderator, the judge and the
-roles (``schemas/config.schema.json``). Where those assignments stand among the flags,
-the environment and the rest is decided in one place, :mod:`pipeline.endpoints`, which
-also defines :class:`Endpoint` and :class:`EmbeddedModel` (still importable from here).
+roles, and names the MCP servers whose tools the roles may call
+(``schemas/config.schema.json``; :mod:`pipeline.mcptools` reads the ``[mcp]`` table).
+Where those assignments stand among the flags, the environment and the rest is decided in
+one place, :mod:`pipeline.endpoints`, which also defines :class:`Endpoint` and
+:class:`EmbeddedModel` (still importable from here).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .endpoints import (
     DEFAULT_KEY_ENV,
@@ -21,6 +23,9 @@ from .endpoints import (
     resolve_endpoint,
 )
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .mcptools import McpConfig
 
 __all__ = [
     "CONFIG_FILE",
@@ -45,11 +50,14 @@ class Config:
         endpoints: the named endpoints, :class:`EmbeddedModel` for the embedded engine.
         assign: ``default``, ``director``, ``moderator``, ``judge`` (endpoint names) and
             ``roles`` (a list by position, or a table by role name or 1-based position).
+        mcp: the MCP servers and the tools each role may call
+            (:class:`pipeline.mcptools.McpConfig`), or None.
     """
 
     path: Path
     endpoints: dict[str, Endpoint | EmbeddedModel]
     assign: dict[str, Any]
+    mcp: McpConfig | None = None
 
     def name_for(self, stage: str) -> str | None:
         """The endpoint name assigned to ``director`` or ``moderator`` (or the default)."""
@@ -102,7 +110,7 @@ def load_config(path: Path | None, *, cwd: Path | None = None) -> Config | None:
         raise ConfigError(f"{path}: not valid TOML ({e})", path=path) from e
     _check_shape(path, data)
     endpoints: dict[str, Endpoint | EmbeddedModel] = {}
-    for name, spec in data["endpoints"].items():
+    for name, spec in data.get("endpoints", {}).items():
         if spec.get("embedded"):
             gguf = spec.get("gguf")
             # a relative path is relative to the config file, as in most tools' configs
@@ -132,7 +140,12 @@ def load_config(path: Path | None, *, cwd: Path | None = None) -> Config | None:
                 f"(defined: {', '.join(endpoints) or 'none'})",
                 path=path,
             )
-    return Config(path, endpoints, assign)
+    mcp = None
+    if "mcp" in data:
+        from .mcptools import McpConfig
+
+        mcp = McpConfig.parse(path, data["mcp"])
+    return Config(path, endpoints, assign, mcp)
 
 
 def _assignments(assign: dict[str, Any]) -> list[tuple[str, str]]:

@@ -78,7 +78,10 @@ class Delegation:
         def run(arguments: dict[str, Any], use: ToolUse) -> str:
             return delegate(ctx, arguments, use)
 
-        return Toolbox([Tool(NAME, DESCRIPTION, PARAMETERS, run)])
+        return Toolbox([Tool(NAME, DESCRIPTION, PARAMETERS, run, source=NAME)])
+
+    def child(self, run_id: str) -> Delegation:
+        return self
 
 
 def delegate(ctx: stages.StageContext, arguments: dict[str, Any], use: ToolUse) -> str:
@@ -132,7 +135,7 @@ def delegate(ctx: stages.StageContext, arguments: dict[str, Any], use: ToolUse) 
                 ctx.models.child(name),
                 plan,
                 ctx.listener.nested(name, child.task),
-                tools=Delegation(),
+                tools=ctx.tools.child(name) if ctx.tools is not None else Delegation(),
             )
             stages.advance(child_ctx, include=("judge",))
         ctx.listener.delta(f"\n< back from run {name}\n")

@@ -28,7 +28,7 @@ from .errors import Fix, PipelineError, RunError
 from .parameters import DialogueParameters
 from .records import Floor, RolesDocument, Turn, Usage, sha256_of, total_usage
 from .termination import TokenFilter, detect_loop, said_done, strip_token
-from .tools import Toolbox
+from .tools import OFFERED, Toolbox, offered
 
 if TYPE_CHECKING:
     from .runs import Run
@@ -279,6 +279,8 @@ def run(ctx: StageContext) -> None:
     ) as entry:
         if ctx.tools is not None:
             entry.tools = asdict(ctx.plan.tools)
+            boxes = [ctx.tools.toolbox(ctx, i) for i in range(len(roles.roles))]
+            run_.write_json(OFFERED, offered([r.name for r in roles.roles], boxes))
         entry.role_endpoints = [  # by position: role names need not be unique
             clients[min(i, len(clients) - 1)].endpoint for i in range(len(roles.roles))
         ]

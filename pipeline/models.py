@@ -5,7 +5,8 @@ What each slot is assigned is for :class:`~pipeline.endpoints.Resolver` to say (
 is documented there, once); :class:`Models` turns that into clients. The embedded model
 gets one server per GGUF file, with a slot for each conversation (see
 :mod:`pipeline.local`); it is started the first time a client needs it and stopped when
-the :class:`Models` context closes. An existing run continues only on the GGUF file it was
+the :class:`Models` context closes, as are the MCP servers of :meth:`Models.tools`. An
+existing run continues only on the GGUF file it was
 made with (by sha256). Clients are shared per endpoint, the whole endpoint: two endpoints
 that differ in anything (their ``params``, their key's variable...) get a client each.
 """
@@ -27,8 +28,11 @@ from .parameters import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
 if TYPE_CHECKING:
     from .config import Config
     from .local import LocalServer
+    from .mcptools import McpTools
     from .modelfiles import GGUFInfo
+    from .parameters import ToolParameters
     from .records import Manifest, RolesDocument
+    from .stages import ToolSource
 
 
 class Models:
@@ -97,6 +101,7 @@ class Models:
         self._clients: dict[Endpoint, ModelClient] = {}  # by the whole endpoint
         self._kinds: dict[str, str | None] = {}
         self._lock = threading.RLock()  # a batch asks for clients from several threads
+        self._mcp: McpTools | None = None
 
     def __enter__(self) -> Models:
         return self
@@ -137,6 +142,29 @@ class Models:
         """One client per role of ``roles_doc``, in order."""
         with self._lock:
             return [self._client(assigned) for assigned in self.prepare(roles_doc)]
+
+    def tools(self, params: ToolParameters) -> ToolSource | None:
+        """The tools the roles may call: ``delegate`` when ``params.delegate``, and the MCP
+        tools the config allows (:mod:`pipeline.mcptools`; their servers start when first
+        needed and stop with this context); None for none."""
+        from .tools import Combined
+
+        sources: list[ToolSource] = []
+        if params.delegate:
+            from .delegate import Delegation
+
+            sources.append(Delegation())
+        config = self.config
+        if config is not None and config.mcp is not None and config.mcp.roles:
+            with self._lock:
+                if self._mcp is None:
+                    from .mcptools import McpTools
+
+                    self._mcp = self._stack.enter_context(McpTools(config.mcp))
+            sources.append(self._mcp)
+        if len(sources) <= 1:
+            return sources[0] if sources else None
+        return Combined(sources)
 
     def child(self, run_id: str) -> Models:
         """A child run's clients: the same (see :class:`pipeline.stages.ClientSource`)."""

@@ -165,14 +165,14 @@ def replay_run(
     run = create_run(runs_dir, source.task, planned, run_id=into)
     run.manifest.replay_of = source.run_id
     run.save()
-    tools = source.stage("dialogue").tools or {}
+    tools = _recorded_tools(source, run.run_id)
     ctx = stages.StageContext(
         run,
         RecordedModels(source, run.run_id),
         stages.Plan.recorded(source),
         listener or stages.Silent(),
         dialects={n: source.stage(n).dialect_plan or [] for n in stages.STAGE_NAMES},
-        tools=Delegation() if tools.get("delegate") else None,
+        tools=tools,
     )
     with run.locked():
         for node in stages.GRAPH:
@@ -184,3 +184,17 @@ def replay_run(
 
                 replay_edits(source, run)
     return run
+
+
+def _recorded_tools(source: Run, replayed: str) -> stages.ToolSource | None:
+    """The tools ``source``'s roles were offered: ``delegate`` (run again, on the recording
+    of each child), and MCP tools answered from the recording."""
+    from .mcptools import RecordedMcpTools
+    from .tools import OFFERED, Combined
+
+    sources: list[stages.ToolSource] = []
+    if (source.stage("dialogue").tools or {}).get("delegate"):
+        sources.append(Delegation())
+    if source.path(OFFERED).is_file():
+        sources.append(RecordedMcpTools(source, replayed))
+    return Combined(sources) if sources else None

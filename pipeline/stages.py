@@ -140,6 +140,10 @@ class ToolSource(Protocol):
 
     def toolbox(self, ctx: StageContext, speaker: int) -> Toolbox: ...
 
+    def child(self, run_id: str) -> ToolSource:
+        """The tools of the child run ``run_id`` that a turn delegated to."""
+        ...
+
 
 class Listener(Protocol):
     """Receives the conversation as it happens (the CLI prints it)."""

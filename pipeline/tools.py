@@ -30,6 +30,7 @@ from . import templates
 from .records import JSONObject, ToolCall
 
 TOOL_DIALECTS = ("tools", "prompt")
+OFFERED = "dialogue/tools.json"  # what each role was offered (see offered)
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -58,12 +59,14 @@ class Tool:
         run: the function: the arguments, checked against ``parameters``, and the
             :class:`ToolUse` in; the result as text out; raises :class:`ToolError` (or
             anything) when it fails.
+        source: where it comes from: ``delegate``, or ``mcp:SERVER``.
     """
 
     name: str
     description: str
     parameters: JSONObject
     run: Callable[[dict[str, Any], ToolUse], str]
+    source: str = ""
 
     def spec(self) -> JSONObject:
         """The tool as the ``tools`` dialect offers it."""
@@ -106,8 +109,14 @@ class Toolbox:
 
     def call(self, call: ToolCall, turn: int = 0, index: int = 1) -> ToolCall:
         """``call`` (the ``index``-th of turn ``turn``) with its ``result``, or its ``error``
-        when anything went wrong (never raises for a bad call or a failing tool; Ctrl-C
-        still interrupts)."""
+        when anything went wrong.
+
+        Raises:
+            PipelineError: the pipeline itself failed (say, a replay has no recorded
+                result); a bad call or a failing tool never raises, and Ctrl-C still
+                interrupts.
+        """
+        from .errors import PipelineError
         from .schemas import Schema
 
         tool = self.tools.get(call.name)
@@ -127,8 +136,54 @@ class Toolbox:
             return replace(call, result=str(tool.run(arguments, ToolUse(call, turn, index))))
         except ToolError as e:  # the tool's own account of what went wrong
             return replace(call, error=str(e))
+        except PipelineError:
+            raise
         except Exception as e:  # any failure of the tool is the model's to read
             return replace(call, error=f"{tool.name} failed: {e}")
+
+
+class Combined:
+    """Several tool sources as one (a :class:`pipeline.stages.ToolSource`): a role gets
+    the tools of each, in order; a name offered twice is an error.
+
+    Raises:
+        ConfigError: (from :meth:`toolbox`) two sources offer a role the same tool name.
+    """
+
+    def __init__(self, sources: Sequence[Any]) -> None:
+        self.sources = list(sources)
+
+    def child(self, run_id: str) -> Combined:
+        return Combined([source.child(run_id) for source in self.sources])
+
+    def toolbox(self, ctx: Any, speaker: int) -> Toolbox:
+        from .errors import ConfigError
+
+        tools: dict[str, Tool] = {}
+        for source in self.sources:
+            for tool in source.toolbox(ctx, speaker).tools.values():
+                if tool.name in tools:
+                    raise ConfigError(
+                        f"two tools named {tool.name!r} are offered to the same role "
+                        f"({tools[tool.name].source or 'built in'} and {tool.source})"
+                    )
+                tools[tool.name] = tool
+        return Toolbox(list(tools.values()))
+
+
+def offered(names: Sequence[str], toolboxes: Sequence[Toolbox]) -> JSONObject:
+    """What each role is offered, as ``dialogue/tools.json`` holds it:
+    ``{"roles": [{"role": NAME, "tools": [{"source": ..., "type": "function",
+    "function": {...}}]}]}``, the tools as the ``tools`` dialect offers them."""
+    return {
+        "roles": [
+            {
+                "role": name,
+                "tools": [{"source": t.source, **t.spec()} for t in box.tools.values()],
+            }
+            for name, box in zip(names, toolboxes, strict=True)
+        ]
+    }
 
 
 def parse_prompt_calls(content: str, first_id: str) -> tuple[str, tuple[ToolCall, ...]]:

@@ -204,6 +204,23 @@ def only_run(runs_dir: Path) -> Path:
     return folders[0]
 
 
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run but its manifest and lock, by relative path: what a replay
+    reproduces byte for byte."""
+    return {
+        p.relative_to(run_dir).as_posix(): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name not in ("run.json", ".lock")
+    }
+
+
+def task_of(prompt: str) -> str:
+    """The task in a director's prompt (between ``<task>`` lines)."""
+    import re
+
+    return re.search(r"<task>\n(.*?)\n</task>", prompt, re.DOTALL).group(1)  # type: ignore[union-attr]
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

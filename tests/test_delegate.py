@@ -24,7 +24,7 @@ from pipeline.endpoints import Endpoint
 from pipeline.parameters import DialogueParameters, ToolParameters
 from pipeline.runs import create_run, open_run
 
-from .conftest import ROLES, read_jsonl
+from .conftest import ROLES, read_jsonl, run_files, task_of
 from .fakeserver import FakeServer, Reply
 
 # What each run's mentor hands down, by the run's task: the root delegates twice (one
@@ -35,10 +35,6 @@ DELEGATES = {
     "child two": [],
     "grandchild": ["too deep"],
 }
-
-
-def task_of(text: str) -> str:
-    return re.search(r"<task>\n(.*?)\n</task>", text, re.DOTALL).group(1)  # type: ignore[union-attr]
 
 
 def tree(body: dict[str, Any]) -> Reply:
@@ -112,14 +108,6 @@ def test_a_tree_of_runs_is_made_linked_and_limited(runs_dir):
     )
 
 
-def files(run_dir: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(run_dir).as_posix(): p.read_bytes()
-        for p in sorted(run_dir.rglob("*"))
-        if p.is_file() and p.name not in ("run.json", ".lock")
-    }
-
-
 def test_replay_reproduces_every_run_of_the_tree(runs_dir, invoke):
     with FakeServer(tree) as fake:
         root = run_tree(runs_dir, fake)
@@ -130,7 +118,7 @@ def test_replay_reproduces_every_run_of_the_tree(runs_dir, invoke):
     assert len(originals) == 4  # the root, two children, a grandchild
     for name in originals:
         replayed = name.replace(root.run_id, again.run_id)
-        assert files(runs_dir / replayed) == files(runs_dir / name), name
+        assert run_files(runs_dir / replayed) == run_files(runs_dir / name), name
         manifest = json.loads((runs_dir / replayed / "run.json").read_text())
         if name != root.run_id:
             assert manifest["parent"]["run_id"] == replayed.rsplit("-t", 1)[0]
