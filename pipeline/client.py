@@ -14,6 +14,7 @@ API reference: https://platform.openai.com/docs/api-reference/chat/create
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -222,7 +223,8 @@ class HTTPTransport:
 
         def answers() -> Iterator[Any]:
             try:
-                created = self.sdk.chat.completions.create(**body)
+                create = self.sdk.chat.completions.create
+                created = create(**_sdk_arguments(create, body))
                 if stream:
                     yield from created
                 else:
@@ -299,6 +301,20 @@ class HTTPTransport:
         else:
             message = f"request to {url} failed: {one_line(str(e))}"
         return EndpointError(message, status=status, detail=detail, fix=fix)
+
+
+_SDK_OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "timeout"})
+
+
+def _sdk_arguments(create: Callable[..., Any], body: JSONObject) -> dict[str, Any]:
+    """``body`` as the keyword arguments of the SDK's ``create``: the fields it names as
+    parameters, and any other (a server's own, as llama.cpp's ``grammar`` or ``top_k``,
+    from an endpoint's ``params``) in ``extra_body``, which the SDK sends in the same JSON
+    body. The SDK refuses a keyword argument it does not name."""
+    named = set(inspect.signature(create).parameters) - _SDK_OPTIONS
+    arguments = {k: v for k, v in body.items() if k in named}
+    extra = {k: v for k, v in body.items() if k not in named}
+    return {**arguments, "extra_body": extra} if extra else arguments
 
 
 def _assemble(chunks: Iterator[Any], on_delta: DeltaSink | None) -> Streamed:

@@ -199,6 +199,33 @@ def test_each_role_on_its_own_endpoint(invoke, runs_dir, tmp_path, monkeypatch):
     assert manifest["stages"]["director"]["endpoint"]["base_url"] == b.base_url
 
 
+def test_params_the_sdk_does_not_name_reach_the_server(invoke, tmp_path, monkeypatch, fake):
+    """A server's own request fields (llama.cpp's top_k, grammar), which the openai SDK
+    takes only in extra_body, are sent in the JSON body like the others (a regression: the
+    SDK refused them as unknown keyword arguments)."""
+    write(
+        tmp_path,
+        f"""
+        [endpoints.a]
+        base_url = "{fake.base_url}"
+        model = "m"
+        params = {{ top_k = 1, grammar = 'root ::= "hi"', top_p = 0.5 }}
+
+        [assign]
+        default = "a"
+    """,
+    )
+    monkeypatch.chdir(tmp_path)
+    result = invoke("generate", "--yes", "--turns", "2", "x")
+    assert result.exit_code == 0, result.output
+    requests = fake.chat_requests()
+    assert len(requests) == 2  # the director and turn 2
+    assert all(
+        (r["top_k"], r["grammar"], r["top_p"]) == (1, 'root ::= "hi"', 0.5) for r in requests
+    )
+    assert all("extra_body" not in r for r in requests)
+
+
 def test_flags_override_the_config_file(invoke, runs_dir, tmp_path, monkeypatch, fake):
     write(
         tmp_path,
