@@ -151,7 +151,11 @@ def generate(
 
     plan = stages.Plan.of(director_params, dialogue_params, tools=tool_params)
     if dry_run:
-        click.echo(_views().worst_case_text(plan, judge=judge))
+        from .config import load_config
+
+        config = load_config(flags.config)
+        mcp = config is not None and config.mcp is not None and bool(config.mcp.roles)
+        click.echo(_views().worst_case_text(plan, judge=judge, mcp=mcp))
         return
     with flags.models() as models:
         client = models.director()

@@ -173,18 +173,21 @@ class WorstCase:
 DIALECT_FALLBACKS = 2  # auto tries json_schema, then json_object, then prompt
 
 
-def worst_case(plan: stages.Plan, *, judge: bool) -> WorstCase:
+def worst_case(plan: stages.Plan, *, judge: bool, tools: bool = False) -> WorstCase:
     """The most model calls ``plan`` can make: every structured answer re-asked for every
     repair, once for its length and through every dialect; every generated turn using
-    every tool round (and falling back once from ``tools``); a moderator's pick repaired
-    once; every run delegating as far as the limits allow."""
-    tools = plan.tools
-    runs = sum(tools.max_children**d for d in range(tools.max_depth + 1)) if tools.delegate else 1
+    every tool round (and falling back once from ``tools``) when the roles have tools
+    (``delegate``, or ``tools`` for others); a moderator's pick repaired once; every run
+    delegating as far as the limits allow."""
+    limits = plan.tools
+    runs = (
+        sum(limits.max_children**d for d in range(limits.max_depth + 1)) if limits.delegate else 1
+    )
 
     def answer(repairs: int) -> int:
         return repairs + 2 + DIALECT_FALLBACKS
 
-    per_turn = (tools.max_rounds + 2) if tools.delegate else 1
+    per_turn = (limits.max_rounds + 2) if limits.delegate or tools else 1
     if plan.dialogue.floor == "moderator":
         per_turn += 2 + DIALECT_FALLBACKS
     return WorstCase(

@@ -322,12 +322,13 @@ def tree_text(run: Run) -> str:
     return "\n".join(out)
 
 
-def worst_case_text(plan: Plan, *, judge: bool) -> str:
+def worst_case_text(plan: Plan, *, judge: bool, mcp: bool = False) -> str:
     """What ``generate --dry-run`` prints: the limits of the tree of runs and the most
-    model calls it can make (:func:`pipeline.delegate.worst_case`)."""
+    model calls it can make (:func:`pipeline.delegate.worst_case`; ``mcp``: the roles are
+    offered MCP tools)."""
     from .delegate import worst_case
 
-    most = worst_case(plan, judge=judge)
+    most = worst_case(plan, judge=judge, tools=mcp)
     tools = plan.tools
     lines = ["dry run: nothing was called"]
     if tools.delegate:

@@ -271,3 +271,38 @@ def test_a_tree_killed_at_any_moment_is_completed_by_resume(tmp_path):
             parent = run.manifest.parent
             if parent is not None:
                 assert name in (open_run(runs_dir, parent.run_id).manifest.children or [])
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (
+            ("--turns", "4"),
+            "runs: 1 (no delegation)\n"
+            "model calls per run: at most 9 (6 director, 3 dialogue over 3 generated turns)\n"
+            "model calls in all: at most 9\n",
+        ),
+        (
+            ("--delegate", "--judge", "--turns", "4", "--max-children", "2"),
+            "runs: at most 7 (the root and its delegated runs: depth 2, 2 children per run)\n"
+            "model calls per run: at most 30 (6 director, 18 dialogue over 3 generated turns, "
+            "6 judge)\n"
+            "model calls in all: at most 210\n",
+        ),
+        (
+            ("--delegate", "--max-depth", "1", "--max-tool-rounds", "1", "--turns", "2",
+             "--max-tokens-total", "5000"),
+            "runs: at most 5 (the root and its delegated runs: depth 1, 4 children per run)\n"
+            "model calls per run: at most 9 (6 director, 3 dialogue over 1 generated turns)\n"
+            "model calls in all: at most 45\n"
+            "tokens: the dialogue of each run stops at 5000\n",
+        ),
+    ],
+)  # fmt: skip
+def test_dry_run_prints_the_limits_and_the_most_model_calls_and_calls_nothing(
+    invoke, runs_dir, flags, expected
+):
+    result = invoke("generate", "a task", "--dry-run", "--base-url", "http://127.0.0.1:9/v1",
+                    "--model", "m", *flags)  # fmt: skip
+    assert (result.exit_code, result.stdout) == (0, "dry run: nothing was called\n" + expected)
+    assert not runs_dir.exists()

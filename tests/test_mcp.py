@@ -242,3 +242,13 @@ def test_runs_a_role_delegated_to_use_the_mcp_tools_and_the_tree_replays_from_th
     assert run_files(runs_dir / "20261126T120000Z-again-t2-1") == run_files(child)
     assert run_files(runs_dir / "20261126T120000Z-again") == run_files(root)
     assert read_jsonl(call_log) == ran  # answered from the recording, not run again
+
+
+def test_dry_run_counts_the_tool_rounds_of_roles_with_mcp_tools(tmp_path, invoke):
+    config = write_config(tmp_path, "http://127.0.0.1:9/v1", roles=ALLOWED)
+    result = invoke("generate", "a task", "--dry-run", "--turns", "3", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    # each generated turn: 4 rounds of calls, the answer, one fall-back from `tools`
+    assert "model calls per run: at most 18 (6 director, 12 dialogue over 2 generated turns)\n" in (
+        result.stdout
+    )
