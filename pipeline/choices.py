@@ -7,6 +7,9 @@ STRUCTURED_OUTPUT_CHOICES = ("auto", "json_schema", "json_object", "prompt")
 FLOORS = ("round-robin", "moderator")
 # What `pipeline export` writes; see pipeline.export.
 EXPORT_FORMATS = ("md", "txt", "jsonl", "finetune")
+# The forms of a fine-tuning dataset: OpenAI chat lines, or legacy prompt/completion pairs;
+# see pipeline.dataset.
+DATASET_FORMATS = ("chat", "completion")
 # The token with which a role declares the task done, unless --done-token says another;
 # see pipeline.termination.
 DEFAULT_DONE_TOKEN = "<TASK_DONE>"

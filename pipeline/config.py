@@ -22,7 +22,7 @@ from .endpoints import (
     Endpoint,
     resolve_endpoint,
 )
-from .errors import ConfigError
+from .errors import ConfigError, PipelineError
 
 if TYPE_CHECKING:
     from .mcptools import McpConfig
@@ -83,6 +83,29 @@ class Config:
         return [key for key in roles if key not in names and key not in positions]
 
 
+def read_toml(
+    path: Path, *, what: str = "config file", error: type[PipelineError] = ConfigError
+) -> dict[str, Any]:
+    """The TOML file at ``path``, parsed (``what`` names the kind of file in messages).
+
+    Raises:
+        error: the file is missing, cannot be read, or is not TOML; the message names it.
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise error(f"{path}: no such {what}", path=path) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read it ({e})", path=path) from e
+    except tomllib.TOMLDecodeError as e:
+        raise error(f"{path}: not valid TOML ({e})", path=path) from e
+    return data
+
+
 def load_config(path: Path | None, *, cwd: Path | None = None) -> Config | None:
     """Read ``path``, or ``pipeline.toml`` in ``cwd`` (default: the working directory)
     when no path is given; None when there is no file to read.
@@ -96,18 +119,7 @@ def load_config(path: Path | None, *, cwd: Path | None = None) -> Config | None:
         path = (cwd or Path.cwd()) / CONFIG_FILE
         if not path.is_file():
             return None
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no such config file", path=path) from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read it ({e})", path=path) from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})", path=path) from e
+    data = read_toml(path)
     _check_shape(path, data)
     endpoints: dict[str, Endpoint | EmbeddedModel] = {}
     for name, spec in data.get("endpoints", {}).items():

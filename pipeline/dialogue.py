@@ -54,17 +54,23 @@ def role_prompt(roles: RolesDocument, index: int) -> str:
     ).strip()
 
 
+def named(roles: RolesDocument) -> bool:
+    """True when a role's messages say who spoke them: more than two roles talk, so a
+    role hears more than one other."""
+    return len(roles.roles) > 2
+
+
 def messages_for(speaker: int, roles: RolesDocument, turns: Sequence[Turn]) -> list[Message]:
     """The messages sent for role ``speaker``'s next turn: its system prompt, then every
     turn so far, its own as ``assistant`` and the others' as ``user`` (with the speaker's
-    name in front when more than two roles talk)."""
-    named = len(roles.roles) > 2
+    name in front when more than two roles talk: :func:`named`)."""
+    prefixed = named(roles)
     messages: list[Message] = [{"role": "system", "content": role_prompt(roles, speaker)}]
     for turn in turns:
         if turn.role_index == speaker:
             messages.append({"role": "assistant", "content": turn.content})
         else:
-            text = f"{turn.role}: {turn.content}" if named else turn.content
+            text = f"{turn.role}: {turn.content}" if prefixed else turn.content
             messages.append({"role": "user", "content": text})
     return messages
 

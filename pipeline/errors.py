@@ -151,6 +151,12 @@ class RunError(PipelineError):
     """A run folder is missing, unreadable, or not in the state a command needs."""
 
 
+class DatasetError(PipelineError):
+    """A fine-tuning dataset cannot be built as asked: the speaker to train is in none of
+    the conversations, an argument is out of range (context, validation share), or a
+    price table cannot be read."""
+
+
 class ReplayError(PipelineError):
     """A replayed run asked for a call its recording does not hold."""
 

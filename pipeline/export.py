@@ -25,12 +25,11 @@ from datetime import datetime
 
 from . import schemas, stages, templates
 from .choices import EXPORT_FORMATS
-from .client import Message
 from .dialogue import messages_for, render_markdown, shown
 from .director import ROLES, load_roles
 from .errors import PipelineError, RunError
 from .judge import VERDICT, load_verdict
-from .records import RolesDocument, Turn
+from .records import JSONObject, RolesDocument, Turn
 from .runs import Run
 
 FINETUNE_SCHEMA = "finetune.schema.json"
@@ -47,15 +46,14 @@ def export_run(run: Run, fmt: str, *, role: str | None = None) -> str:
     if not lines:
         raise RunError(f"run {run.run_id} has no transcript to export", run_id=run.run_id)
     if fmt == "jsonl":
-        return "".join(json.dumps(line.to_json(), ensure_ascii=False) + "\n" for line in lines)
+        return jsonl(line.to_json() for line in lines)
     roles_doc = load_roles(run)
     if fmt == "md":
         return render_markdown(run.task, roles_doc, lines)
     if fmt == "txt":
         return _text(run, roles_doc, lines)
     if fmt == "finetune":
-        examples = finetune_examples(run, roles_doc, lines, role)
-        return "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples)
+        return jsonl(finetune_examples(run, roles_doc, lines, role))
     raise ValueError(f"unknown export format {fmt!r}; one of {', '.join(EXPORT_FORMATS)}")
 
 
@@ -80,7 +78,7 @@ def _models_by_role(run: Run, roles_doc: RolesDocument) -> list[tuple[str, str]]
 
 def finetune_examples(
     run: Run, roles_doc: RolesDocument, lines: list[Turn], role: str | None
-) -> list[dict[str, list[Message]]]:
+) -> list[JSONObject]:
     """One fine-tuning example per role (or for ``role`` alone) that spoke at least one
     generated turn; trailing turns by others are dropped so each ends with the role's own.
 
@@ -102,13 +100,25 @@ def finetune_examples(
         if not any(lines[i].generated for i in spoken):
             continue
         upto = spoken[-1] + 1
-        messages = messages_for(index, roles_doc, lines[:upto])
-        example = {"messages": messages}
-        problems = schemas.errors(example, FINETUNE_SCHEMA)
-        if problems:
-            raise PipelineError(f"a fine-tuning example broke its schema: {problems[0]}")
-        examples.append(example)
+        examples.append(checked({"messages": messages_for(index, roles_doc, lines[:upto])}))
     return examples
+
+
+def checked(example: JSONObject) -> JSONObject:
+    """``example``, a chat fine-tuning line, once it fits ``schemas/finetune.schema.json``.
+
+    Raises:
+        PipelineError: it does not (a bug of the code that made it).
+    """
+    problems = schemas.errors(example, FINETUNE_SCHEMA)
+    if problems:
+        raise PipelineError(f"a fine-tuning example broke its schema: {problems[0]}")
+    return example
+
+
+def jsonl(values: Iterable[object]) -> str:
+    """One compact JSON document per line (UTF-8 characters kept), each ending in a newline."""
+    return "".join(json.dumps(value, ensure_ascii=False) + "\n" for value in values)
 
 
 def qualifies(run: Run, min_score: int | None) -> bool:

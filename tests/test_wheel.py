@@ -72,6 +72,7 @@ def test_wheel_contains_every_template_and_schema(wheel):
             if path.is_file():
                 assert f"pipeline/{folder}/{path.relative_to(base).as_posix()}" in names
     assert "pipeline/schemas/v1/run.schema.json" in names  # subfolders ship too
+    assert "pipeline/prices.toml" in names  # pipeline.dataset's price table
 
 
 def test_installed_wheel_reads_both_schema_versions(installed):
