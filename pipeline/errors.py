@@ -188,6 +188,25 @@ class ModelFileError(PipelineError):
         self.filename = filename
 
 
+class ImportFormatError(PipelineError):
+    """A chat export could not be read as the format it was given as (:mod:`pipeline.chats`).
+
+    The message is one line: the file, where in it (``line 7``, or a JSON path such as
+    ``$.messages[3].text``) and what was expected there.
+
+    Attributes:
+        line: the 1-based line of the file concerned, or None.
+        where: the JSON path concerned, or None.
+    """
+
+    def __init__(
+        self, message: str, *, line: int | None = None, where: str | None = None, **context: Any
+    ) -> None:
+        super().__init__(message, **context)
+        self.line = line
+        self.where = where
+
+
 def one_line(text: object, limit: int = 300) -> str:
     """``text`` with its white space folded to single spaces, cut to ``limit`` characters."""
     folded = " ".join(str(text).split())
