@@ -864,8 +864,9 @@ class FinetuneJobs:
     ) -> T:
         """``request()`` (one SDK call, with the SDK's retries) off the main thread, so that
         Ctrl-C cannot wedge the HTTP stack; an SDK error becomes a :class:`FinetuneError`
-        saying ``what`` failed (but an error of type ``keep``, re-raised as it is). For a
-        job's ledger, the error says that the job goes on and how to see it again.
+        saying ``what`` failed (but an error of type ``keep``, re-raised as it is). For the
+        ledger of a job not known to have ended, the error says that the job goes on and
+        how to see it again.
         """
         import openai
 
@@ -878,7 +879,7 @@ class FinetuneJobs:
             if keep is not None and isinstance(e, keep):
                 raise
             error = self._explain(what, e)
-            if ledger is None or ledger.job_id is None:
+            if ledger is None or ledger.job_id is None or ledger.status in ENDED:
                 raise error from e
             fix = [
                 *error.fixes,
