@@ -789,7 +789,7 @@ class FinetuneJobs:
     def _update(self, ledger: FinetuneLedger, job: Any) -> None:
         """Take the server's view of the job (a ``FineTuningJob``) into the ledger; write
         it when something changed."""
-        error = job.error.message if job.error is not None and job.error.message else None
+        error = getattr(job.error, "message", None) or None  # "error": {} on some servers
         changed = (job.fine_tuned_model, error) != (ledger.fine_tuned_model, ledger.error)
         ledger.fine_tuned_model = job.fine_tuned_model
         ledger.error = error
