@@ -809,6 +809,263 @@ def models_list(as_json: bool) -> None:
         click.echo(table(entries))
 
 
+# -- finetune: jobs on a hosted fine-tuning API ----------------------------------------
+
+
+@cli.group(name="finetune")
+def finetune_group() -> None:
+    """Fine-tune a model on a dataset through a hosted fine-tuning API, and follow the job.
+
+    The endpoint is chosen by the endpoint flags, else by [assign] finetune (or default) in
+    pipeline.toml, else by OPENAI_BASE_URL / OPENAI_API_KEY; never the embedded model.
+    Each job has a ledger, <runs folder>/finetunes/<local id>.json, made before anything
+    is uploaded; JOB is its local id or the server's job id. Chat data is personal: delete
+    the uploaded files when done (pipeline finetune cleanup JOB).
+    """
+
+
+def _finetune_jobs(runs_dir: Path, flags: EndpointFlags) -> Any:
+    """The fine-tune jobs at the endpoint these flags choose (a FinetuneJobs)."""
+    from .finetune import FinetuneJobs, finetune_endpoint
+
+    endpoint = finetune_endpoint(flags.resolver(model_required=False))
+    return FinetuneJobs(runs_dir, endpoint, timeout=flags.timeout, max_retries=flags.max_retries)
+
+
+@finetune_group.command(name="create")
+@click.argument("dataset", type=PathType(dir_okay=False))
+@click.option(
+    "--base-model",
+    required=True,
+    metavar="BASE",
+    help="The model to fine-tune, e.g. gpt-4o-mini-2024-07-18 (--model names the endpoint's "
+    "model, which is not used here).",
+)
+@click.option(
+    "--validation",
+    type=PathType(dir_okay=False),
+    metavar="FILE",
+    help="A validation dataset, uploaded with the training one.",
+)
+@click.option("--suffix", metavar="NAME", help="Up to 64 characters for the new model's name.")
+@click.option("--yes", "-y", is_flag=True, help="Upload without asking.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print what would be uploaded, where, and the estimated cost, then stop without "
+    "any request.",
+)
+@runs_dir_option
+@endpoint_options
+def finetune_create(
+    dataset: Path,
+    base_model: str,
+    validation: Path | None,
+    suffix: str | None,
+    yes: bool,
+    dry_run: bool,
+    runs_dir: Path,
+    flags: EndpointFlags,
+) -> None:
+    """Upload DATASET (JSON lines) and start a job fine-tuning --base-model on it.
+
+    You are asked first, with the files, their sizes and example counts and the endpoint
+    they go to; --yes skips the question, and without it a standard input that is not a
+    terminal is refused. The ledger is made before the upload, so that what a refused
+    upload left at the server can still be deleted with pipeline finetune cleanup.
+    """
+    from .finetune import _ESTIMATE_EPOCHS, _estimate, inspect_file, ledger_path
+
+    jobs = _finetune_jobs(runs_dir, flags)
+    url = jobs.endpoint.base_url
+    files = [("training", inspect_file(dataset))]
+    if validation is not None:
+        files.append(("validation", inspect_file(validation)))
+    summary = _views().upload_text(files, url, base_model, suffix)
+    if dry_run:
+        tokens, cost, counter = _estimate(files[0][1].path, base_model)
+        if cost is None:
+            price = f"unknown (no price known for {base_model})"
+        else:
+            price = f"about ${cost:,.2f}" if cost >= 0.01 else "less than $0.01"
+        click.echo(summary)
+        click.echo(
+            f"estimated training cost: {price} for {tokens:,} tokens x {_ESTIMATE_EPOCHS} epochs "
+            f"(tokens counted as {counter})"
+        )
+        click.echo("dry run: nothing was uploaded")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.ClickException(
+                f"standard input is not a terminal, so the upload of {files[0][1].path} to "
+                f"{url} cannot be confirmed; pass --yes to upload it"
+            )
+        click.echo(summary, err=True)
+        click.echo(
+            f"These files may hold personal data (chat histories): {url} keeps them until "
+            "they are deleted (pipeline finetune cleanup JOB).",
+            err=True,
+        )
+        if not click.confirm("Upload them?", default=False, err=True):
+            click.echo("not uploaded", err=True)
+            return
+    ledger = jobs.start(
+        files[0][1],
+        base_model=base_model,
+        validation=files[1][1] if validation is not None else None,
+        suffix=suffix,
+    )
+    path = ledger_path(runs_dir, ledger.local_id)
+    click.echo(f"fine-tune {ledger.local_id}: uploading to {url}...", err=True)
+    try:
+        jobs.create(ledger)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\ninterrupted; fine-tune {ledger.local_id} is kept in {path}; see where it "
+            f"stands with: pipeline finetune status {ledger.local_id}{_runs_dir_flag(runs_dir)}",
+            err=True,
+        )
+        click.get_current_context().exit(130)
+    click.echo(f"created job {ledger.job_id} ({ledger.status}) for fine-tune {ledger.local_id}")
+    click.echo(
+        f"follow it with: pipeline finetune status {ledger.local_id} --follow"
+        + _runs_dir_flag(runs_dir)
+    )
+
+
+@finetune_group.command(name="status")
+@click.argument("job")
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Show the job's events and status changes until it ends (Ctrl-C stops following; "
+    "the job goes on).",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between two polls while following.",
+)
+@runs_dir_option
+@endpoint_options
+def finetune_status(
+    job: str, follow: bool, poll_interval: float, runs_dir: Path, flags: EndpointFlags
+) -> None:
+    """Show the status of JOB (a local id or a job id), refreshed from the server.
+
+    With --follow, its events and status changes are shown on stderr as they come, until
+    it succeeds, fails or is cancelled. When it has succeeded, the pipeline.toml entry (and
+    the flags) that use the new model are printed.
+    """
+    from .finetune import find
+
+    ledger = find(runs_dir, job)
+    jobs = _finetune_jobs(runs_dir, flags)
+    if not follow:
+        jobs.status(ledger)
+        _finished(ledger, jobs.endpoint, fail=False)
+        return
+    click.echo(
+        f"following job {ledger.job_id} of fine-tune {ledger.local_id} (Ctrl-C stops "
+        "following; the job goes on)",
+        err=True,
+    )
+    try:
+        for update in jobs.follow(ledger, poll_interval=poll_interval):
+            click.echo(_views().job_update(update), err=True)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\nstopped following; job {ledger.job_id} goes on at {ledger.base_url} and "
+            f"fine-tune {ledger.local_id} is {ledger.status} in its ledger; pick it up again "
+            f"with: pipeline finetune status {ledger.local_id} --follow" + _runs_dir_flag(runs_dir),
+            err=True,
+        )
+        click.get_current_context().exit(130)
+    _finished(ledger, jobs.endpoint, fail=True)
+
+
+def _finished(ledger: Any, endpoint: Any, *, fail: bool) -> None:
+    """Print the ledger; for a job that succeeded, how to use its model; with ``fail``,
+    a job that ended without one is an error."""
+    from .finetune import endpoint_entry, failure
+
+    click.echo(_views().ledger_text(ledger))
+    if ledger.status == "succeeded" and ledger.fine_tuned_model:
+        click.echo(f"\nto use {ledger.fine_tuned_model}, add to pipeline.toml:\n")
+        click.echo(endpoint_entry(ledger, endpoint))
+        key = f" --api-key-env {endpoint.api_key_env}" if endpoint.api_key_env else ""
+        click.echo(
+            f"\nor pass: --base-url {endpoint.base_url} --model {ledger.fine_tuned_model}{key}"
+        )
+    error = failure(ledger) if fail else None
+    if error is not None:
+        raise error
+
+
+@finetune_group.command(name="list")
+@runs_dir_option
+@endpoint_options
+def finetune_list(runs_dir: Path, flags: EndpointFlags) -> None:
+    """List the fine-tuning jobs at the endpoint, each with its local id when it has a
+    ledger here, then the ledgers of jobs the server did not list (never created, older)."""
+    jobs = _finetune_jobs(runs_dir, flags)
+    rows = jobs.list_jobs()
+    if rows:
+        click.echo(_views().finetune_table(rows))
+    else:
+        click.echo(f"no fine-tuning jobs at {jobs.endpoint.base_url}", err=True)
+
+
+@finetune_group.command(name="cancel")
+@click.argument("job")
+@runs_dir_option
+@endpoint_options
+def finetune_cancel(job: str, runs_dir: Path, flags: EndpointFlags) -> None:
+    """Cancel JOB (a local id or a job id) at the server."""
+    from .finetune import find
+
+    ledger = find(runs_dir, job)
+    jobs = _finetune_jobs(runs_dir, flags)
+    jobs.cancel(ledger)
+    click.echo(f"job {ledger.job_id} of fine-tune {ledger.local_id}: {ledger.status}")
+    click.echo(
+        f"delete its uploaded files with: pipeline finetune cleanup {ledger.local_id}"
+        + _runs_dir_flag(runs_dir)
+    )
+
+
+@finetune_group.command(name="cleanup")
+@click.argument("job")
+@runs_dir_option
+@endpoint_options
+def finetune_cleanup(job: str, runs_dir: Path, flags: EndpointFlags) -> None:
+    """Delete the files JOB (a local id or a job id) uploaded, once the job has ended.
+
+    Each deletion is recorded in the ledger. The fine-tuned model itself stays at the
+    server; the provider's models API deletes it.
+    """
+    from .finetune import find
+
+    ledger = find(runs_dir, job)
+    jobs = _finetune_jobs(runs_dir, flags)
+    deleted = jobs.cleanup(ledger)
+    url = jobs.endpoint.base_url
+    for entry, existed in deleted:
+        what = "deleted" if existed else "already gone:"
+        click.echo(f"{what} {entry.file_id} ({entry.path}) at {url}")
+    if not deleted:
+        click.echo(f"fine-tune {ledger.local_id}: no uploaded file left to delete at {url}")
+    if ledger.fine_tuned_model:
+        click.echo(
+            f"the model {ledger.fine_tuned_model} stays at {url} until you delete it there",
+            err=True,
+        )
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # run the same clean-up as Ctrl-C: stop servers, record the stage
 

@@ -1,7 +1,7 @@
 """The config file, ``pipeline.toml``: reading and checking it.
 
-It names endpoints and assigns them to the director, the moderator, the judge and the
-roles, and names the MCP servers whose tools the roles may call
+It names endpoints and assigns them to the director, the moderator, the judge, the
+roles and fine-tuning, and names the MCP servers whose tools the roles may call
 (``schemas/config.schema.json``; :mod:`pipeline.mcptools` reads the ``[mcp]`` table).
 Where those assignments stand among the flags, the environment and the rest is decided in
 one place, :mod:`pipeline.endpoints`, which also defines :class:`Endpoint` and
@@ -48,8 +48,9 @@ class Config:
     Attributes:
         path: where it was read from.
         endpoints: the named endpoints, :class:`EmbeddedModel` for the embedded engine.
-        assign: ``default``, ``director``, ``moderator``, ``judge`` (endpoint names) and
-            ``roles`` (a list by position, or a table by role name or 1-based position).
+        assign: ``default``, ``director``, ``moderator``, ``judge``, ``finetune`` (endpoint
+            names) and ``roles`` (a list by position, or a table by role name or 1-based
+            position).
         mcp: the MCP servers and the tools each role may call
             (:class:`pipeline.mcptools.McpConfig`), or None.
     """

@@ -1,14 +1,15 @@
 """Which model endpoint each slot of a command talks to: the one place that decides it.
 
-A command has slots: the director, the moderator, the judge and each role. What a slot
-is assigned is, highest first:
+A command has slots: the director, the moderator, the judge and each role (and, for
+``pipeline finetune``, the fine-tuning API). What a slot is assigned is, highest first:
 
 1. the command-line flags (``--base-url``, ``--model``, ``--api-key-env``; the SDK's
    environment variables fill in what they leave out, see :func:`resolve_endpoint`):
    one endpoint for everything, and the config file is then not read;
 2. the config file's assignments (``pipeline.toml``, read by :mod:`pipeline.config`):
    the director, the moderator and the judge (both the director's unless assigned), each
-   role by position or name, and the ``default`` for any slot not named;
+   role by position or name, fine-tuning (``finetune``), and the ``default`` for any slot
+   not named;
 3. the environment variables the ``openai`` SDK reads, ``OPENAI_BASE_URL`` and
    ``OPENAI_API_KEY`` (a key alone means OpenAI's own API); a server named there with no
    model named is an error;
@@ -138,6 +139,7 @@ def resolve_endpoint(
     api_key_env: str | None = None,
     structured_output: str = "auto",
     environ: Mapping[str, str] | None = None,
+    model_required: bool = True,
 ) -> Endpoint | None:
     """The endpoint the flags and the environment name; None when they name no server.
 
@@ -145,10 +147,12 @@ def resolve_endpoint(
         base_url, model, api_key_env: the command-line flags (None when not given).
         structured_output: the ``--structured-output`` choice for this endpoint.
         environ: the environment to read (default ``os.environ``).
+        model_required: False for a use that sends no model name (the fine-tuning API):
+            a server with no model named is then an endpoint whose ``model`` is "".
 
     Raises:
         ConfigError: ``api_key_env`` names a variable that is not set, a model is named but
-            no server, or a server but no model.
+            no server, or (``model_required``) a server but no model.
     """
     env = os.environ if environ is None else environ
     key_env = api_key_env or DEFAULT_KEY_ENV
@@ -169,14 +173,14 @@ def resolve_endpoint(
         return None
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"base URL {url!r} must start with http:// or https://")
-    if not model:
+    if not model and model_required:
         raise ConfigError(
             f"no model given for {url}",
             fix=Fix("pass {} NAME (or set PIPELINE_MODEL)", ("model",)),
         )
     return Endpoint(
         base_url=url.rstrip("/"),
-        model=model,
+        model=model or "",
         api_key_env=key_env if env.get(key_env) else None,
         structured_output=structured_output,
     )
@@ -197,6 +201,9 @@ class Resolver:
             the environment.
         environ: the environment to read (default ``os.environ``, read when a slot is
             first left to it).
+        model_required: False when the command sends no model name (fine-tuning): an
+            endpoint found in the environment may then name no model (see
+            :func:`resolve_endpoint`).
     """
 
     def __init__(
@@ -207,12 +214,14 @@ class Resolver:
         recorded: Endpoint | None = None,
         structured_output: str = "auto",
         environ: Mapping[str, str] | None = None,
+        model_required: bool = True,
     ) -> None:
         self.flags = flags
         self.config = config
         self.recorded = recorded
         self.structured_output = structured_output
         self.environ = environ
+        self.model_required = model_required
         self._fallback: Assigned = _UNSET
         self._lock = threading.Lock()
 
@@ -228,11 +237,13 @@ class Resolver:
         recorded: Endpoint | None = None,
         environ: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        model_required: bool = True,
     ) -> Resolver:
         """The resolver for a command given these flags: with any of ``base_url``,
         ``model``, ``api_key_env``, their endpoint serves every slot and no config file is
         read; otherwise ``config_path``, or ``pipeline.toml`` in ``cwd`` (default: the
-        working directory) when there is one.
+        working directory) when there is one. ``model_required``: see
+        :func:`resolve_endpoint`.
 
         Raises:
             ConfigError: the flags name no usable endpoint (see :func:`resolve_endpoint`),
@@ -245,6 +256,7 @@ class Resolver:
                 api_key_env=api_key_env,
                 structured_output=structured_output,
                 environ=environ,
+                model_required=model_required,
             )
             config = None
         else:
@@ -257,6 +269,7 @@ class Resolver:
             recorded=recorded,
             structured_output=structured_output,
             environ=environ,
+            model_required=model_required,
         )
 
     # -- the slots -------------------------------------------------------------------
@@ -272,6 +285,13 @@ class Resolver:
     def judge(self) -> Assigned:
         """The judge's endpoint: the director's unless the config file assigns one."""
         return self._slot(lambda c: c.assign.get("judge") or c.name_for("director"))
+
+    def finetune(self) -> Assigned:
+        """The fine-tuning API's endpoint: the config file's ``finetune`` assignment, else
+        its ``default``, else as any unassigned slot (which may be the embedded model,
+        which has no fine-tuning API: :func:`pipeline.finetune.finetune_endpoint` refuses
+        it)."""
+        return self._slot(lambda c: c.assign.get("finetune") or c.assign.get("default"))
 
     def role(self, index: int, name: str) -> Assigned:
         """The endpoint of role ``index`` (0-based), called ``name``."""
@@ -303,7 +323,9 @@ class Resolver:
         with self._lock:
             if self._fallback is _UNSET:
                 found = resolve_endpoint(
-                    structured_output=self.structured_output, environ=self.environ
+                    structured_output=self.structured_output,
+                    environ=self.environ,
+                    model_required=self.model_required,
                 )
                 recorded = self.recorded
                 if found is None and recorded is not None and not recorded.embedded:

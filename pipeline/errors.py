@@ -207,6 +207,37 @@ class ImportFormatError(PipelineError):
         self.where = where
 
 
+class FinetuneError(PipelineError):
+    """A fine-tune job could not be prepared, created, followed, cancelled or cleaned up:
+    a dataset file that is missing or not JSON lines, an endpoint with no fine-tuning API
+    (the embedded model), a ledger that cannot be read, or a server that refused or failed
+    (after the SDK's retries), or a job that ended failed or cancelled.
+
+    Attributes:
+        local_id: the job's local id (its ledger, ``runs/finetunes/<local id>.json``), or
+            None before a ledger exists.
+        job_id: the server's job id, or None when no job was created.
+        http_status: the HTTP status of the server's last answer, or None.
+        detail: the server's own error message, or "".
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        local_id: str | None = None,
+        job_id: str | None = None,
+        http_status: int | None = None,
+        detail: str = "",
+        **context: Any,
+    ) -> None:
+        super().__init__(message, **context)
+        self.local_id = local_id
+        self.job_id = job_id
+        self.http_status = http_status
+        self.detail = detail
+
+
 def one_line(text: object, limit: int = 300) -> str:
     """``text`` with its white space folded to single spaces, cut to ``limit`` characters."""
     folded = " ".join(str(text).split())

@@ -31,6 +31,7 @@ from .parameters import (
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from .endpoints import Resolver
     from .local import LocalServer
     from .models import Models
     from .runs import Run
@@ -123,6 +124,25 @@ class EndpointFlags:
         self.max_retries: int = values["max_retries"]
         self.config: Path | None = values["config"]
         self.model_file: Path | None = values["model_file"]
+
+    def resolver(self, *, model_required: bool = True) -> Resolver:
+        """The :class:`pipeline.endpoints.Resolver` of these flags (the config file they
+        name, or ``./pipeline.toml``), for a command that needs no model client, such as
+        ``finetune``, which sends no model name (``model_required=False``).
+
+        Raises:
+            ConfigError: as :meth:`pipeline.endpoints.Resolver.for_command`.
+        """
+        from .endpoints import Resolver
+
+        return Resolver.for_command(
+            base_url=self.base_url,
+            model=self.model,
+            api_key_env=self.api_key_env,
+            structured_output=self.structured_output,
+            config_path=self.config,
+            model_required=model_required,
+        )
 
     def models(self, run: Run | None = None, *, min_retries: int = 0, sessions: int = 1) -> Models:
         """The director's, the moderator's, the judge's and the roles' clients for these

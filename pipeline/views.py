@@ -21,6 +21,7 @@ from .termination import strip_token
 
 if TYPE_CHECKING:
     from .batch import Outcome
+    from .finetune import DatasetFile, FinetuneLedger, JobRow, LedgerFile, Update
     from .records import RolesDocument, StageRecord, Turn, Verdict
     from .runs import Run
     from .stages import Plan
@@ -347,3 +348,75 @@ def worst_case_text(plan: Plan, *, judge: bool, mcp: bool = False) -> str:
     if plan.dialogue.max_tokens_total is not None:
         lines.append(f"tokens: the dialogue of each run stops at {plan.dialogue.max_tokens_total}")
     return "\n".join(lines)
+
+
+# -- fine-tune jobs -----------------------------------------------------------------------
+
+
+def upload_text(
+    files: Sequence[tuple[str, DatasetFile]], base_url: str, base_model: str, suffix: str | None
+) -> str:
+    """What a fine-tune would upload, and where: each file (``training``, ``validation``)
+    with its size and example count, the endpoint, the base model and the suffix."""
+    width = max(len(kind) for kind, _ in files)
+    lines = [f"upload to {base_url}:"]
+    for kind, dataset in files:
+        lines.append(
+            f"  {kind.ljust(width)}  {dataset.path} ({dataset.bytes:,} bytes, "
+            f"{dataset.examples:,} example{'s' if dataset.examples != 1 else ''})"
+        )
+    lines.append(f"to fine-tune {base_model}" + (f" (suffix {suffix})" if suffix else ""))
+    return "\n".join(lines)
+
+
+def ledger_text(ledger: FinetuneLedger) -> str:
+    """A fine-tune's ledger for reading: its status, then what it knows, a line each."""
+
+    def file_line(entry: LedgerFile) -> str:
+        line = f"{entry.path} ({entry.bytes:,} bytes, {entry.examples:,} examples)"
+        if entry.file_id:
+            line += f", uploaded as {entry.file_id}"
+            if entry.deleted:
+                line += f", deleted {entry.deleted}"
+        return line
+
+    rows = [
+        ("endpoint", ledger.base_url),
+        ("job", ledger.job_id),
+        ("base model", ledger.base_model),
+        ("suffix", ledger.suffix),
+        ("training", file_line(ledger.training)),
+        ("validation", file_line(ledger.validation) if ledger.validation else None),
+        ("source runs", ", ".join(ledger.source_runs) or None),
+        ("model", ledger.fine_tuned_model),
+        ("error", ledger.error),
+    ]
+    shown = [(name, value) for name, value in rows if value]
+    width = max(len(name) for name, _ in shown)
+    head = click.style(f"fine-tune {ledger.local_id}: {ledger.status}", bold=True)
+    return "\n".join([head, *(f"  {name.ljust(width)}  {value}" for name, value in shown)])
+
+
+def job_update(update: Update) -> str:
+    """One line of a followed job's progress: an event, or the status it took."""
+    from .finetune import StatusChange
+
+    if isinstance(update, StatusChange):
+        return f"status: {update.status}"
+    level = "" if update.level == "info" else f"{update.level}: "
+    return f"  {update.time[11:19]}  {level}{update.message}"
+
+
+def finetune_table(rows: Sequence[JobRow]) -> str:
+    """Fine-tune jobs, one a line: local id (``-`` for a job with no ledger here), job id,
+    status, base model, fine-tuned model."""
+    header = ("LOCAL ID", "JOB", "STATUS", "BASE MODEL", "FINE-TUNED MODEL")
+    cells = [
+        (r.local_id or "-", r.job_id or "-", r.status, r.base_model, r.fine_tuned_model or "-")
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *cells]
+    )

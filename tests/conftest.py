@@ -232,3 +232,51 @@ def unusable_director_error(run: Path, attempts: int, problem: str) -> str:
         f"{problem}; the answers are in {run / 'director'}; "
         f"regenerate with: pipeline rerun {run.name} director --runs-dir {run.parent}"
     )
+
+
+# -- fine-tuning -----------------------------------------------------------------------
+
+
+def write_dataset(path: Path, examples: int) -> Path:
+    """A chat fine-tuning dataset of ``examples`` lines at ``path``."""
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "You are Ana."},
+                    {"role": "user", "content": f"How was day {i}?"},
+                    {"role": "assistant", "content": "Fine, thanks."},
+                ]
+            }
+        )
+        for i in range(1, examples + 1)
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def only_ledger(runs_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The single fine-tune ledger under runs_dir: its path and its JSON."""
+    (path,) = (runs_dir / "finetunes").glob("*.json")
+    return path, json.loads(path.read_text())
+
+
+def timeless(ledger: dict[str, Any]) -> dict[str, Any]:
+    """``ledger`` with its times (checked to be ISO 8601 UTC) replaced by ``"<time>"``, and
+    its history as the statuses alone."""
+    import re
+
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return None
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", value), value
+        return "<time>"
+
+    files = {
+        key: None
+        if ledger[key] is None
+        else {**ledger[key], "deleted": check(ledger[key]["deleted"])}
+        for key in ("training", "validation")
+    }
+    history = [h["status"] for h in ledger["history"] if check(h["time"])]
+    return {**ledger, **files, "created": check(ledger["created"]), "history": history}

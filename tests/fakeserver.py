@@ -15,13 +15,20 @@ it with, imitating a real server: :data:`LLAMA_CPP_PYTHON` (500 to ``json_schema
 the message llama-cpp-python 0.3 gives) or :data:`LM_STUDIO` (400 to ``json_object``).
 ``props``, when given, is the answer to ``GET /props`` (llama.cpp's self-description, e.g.
 :data:`LLAMA_CPP_PROPS`); otherwise that path is a 404, as on most servers.
+
+``fine_tuning`` (:class:`FineTuning`) serves ``/v1/files`` and ``/v1/fine_tuning/jobs``: a
+job moves one step along its :class:`Progress` at each retrieve, with events, and each
+operation can be scripted with faults (see :class:`FineTuning`).
 """
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import json
 import socket
 import threading
+import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,6 +92,260 @@ class Received:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    method: str = "POST"
+
+
+# -- fine-tuning: /v1/files and /v1/fine_tuning/jobs ------------------------------------
+
+
+@dataclass
+class Answer:
+    """A fine-tuning operation answered as usual, after ``before()`` (when given) ran in
+    the server's request thread (e.g. raising SIGINT, a Ctrl-C at that moment)."""
+
+    before: Callable[[], None] | None = None
+
+
+FineTuningAction = Answer | Status | Reset | Stall
+
+OPERATIONS = ("upload", "get_file", "delete_file", "create", "list", "retrieve", "cancel", "events")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The statuses a new job goes through, one per retrieve after its creation (the
+    first is its status when created); a last status ``failed`` comes with ``error``
+    (OpenAI's ``{code, message, param}``)."""
+
+    statuses: tuple[str, ...] = ("validating_files", "queued", "running", "succeeded")
+    error: dict[str, Any] | None = None
+
+
+SUCCEEDS = Progress()
+FAILS = Progress(
+    ("validating_files", "failed"),
+    error={
+        "code": "invalid_training_file",
+        "message": "The job failed due to an invalid training file: example 3 has no "
+        "assistant message.",
+        "param": "training_file",
+    },
+)
+EVENT_MESSAGES = {
+    "validating_files": "Validating training file: {training_file}",
+    "queued": "Files validated, moving job to queued state",
+    "running": "Fine-tuning job started",
+    "succeeded": "The job has successfully completed",
+    "failed": "{error}",
+    "cancelled": "Fine-tuning job cancelled",
+}
+CREATED_AT = 1_700_000_000  # the servers' clock: each job and event a second later
+
+
+class FineTuning:
+    """The fake files and fine-tuning jobs of one :class:`FakeServer`.
+
+    ``progress`` is the :class:`Progress` of the jobs created from now on. ``add(operation,
+    *actions)`` scripts the next requests of one operation (:data:`OPERATIONS`: ``upload``
+    is ``POST /v1/files``, ``create`` ``POST /v1/fine_tuning/jobs``, ``retrieve`` ``GET
+    /v1/fine_tuning/jobs/{id}``...): a :class:`Status` is answered as an OpenAI-style
+    error (its ``headers``, e.g. ``retry-after``, sent too), :class:`Reset` and
+    :class:`Stall` as for chat, :class:`Answer` as usual. Unscripted requests are answered
+    as usual. ``files`` holds what was uploaded and not deleted (with its ``content``),
+    ``jobs`` every job.
+    """
+
+    def __init__(self) -> None:
+        self.progress = SUCCEEDS
+        self.files: dict[str, dict[str, Any]] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.script: dict[str, deque[FineTuningAction]] = {op: deque() for op in OPERATIONS}
+        self._progress: dict[str, tuple[Progress, int]] = {}
+        self._events: dict[str, list[dict[str, Any]]] = {}
+        self._clock = CREATED_AT
+        self._uploads = 0
+        self._lock = threading.Lock()
+
+    def add(self, operation: str, *actions: FineTuningAction) -> None:
+        self.script[operation].extend(actions)
+
+    def next_action(self, operation: str) -> FineTuningAction:
+        with self._lock:
+            script = self.script[operation]
+            return script.popleft() if script else Answer()
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def upload(self, fields: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            self._uploads += 1
+            file_id = f"file-fake{self._uploads:03d}"
+            content: bytes = fields.get("file", b"")
+            entry = {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(content),
+                "created_at": self._tick(),
+                "filename": fields.get("filename", "upload.jsonl"),
+                "purpose": fields.get("purpose", ""),
+                "status": "processed",
+                "status_details": None,
+            }
+            self.files[file_id] = {**entry, "content": content}
+            return 200, entry
+
+    def file(self, file_id: str) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            if file_id not in self.files:
+                return 404, _error(f"No such File object: {file_id}", 404)
+            return 200, {k: v for k, v in self.files[file_id].items() if k != "content"}
+
+    def delete_file(self, file_id: str) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            if self.files.pop(file_id, None) is None:
+                return 404, _error(f"No such File object: {file_id}", 404)
+            return 200, {"id": file_id, "object": "file", "deleted": True}
+
+    def create(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            for key in ("training_file", "validation_file"):
+                if body.get(key) is not None and body[key] not in self.files:
+                    return 400, _error(f"invalid {key}: no such file {body[key]}", 400)
+            job_id = f"ftjob-fake{len(self.jobs) + 1:03d}"
+            progress = self.progress
+            job = {
+                "id": job_id,
+                "object": "fine_tuning.job",
+                "created_at": self._tick(),
+                "model": body["model"],
+                "training_file": body["training_file"],
+                "validation_file": body.get("validation_file"),
+                "hyperparameters": {"n_epochs": "auto"},
+                "organization_id": "org-fake",
+                "result_files": [],
+                "seed": 42,
+                "status": progress.statuses[0],
+                "fine_tuned_model": None,
+                "finished_at": None,
+                "trained_tokens": None,
+                "error": None,
+                "suffix": body.get("suffix"),
+            }
+            self.jobs[job_id] = job
+            self._progress[job_id] = (progress, 0)
+            self._events[job_id] = []
+            self._event(job_id, f"Created fine-tuning job: {job_id}")
+            self._enter(job_id, progress.statuses[0])
+            return 200, self._public(job)
+
+    def _event(self, job_id: str, message: str, level: str = "info") -> None:
+        events = self._events[job_id]
+        events.append(
+            {
+                "id": f"ftevent-{job_id.removeprefix('ftjob-')}-{len(events) + 1:02d}",
+                "object": "fine_tuning.job.event",
+                "created_at": self._tick(),
+                "level": level,
+                "message": message,
+                "data": {},
+                "type": "message",
+            }
+        )
+
+    def _enter(self, job_id: str, status: str) -> None:
+        """Put the job in ``status``, with that status's event."""
+        job = self.jobs[job_id]
+        job["status"] = status
+        progress, _ = self._progress[job_id]
+        error = progress.error if status == "failed" else None
+        if status == "succeeded":
+            suffix = job.get("suffix") or ""
+            job["fine_tuned_model"] = f"ft:{job['model']}:fake-org:{suffix}:{job_id[-3:]}abc"
+            job["trained_tokens"] = 1234
+            self._event(job_id, f"New fine-tuned model created: {job['fine_tuned_model']}")
+        if status in ("succeeded", "failed", "cancelled"):
+            job["finished_at"] = self._tick()
+        if error is not None:
+            job["error"] = error
+        message = EVENT_MESSAGES.get(status, f"Status: {status}")
+        level = "error" if status == "failed" else "info"
+        self._event(
+            job_id,
+            message.format(
+                training_file=job["training_file"], error=(error or {}).get("message", "")
+            ),
+            level,
+        )
+
+    def retrieve(self, job_id: str, *, advance: bool) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            if job_id not in self.jobs:
+                return 404, _error(f"No such fine-tuning job: {job_id}", 404)
+            job = self.jobs[job_id]
+            progress, step = self._progress[job_id]
+            finished = job["status"] in ("succeeded", "failed", "cancelled")
+            if advance and not finished and step + 1 < len(progress.statuses):
+                self._progress[job_id] = (progress, step + 1)
+                self._enter(job_id, progress.statuses[step + 1])
+            return 200, self._public(job)
+
+    def cancel(self, job_id: str) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            if job_id not in self.jobs:
+                return 404, _error(f"No such fine-tuning job: {job_id}", 404)
+            job = self.jobs[job_id]
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return 400, _error(f"Job {job_id} has already {job['status']}.", 400)
+            self._enter(job_id, "cancelled")
+            return 200, self._public(job)
+
+    def list_jobs(self, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            jobs = [self._public(j) for j in reversed(self.jobs.values())]  # newest first
+            return 200, _page(jobs, query)
+
+    def events(self, job_id: str, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            if job_id not in self.jobs:
+                return 404, _error(f"No such fine-tuning job: {job_id}", 404)
+            return 200, _page(list(reversed(self._events[job_id])), query)  # newest first
+
+    @staticmethod
+    def _public(job: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in job.items() if k != "suffix"}
+
+
+def _error(message: str, code: int, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _page(items: list[dict[str, Any]], query: dict[str, str]) -> dict[str, Any]:
+    """A cursor page as OpenAI's lists answer: ``after`` an id, at most ``limit``."""
+    if "after" in query:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(query["after"]) + 1 :] if query["after"] in ids else []
+    limit = int(query.get("limit", 20))
+    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
+
+
+def multipart_fields(content_type: str, data: bytes) -> dict[str, Any]:
+    """The fields of a multipart/form-data body: text fields as str, the file's bytes
+    under its field name and its name under ``filename``."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + data
+    )
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():  # type: ignore[attr-defined]
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if part.get_filename() is not None:
+            fields[name] = payload
+            fields["filename"] = part.get_filename()
+        else:
+            fields[name] = payload.decode()
+    return fields
 
 
 class FakeServer:
@@ -104,6 +365,7 @@ class FakeServer:
         self.model = model
         self.rejects = rejects or {}
         self.stopping = threading.Event()
+        self.fine_tuning = FineTuning()
         self.received: list[Received] = []
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -152,6 +414,8 @@ class FakeServer:
                 pass
 
             def do_GET(self) -> None:
+                if self._fine_tuning("GET"):
+                    return
                 if self.path.rstrip("/").endswith("/models"):
                     self._json(
                         200, {"object": "list", "data": [{"id": server.model, "object": "model"}]}
@@ -161,7 +425,76 @@ class FakeServer:
                 else:
                     self._json(404, {"error": {"message": "not found"}})
 
+            def do_DELETE(self) -> None:
+                if not self._fine_tuning("DELETE"):
+                    self._json(404, {"error": {"message": f"no route {self.path}"}})
+
+            def _fine_tuning(self, method: str) -> bool:
+                """Answer a request to /v1/files or /v1/fine_tuning/jobs; False for any
+                other path."""
+                url = urllib.parse.urlsplit(self.path)
+                parts = url.path.strip("/").split("/")
+                if parts[:2] not in (["v1", "files"], ["v1", "fine_tuning"]):
+                    return False
+                query = dict(urllib.parse.parse_qsl(url.query))
+                length = int(self.headers.get("Content-Length", 0))
+                data = self.rfile.read(length) if length else b""
+                content_type = self.headers.get("Content-Type", "")
+                if content_type.startswith("multipart/form-data"):
+                    fields = multipart_fields(content_type, data)
+                    body = {k: (len(v) if isinstance(v, bytes) else v) for k, v in fields.items()}
+                else:
+                    fields = body = json.loads(data or b"{}")
+                with server._lock:
+                    server.received.append(
+                        Received(
+                            self.path,
+                            {k.lower(): v for k, v in self.headers.items()},
+                            body,
+                            method,
+                        )
+                    )
+                ft = server.fine_tuning
+                rest = parts[2:]
+                route: tuple[str, Callable[[], tuple[int, dict[str, Any]]]]
+                if parts[1] == "files" and method == "POST" and not rest:
+                    route = ("upload", lambda: ft.upload(fields))
+                elif parts[1] == "files" and method == "GET" and len(rest) == 1:
+                    route = ("get_file", lambda: ft.file(rest[0]))
+                elif parts[1] == "files" and method == "DELETE" and len(rest) == 1:
+                    route = ("delete_file", lambda: ft.delete_file(rest[0]))
+                elif rest == ["jobs"] and method == "POST":
+                    route = ("create", lambda: ft.create(body))
+                elif rest == ["jobs"] and method == "GET":
+                    route = ("list", lambda: ft.list_jobs(query))
+                elif len(rest) == 2 and rest[0] == "jobs" and method == "GET":
+                    route = ("retrieve", lambda: ft.retrieve(rest[1], advance=True))
+                elif len(rest) == 3 and rest[2] == "cancel" and method == "POST":
+                    route = ("cancel", lambda: ft.cancel(rest[1]))
+                elif len(rest) == 3 and rest[2] == "events" and method == "GET":
+                    route = ("events", lambda: ft.events(rest[1], query))
+                else:
+                    self._json(404, {"error": {"message": f"no route {method} {self.path}"}})
+                    return True
+                operation, answer = route
+                action = ft.next_action(operation)
+                if isinstance(action, Status):
+                    self._json(action.code, _error(action.message, action.code), action.headers)
+                elif isinstance(action, Reset):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                elif isinstance(action, Stall):
+                    server.stopping.wait(action.seconds)
+                    self.close_connection = True
+                else:
+                    if action.before is not None:
+                        action.before()
+                    self._json(*answer())
+                return True
+
             def do_POST(self) -> None:
+                if self._fine_tuning("POST"):
+                    return
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with server._lock:

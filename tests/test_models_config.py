@@ -123,7 +123,8 @@ def test_no_file_means_no_config(tmp_path):
         ),
         (
             '[endpoints.a]\nembedded = true\n[assign]\nmentor = "a"\n',
-            "assign.mentor: unknown key (known here: default, director, judge, moderator, roles)",
+            "assign.mentor: unknown key (known here: default, director, finetune, judge, "
+            "moderator, roles)",
         ),
         (
             '[endpoints.a]\nbase_url = "localhost:1"\nmodel = "m"\n',
