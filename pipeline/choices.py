@@ -16,3 +16,5 @@ DEFAULT_DONE_TOKEN = "<TASK_DONE>"
 # How tools are offered to a role: OpenAI tool calls, a text protocol in the prompt, or
 # auto (known per server, else tool calls, falling back to the prompt); see pipeline.tools.
 TOOL_CALL_CHOICES = ("auto", "tools", "prompt")
+# The chat exports `pipeline import` reads; see pipeline.chats.
+IMPORT_FORMATS = ("whatsapp", "telegram", "chatgpt")

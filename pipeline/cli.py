@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .choices import EXPORT_FORMATS
+from .choices import EXPORT_FORMATS, IMPORT_FORMATS
 from .errors import PipelineError, RunError
 from .options import (
     RUNS_DIR_KEY,
@@ -248,6 +248,7 @@ def rerun(
     from .director import load_roles
 
     run = _open(runs_dir, run_id)
+    stages.require(run, stage)
     with _writing(run):
         if stage == "dialogue":
             load_roles(run)
@@ -562,6 +563,8 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
     from .records import RolesDocument
 
     run = _open(runs_dir, run_id)
+    if run.imported:
+        from .importing import ROLES
     has_roles = run.path(ROLES).exists()
     has_verdict = run.path(VERDICT).exists()
     if as_json:
@@ -586,6 +589,66 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
         click.echo(text.removeprefix("\n") if stage else text)
     if stage == "judge" or (stage is None and has_verdict):
         click.echo(("\n" if stage is None else "") + _views().verdict_text(load_verdict(run)))
+
+
+@cli.command(name="import")
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(IMPORT_FORMATS))
+@click.argument("file", type=PathType(exists=True, dir_okay=False))
+@click.option("--me", metavar="NAME", help="The speaker who is you (for datasets and personas).")
+@click.option("--task", metavar="TEXT", help="What the chat was for [default: a description].")
+@click.option(
+    "--conversation",
+    metavar="ID|TITLE",
+    help="chatgpt, telegram: import only this conversation [default: each, as its own run].",
+)
+@click.option(
+    "--timezone",
+    "zone",
+    metavar="ZONE",
+    help="whatsapp: the IANA time zone of the export's times [default: this computer's].",
+)
+@runs_dir_option
+def import_command(
+    fmt: str,
+    file: Path,
+    me: str | None,
+    task: str | None,
+    conversation: str | None,
+    zone: str | None,
+    runs_dir: Path,
+) -> None:
+    """Import a chat history, FILE, as a run: WhatsApp's .txt export, Telegram Desktop's
+    result.json, or ChatGPT's conversations.json.
+
+    Each speaker becomes a role, in order of first appearance, and a speaker's consecutive
+    messages one turn. show, export, diff and `rerun RUN judge` work on the run. Media and
+    system notices are left out and counted. A file that cannot be read creates no run.
+    """
+    from .importing import import_chats
+
+    for run in import_chats(
+        runs_dir, fmt, file, me=me, task=task, conversation=conversation, zone=zone
+    ):
+        click.echo(f"run {run.run_id}: {_views().imported_text(run.stage('import'))}", err=True)
+        click.echo(run.run_id)
+
+
+@cli.command()
+@click.argument("run_ids", metavar="RUN_ID...", nargs=-1, required=True)
+@click.option(
+    "--force", is_flag=True, help="Delete even a run that another run or a ledger refers to."
+)
+@runs_dir_option
+def rm(run_ids: tuple[str, ...], force: bool, runs_dir: Path) -> None:
+    """Delete runs, with all their files (an imported chat is personal data).
+
+    A run that another run depends on (the runs it delegated to, the run that delegated
+    it) or that a fine-tuning ledger names is kept unless --force is given.
+    """
+    from .remove import remove_runs
+
+    for run_id in remove_runs(runs_dir, run_ids, force=force):
+        click.echo(f"deleted run {run_id}")
 
 
 @cli.command()

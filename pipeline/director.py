@@ -149,12 +149,17 @@ def run(ctx: StageContext) -> None:
 
 
 def load_roles(run: Run) -> RolesDocument:
-    """The roles of a run whose director stage is done, validated against the schema.
+    """The roles of a run whose director stage is done, validated against the schema (an
+    imported chat's speakers, see :func:`pipeline.importing.load_speakers`).
 
     Raises:
         RunError: the director stage is not done or ``roles.json`` is missing.
         StructuredOutputError: ``roles.json`` no longer matches the schema (a bad hand edit).
     """
+    if run.imported:
+        from .importing import load_speakers
+
+        return load_speakers(run)
     status = run.stage(STAGE).status
     if status != "done":
         raise RunError(

@@ -1,6 +1,7 @@
 """The judge stage: did the conversation accomplish its task, and what did it produce?
 
-A model is asked, with ``templates/judge.j2``, for a verdict that fits
+A model is asked, with ``templates/judge.j2`` (``judge-chat.j2`` for an imported chat
+between people), for a verdict that fits
 ``schemas/verdict.schema.json``: ``{completed, score (1-10), reasons, deliverable}``,
 validated and repaired like every structured answer. Artifacts (in ``judge/``):
 ``prompt.txt``, ``verdict.json``, the attempts and the recorded calls.
@@ -17,23 +18,30 @@ from .dialogue import shown
 from .errors import Fix, RunError
 from .records import Verdict
 from .resources import file_sha256
-from .runs import TRANSCRIPT, Run
+from .runs import Run
 
 if TYPE_CHECKING:
     from .stages import StageContext
 
 STAGE = "judge"
 TEMPLATE = "judge.j2"
+CHAT_TEMPLATE = "judge-chat.j2"
 SCHEMA = "verdict.schema.json"
 PROMPT = "judge/prompt.txt"
 VERDICT = "judge/verdict.json"
+
+
+def template(run: Run) -> str:
+    """The judge's template for ``run``: ``judge.j2`` for a conversation between models,
+    ``judge-chat.j2`` for an imported chat between people."""
+    return CHAT_TEMPLATE if run.imported else TEMPLATE
 
 
 def render_prompt(run: Run) -> str:
     """The judge's prompt for ``run``: its task, acceptance criteria and transcript."""
     roles = director.load_roles(run)
     return templates.render(
-        TEMPLATE,
+        template(run),
         task=run.task,
         acceptance_criteria=roles.termination.acceptance_criteria,
         lines=shown(run.read_transcript(), roles.done_token),
@@ -44,8 +52,8 @@ def inputs(ctx: StageContext) -> object:
     """See :mod:`pipeline.stages`."""
     endpoint = ctx.models.judge().endpoint
     return {
-        "transcript_sha256": file_sha256(ctx.run.path(TRANSCRIPT)),
-        "template_sha256": file_sha256(templates.template_path(TEMPLATE)),
+        "transcript_sha256": file_sha256(ctx.run.path(ctx.run.transcript)),
+        "template_sha256": file_sha256(templates.template_path(template(ctx.run))),
         "schema_sha256": file_sha256(schemas.schema_path(SCHEMA)),
         "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
         "parameters": asdict(ctx.plan.judge),
@@ -58,11 +66,12 @@ def check(run: Run) -> None:
     Raises:
         RunError: the dialogue has not ended.
     """
-    from .stages import status
+    from .stages import stage, status
 
-    if (dialogue := status(run, "dialogue")) != "done":
+    (needed,) = stage(STAGE, run).needs  # the dialogue, or an imported chat's import
+    if (dialogue := status(run, needed)) != "done":
         raise RunError(
-            f"the dialogue of run {run.run_id} is {dialogue}, so there is nothing to judge yet",
+            f"the {needed} of run {run.run_id} is {dialogue}, so there is nothing to judge yet",
             fix=Fix("finish it", command=("resume", run.run_id)),
             run_id=run.run_id,
             stage=STAGE,

@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from .stages import STAGE_NAMES
 
 MANIFEST = "run.json"
 TRANSCRIPT = "dialogue/transcript.jsonl"
+IMPORTED_TRANSCRIPT = "import/transcript.jsonl"
 RUN_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[a-z0-9-]+$")
 _VERSIONED = ("openai", "jsonschema", "jinja2", "click", "xllamacpp")
 
@@ -136,11 +137,12 @@ class Run:
         """Give the stages of a run made before ``upstream`` was recorded the sha256 of what
         they read as it is now (in memory; saved with the next change), so that a later
         change upstream makes them stale as it makes a newer run's."""
-        from .stages import upstream
+        from .stages import graph, upstream
 
+        known = {node.name for node in graph(self)}
         for name, entry in self.manifest.stages.items():
             if entry.upstream is None and entry.status in ("done", "failed"):
-                entry.upstream = upstream(self, name) if name in STAGE_NAMES else None
+                entry.upstream = upstream(self, name) if name in known else None
 
     @property
     def run_id(self) -> str:
@@ -149,6 +151,18 @@ class Run:
     @property
     def task(self) -> str:
         return self.manifest.task
+
+    @property
+    def imported(self) -> bool:
+        """True for an imported chat (``pipeline import``): its conversation comes from its
+        ``import`` stage, and it has no director or dialogue."""
+        return "import" in self.manifest.stages
+
+    @property
+    def transcript(self) -> str:
+        """Where the run's conversation is, relative to its folder: the dialogue's
+        transcript, or an imported chat's (the same schema)."""
+        return IMPORTED_TRANSCRIPT if self.imported else TRANSCRIPT
 
     def path(self, relative: str) -> Path:
         """Absolute path of an artifact given relative to the run folder."""
@@ -220,7 +234,7 @@ class Run:
 
     def append_transcript(self, turn: Turn) -> None:
         """Append one turn to ``dialogue/transcript.jsonl`` and make it durable (flush + fsync)."""
-        path = self.path(TRANSCRIPT)
+        path = self.path(self.transcript)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
             line = turn.to_json(self.manifest.manifest_version)  # an old run stays in its own
@@ -238,7 +252,7 @@ class Run:
         Raises:
             RunError: a complete line is not JSON, or not a transcript line.
         """
-        path = self.path(TRANSCRIPT)
+        path = self.path(self.transcript)
         if not path.exists():
             return []
         data = path.read_bytes()
@@ -383,12 +397,13 @@ def create_run(
     planned: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     run_id: str | None = None,
+    stage_names: Sequence[str] = STAGE_NAMES,
 ) -> Run:
     """Create a new run folder for ``task`` under ``runs_dir`` with a fresh manifest (every
-    stage ``pending``; ``planned`` gives the parameters a stage is to run with, so that a
-    run interrupted before the stage starts is resumed as it was asked). A second run in
-    the same second gets ``-2``, ``-3``... appended. ``run_id`` chooses the id instead; it
-    must look like one and be free.
+    stage of ``stage_names`` ``pending``; ``planned`` gives the parameters a stage is to
+    run with, so that a run interrupted before the stage starts is resumed as it was
+    asked). A second run in the same second gets ``-2``, ``-3``... appended. ``run_id``
+    chooses the id instead; it must look like one and be free.
 
     Raises:
         RunError: the runs folder cannot be created or written.
@@ -428,7 +443,7 @@ def create_run(
         created=timestamp(now),
         versions=_versions(),
         files=_data_file_hashes(),
-        stages={name: StageRecord() for name in STAGE_NAMES},
+        stages={name: StageRecord() for name in stage_names},
     )
     for name, parameters in (planned or {}).items():
         manifest.stages[name].parameters = dict(parameters)

@@ -80,13 +80,44 @@ GRAPH: tuple[Stage, ...] = (
     ),
     Stage("judge", ("dialogue",), "judge/verdict.json", "pipeline.judge", optional=True),
 )
+# An imported chat (pipeline import): its conversation comes from a chat export, not from
+# a director and a dialogue; the judge reads it all the same.
+IMPORTED: tuple[Stage, ...] = (
+    Stage("import", (), "import/transcript.jsonl", "pipeline.importing"),
+    Stage("judge", ("import",), "judge/verdict.json", "pipeline.judge", optional=True),
+)
 STAGE_NAMES = tuple(stage.name for stage in GRAPH)
 _BY_NAME = {stage.name: stage for stage in GRAPH}
+_IMPORTED = {stage.name: stage for stage in IMPORTED}
 
 
-def stage(name: str) -> Stage:
-    """The declaration of stage ``name``; KeyError for an unknown one."""
-    return _BY_NAME[name]
+def require(run: Run, name: str) -> Stage:
+    """Stage ``name`` of ``run``'s graph.
+
+    Raises:
+        RunError: ``run`` has no such stage (an imported chat has no director or dialogue).
+    """
+    if name not in (names := [node.name for node in graph(run)]):
+        from .errors import Fix, RunError
+
+        raise RunError(
+            f"run {run.run_id} has no {name} stage (its stages: {', '.join(names)})",
+            fix=Fix("see the run", command=("show", run.run_id)),
+            run_id=run.run_id,
+            stage=name,
+        )
+    return stage(name, run)
+
+
+def graph(run: Run) -> tuple[Stage, ...]:
+    """The graph ``run`` follows: :data:`IMPORTED` for an imported chat, else :data:`GRAPH`."""
+    return IMPORTED if run.imported else GRAPH
+
+
+def stage(name: str, run: Run | None = None) -> Stage:
+    """The declaration of stage ``name`` (in ``run``'s graph when given); KeyError for an
+    unknown one."""
+    return (_IMPORTED if run is not None and run.imported else _BY_NAME)[name]
 
 
 class StageModule(Protocol):
@@ -305,13 +336,13 @@ def digest(run: Run, name: str) -> str | None:
     """The sha256 of stage ``name``'s main output, None when it has none."""
     from .resources import file_sha256
 
-    path = run.path(stage(name).output)
+    path = run.path(stage(name, run).output)
     return file_sha256(path) if path.is_file() else None
 
 
 def upstream(run: Run, name: str) -> dict[str, str | None]:
     """The sha256 of the output of each stage that ``name`` needs, as they are now."""
-    return {need: digest(run, need) for need in stage(name).needs}
+    return {need: digest(run, need) for need in stage(name, run).needs}
 
 
 def statuses(run: Run) -> dict[str, str]:
@@ -319,7 +350,7 @@ def statuses(run: Run) -> dict[str, str]:
     stage's output is hashed once, however many stages read it."""
     digests: dict[str, str | None] = {}
     found: dict[str, str] = {}
-    for node in GRAPH:  # a stage comes after the stages it needs: their status is known
+    for node in graph(run):  # a stage comes after those it needs: their status is known
         read = {need: digests.setdefault(need, digest(run, need)) for need in node.needs}
         found[node.name] = _status(run, node, read, found)
     return found
@@ -380,9 +411,9 @@ def execute(ctx: StageContext, name: str, *, resume: bool = False) -> None:
     """
     from .recorder import StageCalls
 
-    node = stage(name)
-    module = node.load()
     run = ctx.run
+    node = require(run, name)
+    module = node.load()
     if (check := getattr(module, "check", None)) is not None:
         check(run)
     resume = resume and node.resumable
@@ -421,7 +452,7 @@ def is_current(ctx: StageContext, name: str) -> bool:
 
     if status(ctx.run, name) != "done":
         return False
-    inputs = stage(name).load().inputs(dataclasses.replace(ctx, stage=name))
+    inputs = stage(name, ctx.run).load().inputs(dataclasses.replace(ctx, stage=name))
     return ctx.run.stage(name).input_hash == sha256_of(inputs)
 
 
@@ -429,7 +460,7 @@ def advance(ctx: StageContext, *, include: Sequence[str] = ()) -> None:
     """Bring ``ctx.run`` to its end from wherever it stopped: every stage that is not done,
     in the order of the graph (optional ones only when in ``include``). A resumable stage
     that was interrupted or failed goes on from where it stopped; a stale one starts over."""
-    for node in _wanted(include):
+    for node in _wanted(ctx.run, include):
         now = status(ctx.run, node.name)
         if now != "done":
             execute(ctx, node.name, resume=now in ("interrupted", "failed"))
@@ -440,7 +471,7 @@ def planned_stages(run: Run) -> tuple[str, ...]:
     for a resumed run)."""
     return tuple(
         node.name
-        for node in GRAPH
+        for node in graph(run)
         if node.optional
         and (run.stage(node.name).parameters or run.stage(node.name).status != "pending")
     )
@@ -449,10 +480,10 @@ def planned_stages(run: Run) -> tuple[str, ...]:
 def pending(run: Run, *, include: Sequence[str] = ()) -> list[str]:
     """The stages :func:`advance` would run, in order."""
     now = statuses(run)
-    return [node.name for node in _wanted(include) if now[node.name] != "done"]
+    return [node.name for node in _wanted(run, include) if now[node.name] != "done"]
 
 
-def _wanted(include: Sequence[str]) -> list[Stage]:
+def _wanted(run: Run, include: Sequence[str]) -> list[Stage]:
     """The stages of the graph a run is brought to its end with: every one but the
     optional ones not in ``include``."""
-    return [node for node in GRAPH if not node.optional or node.name in include]
+    return [node for node in graph(run) if not node.optional or node.name in include]

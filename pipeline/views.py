@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 from .errors import RunError
-from .stages import STAGE_NAMES, status
+from .stages import graph, status
 from .stages import statuses as stage_statuses
 from .termination import strip_token
 
@@ -108,8 +108,10 @@ def summary(run: Run) -> RunSummary:
     process is gone), turns so far and the dialogue's termination reason."""
     statuses = stage_statuses(run)
     reason = run.stage("dialogue").termination_reason
-    if statuses["dialogue"] == "interrupted":
+    if statuses.get("dialogue") == "interrupted":
         reason = "interrupted"
+    elif run.imported:
+        reason = "imported"
     link = run.manifest.parent
     return RunSummary(
         run.run_id,
@@ -151,7 +153,7 @@ def _cells(row: RunSummary) -> tuple[str, ...]:
         row.run_id,
         row.created[:16].replace("T", " "),
         row.stages.get("director", "-"),
-        row.stages.get("dialogue", "-"),
+        row.stages.get("dialogue", "import " + row.stages.get("import", "-")),
         str(row.turns),
         row.termination_reason or "-",
         row.parent or "-",
@@ -179,9 +181,11 @@ def run_header(run: Run) -> str:
     ]
     if run.manifest.parent is not None or run.manifest.children:
         lines.append("Tree:\n" + tree_text(run))
-    for name in STAGE_NAMES:
+    for name in (node.name for node in graph(run)):
         entry = run.stage(name)
         parts = [info.stages[name]]
+        if name == "import":
+            parts.append(imported_text(entry))
         if entry.endpoint:
             parts.append(f"{entry.endpoint.model} at {entry.endpoint.base_url}")
         if usage := entry.usage:
@@ -204,6 +208,18 @@ def run_header(run: Run) -> str:
             parts.append(f"error: {entry.error}")
         lines.append(f"{name.capitalize()}: " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def imported_text(entry: StageRecord) -> str:
+    """What an import stage brought in: ``from chat.txt (whatsapp): 120 messages; left
+    out: 3 media, 1 system``."""
+    given = entry.parameters
+    text = f"from {given.get('file')} ({given.get('format')}): {given.get('messages')} messages"
+    if skipped := {k: v for k, v in (given.get("skipped") or {}).items() if v}:
+        text += "; left out: " + ", ".join(f"{n} {what}" for what, n in skipped.items())
+    if given.get("me"):
+        text += f"; me: {given['me']}"
+    return text
 
 
 def batch_table(outcomes: Sequence[Outcome]) -> str:
@@ -261,7 +277,8 @@ def _input_differences(a: Run, b: Run) -> list[str]:
             found.append(
                 f"{path}: sha256 {_short(files_a.get(path))} | {_short(files_b.get(path))}"
             )
-    for stage in STAGE_NAMES:
+    names = dict.fromkeys(node.name for run in (a, b) for node in graph(run))
+    for stage in names:
         ea, eb = a.stage(stage).to_json(), b.stage(stage).to_json()
         for key in ("endpoint", "role_endpoints", "parameters"):
             if ea.get(key) != eb.get(key):
@@ -281,11 +298,13 @@ def _compact(value: object) -> str:
 
 def _roles_plain(run: Run) -> str:
     from .director import ROLES
+    from .importing import ROLES as SPEAKERS
     from .records import RolesDocument
 
-    if not run.path(ROLES).exists():
+    path = SPEAKERS if run.imported else ROLES
+    if not run.path(path).exists():
         return ""
-    return click.unstyle(roles_text(RolesDocument.from_json(run.read_json(ROLES))))
+    return click.unstyle(roles_text(RolesDocument.from_json(run.read_json(path))))
 
 
 def _transcript_plain(run: Run) -> str:

@@ -306,3 +306,32 @@ def test_dry_run_prints_the_limits_and_the_most_model_calls_and_calls_nothing(
                     "--model", "m", *flags)  # fmt: skip
     assert (result.exit_code, result.stdout) == (0, "dry run: nothing was called\n" + expected)
     assert not runs_dir.exists()
+
+
+def test_rm_keeps_a_run_that_others_need_unless_forced_or_deleted_with_them(runs_dir, invoke):
+    with FakeServer(tree) as fake:
+        root = run_tree(runs_dir, fake)
+    child, two = root.manifest.children or []
+    grand = f"{child}-t2-1"
+    refused = invoke("rm", child)
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        f"Error: run {child} is needed by run {grand} (delegated to by it), run {root.run_id} "
+        f"(it was delegated to by it); nothing was deleted; delete it anyway with --force\n"
+    )
+    assert (runs_dir / child).is_dir()
+    # a ledger whose dataset came from a run keeps it too
+    (runs_dir / "finetunes").mkdir()
+    (runs_dir / "finetunes" / "ft-1.json").write_text(json.dumps({"source_runs": [two]}))
+    assert invoke("rm", two).stderr.startswith(
+        f"Error: run {two} is needed by run {root.run_id} (it was delegated to by it), "
+        "fine-tuning ledger ft-1; nothing was deleted"
+    )
+    # a whole branch goes at once; forced, the parent no longer lists it
+    done = invoke("rm", grand, child, "--force")
+    assert (done.exit_code, done.stdout) == (0, f"deleted run {grand}\ndeleted run {child}\n")
+    assert not (runs_dir / child).exists() and not (runs_dir / grand).exists()
+    assert open_run(runs_dir, root.run_id).manifest.children == [two]
+    assert invoke("show", root.run_id).exit_code == 0
+    missing = invoke("rm", "20261126T000000Z-nothing")
+    assert missing.exit_code == 1 and "no run 20261126T000000Z-nothing" in missing.stderr

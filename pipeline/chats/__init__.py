@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..choices import IMPORT_FORMATS
 from ..errors import ImportFormatError
 from . import chatgpt, telegram, whatsapp
 from .common import SKIP_KINDS, Chat, Message
@@ -30,8 +31,6 @@ __all__ = [
     "parse_chats",
     "speakers",
 ]
-
-IMPORT_FORMATS = ("whatsapp", "telegram", "chatgpt")
 
 
 @dataclass(frozen=True)

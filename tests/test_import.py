@@ -1,0 +1,140 @@
+"""pipeline import: a chat history becomes a run whose only stage is import, which the
+other commands (runs, show, export, diff, rerun RUN judge, rm) read like any run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import schemas, stages
+from pipeline.runs import open_run
+
+from .conftest import read_jsonl
+from .fakeserver import FakeServer, Reply
+
+CHATS = Path(__file__).parent / "fixtures" / "chats"
+VERDICT = {"completed": True, "score": 8, "reasons": "They agreed.", "deliverable": "Saturday"}
+
+
+def imported(invoke, *args: str) -> list[str]:
+    result = invoke("import", *args)
+    assert result.exit_code == 0, result.output
+    return result.stdout.split()
+
+
+def test_a_whatsapp_chat_becomes_a_run_the_other_commands_read(runs_dir, invoke):
+    (run_id,) = imported(
+        invoke, "whatsapp", str(CHATS / "whatsapp-android-gb.txt"), "--me", "Bob",
+        "--timezone", "Europe/London",
+    )  # fmt: skip
+    run = open_run(runs_dir, run_id)
+    assert run.imported and stages.statuses(run) == {"import": "done", "judge": "pending"}
+    lines = read_jsonl(runs_dir / run_id / "import/transcript.jsonl")
+    assert [(x["role"], x["kind"]) for x in lines[:2]] == [
+        ("Alice", "imported"),
+        ("Bob", "imported"),
+    ]
+    assert lines[0]["content"] == "Are we still on for Saturday?\nI can bring the tent"
+    assert lines[0]["time"] == "2024-03-12T21:02:00Z"  # GMT in March: London is UTC
+    assert all(schemas.errors(x, schemas.TRANSCRIPT_LINE) == [] for x in lines)
+    roles = json.loads((runs_dir / run_id / "import/roles.json").read_text())
+    assert [r["name"] for r in roles["roles"]] == ["Alice", "Bob", "+44 7700 900123"]
+    assert run.stage("import").parameters["me"] == "Bob"
+    assert run.task.startswith("A WhatsApp chat between Alice, Bob, +44 7700 900123 (")
+    # runs, show, export and diff read it as they read any run
+    (row,) = json.loads(invoke("runs", "--json").stdout)
+    assert (row["stages"], row["turns"], row["termination_reason"]) == (
+        {"import": "done", "judge": "pending"},
+        len(lines),
+        "imported",
+    )
+    shown = invoke("show", run_id)
+    assert shown.exit_code == 0, shown.output
+    assert "Import: done; from whatsapp-android-gb.txt (whatsapp): " in shown.stdout
+    assert "; me: Bob" in shown.stdout and "Alice" in shown.stdout
+    exported = invoke("export", run_id, "--format", "jsonl")
+    assert exported.stdout.splitlines() == [json.dumps(x, ensure_ascii=False) for x in lines]
+    assert invoke("export", run_id, "--format", "md").exit_code == 0
+    (other,) = imported(invoke, "whatsapp", str(CHATS / "whatsapp-android-us.txt"))
+    assert invoke("diff", run_id, other).exit_code == 0
+    # it has no dialogue to redo
+    redo = invoke("rerun", run_id, "dialogue", "--base-url", "http://127.0.0.1:9/v1")
+    assert redo.exit_code == 1
+    assert f"run {run_id} has no dialogue stage (its stages: import, judge)" in redo.stderr
+
+
+def test_an_imported_chat_is_judged_as_a_chat_between_people(runs_dir, invoke):
+    (run_id,) = imported(invoke, "telegram", str(CHATS / "telegram-result.json"),
+                         "--task", "plan the Saturday hike")  # fmt: skip
+
+    def judge(body: dict[str, Any]) -> Reply:
+        return Reply(json.dumps(VERDICT))
+
+    with FakeServer(judge) as fake:
+        result = invoke("rerun", run_id, "judge", "--base-url", fake.base_url, "--model", "m")
+        (request,) = fake.chat_requests()
+    assert result.exit_code == 0, result.output
+    prompt = request["messages"][-1]["content"]
+    assert prompt.startswith("You read a chat between people and judge what came of it.")
+    assert "plan the Saturday hike" in prompt
+    assert "[4] user444: hello from a deleted account" in prompt
+    assert json.loads((runs_dir / run_id / "judge/verdict.json").read_text()) == VERDICT
+    assert stages.statuses(open_run(runs_dir, run_id))["judge"] == "done"
+
+
+def test_each_chatgpt_conversation_is_a_run_unless_one_is_chosen(runs_dir, invoke):
+    every = imported(invoke, "chatgpt", str(CHATS / "chatgpt-conversations.json"))
+    assert len(every) == 2
+    tasks = sorted(open_run(runs_dir, r).task for r in every)
+    assert tasks[0].startswith("A ChatGPT chat 'Greeting' between ")
+    assert tasks[1].startswith("A ChatGPT chat 'Packing list' between User, ChatGPT (6 turns")
+    (one,) = imported(invoke, "chatgpt", str(CHATS / "chatgpt-conversations.json"),
+                      "--conversation", "Packing list", "--me", "User")  # fmt: skip
+    assert len(read_jsonl(runs_dir / one / "import/transcript.jsonl")) == 6
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "args", "message"),
+    [
+        (
+            "whatsapp",
+            "hello there\n12/03/24, 21:02 - Alice: hi\n",
+            (),
+            "line 1: expected a message line",
+        ),
+        ("telegram", '{"messages": [', (), "line 1 column 15: "),
+        (
+            "whatsapp",
+            "12/03/24, 21:02 - Alice: hi\n12/03/24, 21:03 - Bob: yo\n",
+            ("--me", "Carol"),
+            "no speaker named 'Carol' in the WhatsApp chat (speakers: Alice, Bob); "
+            "pass one of them as --me",
+        ),
+        (
+            "whatsapp",
+            "12/03/24, 21:02 - Alice: hi\n",
+            ("--timezone", "Mars/Olympus"),
+            "'Mars/Olympus' is not a time zone (use an IANA name such as Europe/Paris or UTC)",
+        ),
+    ],
+)
+def test_bad_input_is_a_one_line_error_and_makes_no_run(
+    tmp_path, runs_dir, invoke, fmt, text, args, message
+):
+    export = tmp_path / "export.txt"
+    export.write_text(text, encoding="utf-8")
+    result = invoke("import", fmt, str(export), *args)
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: ") and message in line, line
+    assert not runs_dir.exists() or not any(runs_dir.iterdir())
+
+
+def test_rm_deletes_an_imported_chat(runs_dir, invoke):
+    (run_id,) = imported(invoke, "whatsapp", str(CHATS / "whatsapp-ios-gb.txt"))
+    result = invoke("rm", run_id)
+    assert (result.exit_code, result.stdout) == (0, f"deleted run {run_id}\n")
+    assert not (runs_dir / run_id).exists()
