@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from . import __version__
-from .choices import EXPORT_FORMATS, IMPORT_FORMATS
+from .choices import DATASET_FORMATS, EXPORT_FORMATS, IMPORT_FORMATS
 from .errors import PipelineError, RunError
 from .options import (
     RUNS_DIR_KEY,
@@ -824,6 +824,113 @@ def _show_roles(run: Run, roles: RolesDocument) -> None:
         click.echo(f"check: {problem}", err=True)
 
 
+# -- dataset: fine-tuning datasets from runs ------------------------------------------
+
+
+@cli.group(name="dataset")
+def dataset_group() -> None:
+    """Fine-tuning datasets made from runs and imported chats."""
+
+
+@dataset_group.command(name="build")
+@click.argument("run_ids", metavar="[RUN_ID]...", nargs=-1)
+@click.option("--all", "all_runs", is_flag=True, help="Every run with a finished conversation.")
+@click.option(
+    "--min-score",
+    type=click.FloatRange(1, 10),
+    help="Only runs the judge scored at least this (unjudged runs are left out).",
+)
+@click.option(
+    "--speaker",
+    metavar="NAME",
+    help="The role or person whose turns are the answers [default: the imported chats' --me].",
+)
+@click.option(
+    "-o", "--output", type=PathType(dir_okay=False), required=True, help="The JSONL file."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(DATASET_FORMATS),
+    default="chat",
+    show_default=True,
+    help="chat: OpenAI chat fine-tuning lines; completion: legacy prompt/completion pairs.",
+)
+@click.option(
+    "--context",
+    type=click.IntRange(0),
+    default=10,
+    show_default=True,
+    help="Turns before each answer given as its context.",
+)
+@click.option(
+    "--validation",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.0,
+    help="Share of examples held out for validation, written beside the file.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option("--base-model", metavar="MODEL", help="The model to tune: its limits and price.")
+@click.option("--epochs", type=click.IntRange(1), help="Epochs, for the cost [default: OpenAI's].")
+@click.option(
+    "--prices",
+    type=PathType(exists=True, dir_okay=False),
+    help="A TOML or JSON price table laid over the shipped one.",
+)
+@click.option("--token-limit", type=click.IntRange(1), help="Most tokens per example.")
+@runs_dir_option
+def dataset_build(
+    run_ids: tuple[str, ...],
+    all_runs: bool,
+    min_score: float | None,
+    speaker: str | None,
+    output: Path,
+    fmt: str,
+    context: int,
+    validation: float,
+    seed: int,
+    base_model: str | None,
+    epochs: int | None,
+    prices: Path | None,
+    token_limit: int | None,
+    runs_dir: Path,
+) -> None:
+    """Write training examples from one speaker's side of the given runs (or --all).
+
+    Each turn of the speaker becomes an example whose context is the turns before it.
+    The examples are checked as providers check them (at least 10, each ending with the
+    speaker, each within the token limit) before anything is written, and the count, the
+    tokens and an estimated training cost are printed. A sidecar FILE.manifest.json lists
+    the runs and turns the dataset holds.
+    """
+    from . import dataset_build
+    from .runs import Run, list_runs
+
+    if all_runs == bool(run_ids):
+        raise click.UsageError("give RUN_IDs or --all")
+    runs = (
+        [r for r in list_runs(runs_dir) if isinstance(r, Run)]
+        if all_runs
+        else [_open(runs_dir, r) for r in run_ids]
+    )
+    built = dataset_build.build(
+        runs,
+        speaker=speaker or dataset_build.default_speaker(runs),
+        fmt=fmt,
+        context=context,
+        min_score=min_score,
+        validation=validation,
+        seed=seed,
+        base_model=base_model,
+        epochs=epochs,
+        prices=prices,
+        token_limit=token_limit,
+    )
+    click.echo(_views().dataset_text(built), err=True)
+    for path in dataset_build.write(built, output):
+        click.echo(click.format_filename(path))
+
+
 # -- models: GGUF files from the Hugging Face Hub ---------------------------------------
 
 
@@ -937,7 +1044,8 @@ def finetune_create(
     terminal is refused. The ledger is made before the upload, so that what a refused
     upload left at the server can still be deleted with pipeline finetune cleanup.
     """
-    from .finetune import _ESTIMATE_EPOCHS, _estimate, inspect_file, ledger_path
+    from .dataset_build import source_runs
+    from .finetune import estimate, inspect_file, ledger_path
 
     jobs = _finetune_jobs(runs_dir, flags)
     url = jobs.endpoint.base_url
@@ -946,15 +1054,15 @@ def finetune_create(
         files.append(("validation", inspect_file(validation)))
     summary = _views().upload_text(files, url, base_model, suffix)
     if dry_run:
-        tokens, cost, counter = _estimate(files[0][1].path, base_model)
-        if cost is None:
+        cost = estimate(files[0][1].path, base_model)
+        if cost.cost is None:
             price = f"unknown (no price known for {base_model})"
         else:
-            price = f"about ${cost:,.2f}" if cost >= 0.01 else "less than $0.01"
+            price = f"about ${cost.cost:,.2f}" if cost.cost >= 0.01 else "less than $0.01"
         click.echo(summary)
         click.echo(
-            f"estimated training cost: {price} for {tokens:,} tokens x {_ESTIMATE_EPOCHS} epochs "
-            f"(tokens counted as {counter})"
+            f"estimated training cost: {price} for {cost.tokens:,} tokens x {cost.epochs} "
+            f"epochs (tokens counted with {cost.counter})"
         )
         click.echo("dry run: nothing was uploaded")
         return
@@ -978,6 +1086,7 @@ def finetune_create(
         base_model=base_model,
         validation=files[1][1] if validation is not None else None,
         suffix=suffix,
+        source_runs=source_runs(dataset),
     )
     path = ledger_path(runs_dir, ledger.local_id)
     click.echo(f"fine-tune {ledger.local_id}: uploading to {url}...", err=True)

@@ -408,6 +408,27 @@ def _example_tokens(body: Mapping[str, Any], counter: TokenCounter) -> int:
     return sum(counter.length(v) for v in body.values() if isinstance(v, str))
 
 
+def file_tokens(path: Path, model: str | None = None) -> tuple[int, int, TokenCounter]:
+    """The training tokens of a dataset file (JSON lines, as :func:`check` counts an
+    example), its number of examples, and the counter used. Lines that are not JSON
+    objects count as none.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    counter = token_counter(model)
+    tokens = examples = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            body = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(body, dict):
+            examples += 1
+            tokens += _example_tokens(body, counter)
+    return tokens, examples, counter
+
+
 # -- checking ---------------------------------------------------------------------------
 
 

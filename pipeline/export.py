@@ -122,9 +122,11 @@ def jsonl(values: Iterable[object]) -> str:
 
 
 def qualifies(run: Run, min_score: int | None) -> bool:
-    """True when ``run`` has a finished dialogue and, when ``min_score`` is set, a judge
-    verdict scoring at least that."""
-    if stages.status(run, "dialogue") != "done" or not run.path(ROLES).exists():
+    """True when ``run`` has a finished dialogue (or is an imported chat) and, when
+    ``min_score`` is set, a judge verdict scoring at least that."""
+    if stages.status(run, stages.conversation_stage(run)) != "done":
+        return False
+    if not run.imported and not run.path(ROLES).exists():
         return False
     if min_score is None:
         return True

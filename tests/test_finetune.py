@@ -250,7 +250,7 @@ def test_create_without_a_terminal_or_yes_is_refused(fake, invoke, runs_dir, tra
 
 
 def test_a_dry_run_prints_the_upload_and_its_cost_and_sends_nothing(
-    fake, invoke, runs_dir, train, valid
+    fake, invoke, runs_dir, train, valid, tiktoken_offline
 ):
     result = ft(
         invoke, fake, "create", str(train), "--base-model", BASE,
@@ -262,8 +262,8 @@ def test_a_dry_run_prints_the_upload_and_its_cost_and_sends_nothing(
         f"  training    {train} (1,923 bytes, 12 examples)\n"
         f"  validation  {valid} (480 bytes, 3 examples)\n"
         f"to fine-tune {BASE} (suffix ana)\n"
-        "estimated training cost: less than $0.01 for 481 tokens x 3 epochs (tokens counted "
-        "as characters/4)\n"
+        "estimated training cost: less than $0.01 for 348 tokens x 8 epochs (tokens counted "
+        "with estimate)\n"
         "dry run: nothing was uploaded\n"
     )
     assert fake.received == []

@@ -138,3 +138,73 @@ def test_rm_deletes_an_imported_chat(runs_dir, invoke):
     result = invoke("rm", run_id)
     assert (result.exit_code, result.stdout) == (0, f"deleted run {run_id}\n")
     assert not (runs_dir / run_id).exists()
+
+
+def whatsapp_chat(path: Path, exchanges: int) -> Path:
+    """A WhatsApp export: Ana asks and Ben answers, ``exchanges`` times, with a second
+    line on every third answer."""
+    lines = ["01/02/24, 09:00 - Messages and calls are end-to-end encrypted."]
+    for n in range(exchanges):
+        lines.append(f"01/02/24, 10:{n:02d} - Ana: question {n}?")
+        lines.append(f"01/02/24, 10:{n:02d} - Ben: answer {n}")
+        if n % 3 == 0:
+            lines.append("and more")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_from_a_chat_history_to_a_fine_tuned_model_and_a_run_made_with_it(
+    tmp_path, runs_dir, invoke, fake, tiktoken_offline
+):
+    chat = whatsapp_chat(tmp_path / "chat.txt", 15)
+    (run_id,) = imported(invoke, "whatsapp", str(chat), "--me", "Ben", "--timezone", "UTC")
+    dataset = tmp_path / "ben.jsonl"
+    built = invoke("dataset", "build", run_id, "-o", str(dataset), "--context", "2",
+                   "--validation", "0.2", "--base-model", "gpt-4o-mini-2024-07-18")  # fmt: skip
+    assert built.exit_code == 0, built.output
+    held = tmp_path / "ben.validation.jsonl"
+    sidecar = tmp_path / "ben.jsonl.manifest.json"
+    assert built.stdout == f"{dataset}\n{held}\n{sidecar}\n"
+    assert built.stderr.splitlines()[0] == (
+        "12 training examples from 1 runs, speaker Ben; 3 for validation"
+    )
+    assert "counted with estimate (tiktoken could not load o200k_base" in built.stderr
+    assert "estimated training cost: $" in built.stderr
+    first = json.loads(dataset.read_text().splitlines()[0])
+    assert first == {
+        "messages": [
+            {"role": "user", "content": "question 0?"},
+            {"role": "assistant", "content": "answer 0\nand more"},
+        ]
+    }
+    assert json.loads(sidecar.read_text())["runs"] == [run_id]
+
+    created = invoke("finetune", "create", str(dataset), "--base-model", "gpt-4o-mini-2024-07-18",
+                     "--validation", str(held), "--suffix", "ben", "--yes",
+                     "--base-url", fake.base_url)  # fmt: skip
+    assert created.exit_code == 0, created.output
+    (ledger_path,) = (runs_dir / "finetunes").glob("*.json")
+    ledger = json.loads(ledger_path.read_text())
+    assert ledger["source_runs"] == [run_id]
+    followed = invoke("finetune", "status", ledger["local_id"], "--follow", "--poll-interval",
+                      "0.01", "--base-url", fake.base_url)  # fmt: skip
+    assert followed.exit_code == 0, followed.output
+    ledger = json.loads(ledger_path.read_text())
+    assert ledger["status"] == "succeeded"
+    model = ledger["fine_tuned_model"]
+    assert f'model = "{model}"' in followed.stdout
+    # the imported chat is needed by the ledger now
+    assert "fine-tuning ledger" in invoke("rm", run_id).stderr
+    cleaned = invoke("finetune", "cleanup", ledger["local_id"], "--base-url", fake.base_url)
+    assert cleaned.exit_code == 0, cleaned.output
+    assert all(part["deleted"] for part in (json.loads(ledger_path.read_text())["training"],))
+
+    made = invoke("generate", "say hi", "--base-url", fake.base_url, "--model", model,
+                  "--yes", "--turns", "2")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    (new,) = [p for p in runs_dir.iterdir() if p.name.endswith("-say-hi")]
+    manifest = json.loads((new / "run.json").read_text())
+    assert manifest["fine_tuned_models"] == {
+        model: {"job_id": ledger["job_id"], "ledger": ledger["local_id"]}
+    }
+    assert schemas.errors(manifest, "run.schema.json") == []
