@@ -208,3 +208,33 @@ def test_from_a_chat_history_to_a_fine_tuned_model_and_a_run_made_with_it(
         model: {"job_id": ledger["job_id"], "ledger": ledger["local_id"]}
     }
     assert schemas.errors(manifest, "run.schema.json") == []
+
+
+@pytest.mark.parametrize(
+    ("exchanges", "args", "message"),
+    [
+        (
+            4,
+            (),
+            "Error: not written: 4 examples; fine-tuning needs at least 10; add runs, or "
+            "change --speaker or --context",
+        ),
+        (
+            12,
+            ("--speaker", "Cleo"),
+            "Error: 'Cleo' says nothing in the conversations given; their speakers are Ana, "
+            "Ben; name one of them with --speaker\n",
+        ),
+        (12, ("--all",), "\nError: give RUN_IDs or --all\n"),
+    ],
+)
+def test_a_dataset_that_would_not_train_is_not_written(
+    tmp_path, invoke, tiktoken_offline, exchanges, args, message
+):
+    chat = whatsapp_chat(tmp_path / "chat.txt", exchanges)
+    (run_id,) = imported(invoke, "whatsapp", str(chat), "--me", "Ben", "--timezone", "UTC")
+    out = tmp_path / "out.jsonl"
+    result = invoke("dataset", "build", run_id, "-o", str(out), *args)
+    assert result.exit_code in (1, 2)
+    assert message in result.stderr, result.stderr
+    assert not out.exists() and not out.with_name("out.jsonl.manifest.json").exists()
