@@ -1,7 +1,8 @@
 """Many conversations at once: one run per task of a tasks file, several at a time.
 
 A tasks file holds one task per line, or a JSON object per line with the task and
-options of its own (``{"task": "...", "turns": 6, "roles": 3, "judge": true}``); blank
+options of its own (``{"task": "...", "turns": 6, "roles": 3, "judge": true}``, and
+``"reflect": true``); blank
 lines and lines starting with ``#`` are skipped. Each task becomes a normal run. The
 batch manifest (``<runs root>/batches/<file name>.json``) records which run each task
 became, so running the same batch again skips the runs that are complete and finishes
@@ -43,7 +44,7 @@ TASK_OPTIONS: dict[str, StageOption] = {
 }
 DIRECTOR_OPTIONS = frozenset(spec.name for spec in options_of(DirectorParameters))
 DIALOGUE_OPTIONS = frozenset(spec.name for spec in options_of(DialogueParameters))
-OPTIONS = DIRECTOR_OPTIONS | DIALOGUE_OPTIONS | {"task", "judge"}
+OPTIONS = DIRECTOR_OPTIONS | DIALOGUE_OPTIONS | {"task", "judge", "reflect"}
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def read_tasks(path: Path) -> list[BatchTask]:
             try:
                 if name in TASK_OPTIONS:
                     spec[name] = TASK_OPTIONS[name].validate(value)
-                elif name == "judge" and not isinstance(value, bool):
+                elif name in ("judge", "reflect") and not isinstance(value, bool):
                     raise ValueError(f"{shown(value)} is not a valid boolean")
             except ValueError as e:
                 raise ConfigError(f"{path}:{number}: {name}: {e}", path=path) from e
@@ -143,6 +144,7 @@ class Batch:
         *,
         judge: bool = False,
         tools: ToolParameters | None = None,
+        reflect: bool = False,
     ) -> None:
         self.tasks = read_tasks(tasks_file)
         self.tools = tools or ToolParameters()
@@ -150,6 +152,7 @@ class Batch:
         self.runs_dir = runs_dir
         self.models = models
         self.director, self.dialogue, self.judge = director, dialogue, judge
+        self.reflect = reflect
         self.path = runs_dir / "batches" / f"{tasks_file.stem}.json"
         self._lock = threading.RLock()
         self._reserved: set[str] = set()
@@ -199,7 +202,11 @@ class Batch:
 
     def _process(self, task: BatchTask) -> Outcome:
         plan = stages.Plan.of(*self._parameters(task), tools=self.tools)
-        include = ("judge",) if task.options.get("judge", self.judge) else ()
+        include = tuple(
+            name
+            for name, asked in (("judge", self.judge), ("reflect", self.reflect))
+            if task.options.get(name, asked)
+        )
         run_id = self._run_id_for(task)
         try:
             folder = self.runs_dir / run_id
@@ -208,7 +215,13 @@ class Batch:
             else:
                 if folder.exists():  # a creation cut short: a folder with no manifest yet
                     shutil.rmtree(folder)
-                run = plan.new_run(self.runs_dir, task.task, run_id=run_id, judge=bool(include))
+                run = plan.new_run(
+                    self.runs_dir,
+                    task.task,
+                    run_id=run_id,
+                    judge="judge" in include,
+                    reflect="reflect" in include,
+                )
             if not stages.pending(run, include=include):
                 return self._outcome(task, run, "skipped")
             with run.locked():

@@ -123,6 +123,12 @@ def _nonempty_task(ctx: click.Context, param: click.Parameter, value: str) -> st
 @click.option("--yes", "-y", is_flag=True, help="Run the dialogue without asking.")
 @click.option("--judge", "judge", is_flag=True, help="Then ask a model to judge the result.")
 @click.option(
+    "--reflect",
+    is_flag=True,
+    help="Then ask a model (the judge's) to reflect on each role: goal met, what to improve, "
+    "keep or discard.",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Print the limits of the run (and of the runs it may delegate to) and the most "
@@ -137,6 +143,7 @@ def generate(
     tool_params: ToolParameters,
     yes: bool,
     judge: bool,
+    reflect: bool,
     dry_run: bool,
 ) -> None:
     """Write roles for TASK, let you review them, then run the dialogue.
@@ -159,7 +166,7 @@ def generate(
         return
     with flags.models() as models:
         client = models.director()
-        run = plan.new_run(runs_dir, task, judge=judge)
+        run = plan.new_run(runs_dir, task, judge=judge, reflect=reflect)
         ctx = stages.StageContext(run, models, plan, _Printer(), tools=models.tools(tool_params))
         with _writing(run):
             click.echo(
@@ -183,6 +190,8 @@ def generate(
             _converse(ctx, models)
             if judge:
                 _judge(ctx, models)
+            if reflect:
+                _reflect(ctx, models)
 
 
 @cli.command()
@@ -263,6 +272,8 @@ def rerun(
                 _converse(ctx, models)
             elif stage == "judge":
                 _judge(ctx, models)
+            elif stage == "reflect":
+                _reflect(ctx, models)
             else:  # a stage with nothing of its own to print
                 stages.execute(ctx, stage)
                 click.echo(f"run {run.run_id}: the {stage} stage is done: {run.path(stage)}")
@@ -327,6 +338,7 @@ def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
 @endpoint_options
 @stage_options(director=True, dialogue=True, tools=True)
 @click.option("--judge", is_flag=True, help="Judge each run when its dialogue ends.")
+@click.option("--reflect", is_flag=True, help="Reflect on each role when its dialogue ends.")
 def batch(
     tasks_file: Path,
     jobs: int,
@@ -336,6 +348,7 @@ def batch(
     dialogue_params: DialogueParameters,
     tool_params: ToolParameters,
     judge: bool,
+    reflect: bool,
 ) -> None:
     """Run every task of TASKS_FILE, JOBS at a time, each as a normal run.
 
@@ -358,6 +371,7 @@ def batch(
             dialogue_params,
             judge=judge,
             tools=tool_params,
+            reflect=reflect,
         )
         counts = {"done": 0, "skipped": 0, "failed": 0}
 
@@ -561,6 +575,7 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
     from .director import ROLES
     from .judge import VERDICT, load_verdict
     from .records import RolesDocument
+    from .reflect import REFLECTIONS, load_reflections
 
     run = _open(runs_dir, run_id)
     if run.imported:
@@ -575,6 +590,8 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
                 click.echo(json.dumps(line.to_json(), ensure_ascii=False))
         elif stage == "judge":
             click.echo(json.dumps(run.read_json(VERDICT), indent=2, ensure_ascii=False))
+        elif stage == "reflect":
+            click.echo(json.dumps(run.read_json(REFLECTIONS), indent=2, ensure_ascii=False))
         else:
             click.echo(json.dumps(run.manifest.to_json(), indent=2, ensure_ascii=False))
         return
@@ -589,6 +606,9 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
         click.echo(text.removeprefix("\n") if stage else text)
     if stage == "judge" or (stage is None and has_verdict):
         click.echo(("\n" if stage is None else "") + _views().verdict_text(load_verdict(run)))
+    if stage == "reflect" or (stage is None and run.path(REFLECTIONS).exists()):
+        text = _views().reflections_text(load_reflections(run))
+        click.echo(("\n" if stage is None else "") + text)
 
 
 @cli.command(name="import")
@@ -815,6 +835,17 @@ def _judge(ctx: StageContext, models: Models) -> None:
     click.echo(f"run {run.run_id}: asking the judge ({models.judge().endpoint.model})...", err=True)
     stages.execute(ctx, "judge")
     click.echo(_views().verdict_text(load_verdict(run)))
+
+
+def _reflect(ctx: StageContext, models: Models) -> None:
+    from . import stages
+    from .reflect import load_reflections
+
+    run = ctx.run
+    model = models.reflector().endpoint.model
+    click.echo(f"run {run.run_id}: asking for reflections ({model})...", err=True)
+    stages.execute(ctx, "reflect")
+    click.echo(_views().reflections_text(load_reflections(run)))
 
 
 def _show_roles(run: Run, roles: RolesDocument) -> None:

@@ -138,6 +138,10 @@ class Models:
         """The judge's client (the director's unless the config assigns one)."""
         return self._client(self.resolver.judge())
 
+    def reflector(self) -> ModelClient:
+        """The client that writes the reflections: the judge's."""
+        return self.judge()
+
     def roles(self, roles_doc: RolesDocument) -> list[ModelClient]:
         """One client per role of ``roles_doc``, in order."""
         with self._lock:

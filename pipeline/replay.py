@@ -106,6 +106,9 @@ class RecordedModels:
     def judge(self) -> ModelClient:
         return self._client("judge", self.source.stage("judge").endpoint)
 
+    def reflector(self) -> ModelClient:
+        return self._client("reflect", self.source.stage("reflect").endpoint)
+
     def moderator(self) -> ModelClient:
         return self._client("dialogue", self.source.stage("dialogue").moderator_endpoint)
 
@@ -177,6 +180,8 @@ def replay_run(
     with run.locked():
         for node in stages.GRAPH:
             if not replayable(source, node.name):
+                if node.optional:  # a judge it never had, a reflection it had
+                    continue
                 break
             stages.execute(ctx, node.name)
             if node.name == "director":

@@ -79,12 +79,14 @@ GRAPH: tuple[Stage, ...] = (
         "dialogue", ("director",), "dialogue/transcript.jsonl", "pipeline.dialogue", resumable=True
     ),
     Stage("judge", ("dialogue",), "judge/verdict.json", "pipeline.judge", optional=True),
+    Stage("reflect", ("dialogue",), "reflect/reflections.json", "pipeline.reflect", optional=True),
 )
 # An imported chat (pipeline import): its conversation comes from a chat export, not from
 # a director and a dialogue; the judge reads it all the same.
 IMPORTED: tuple[Stage, ...] = (
     Stage("import", (), "import/transcript.jsonl", "pipeline.importing"),
     Stage("judge", ("import",), "judge/verdict.json", "pipeline.judge", optional=True),
+    Stage("reflect", ("import",), "reflect/reflections.json", "pipeline.reflect", optional=True),
 )
 STAGE_NAMES = tuple(stage.name for stage in GRAPH)
 _BY_NAME = {stage.name: stage for stage in GRAPH}
@@ -142,6 +144,10 @@ class ClientSource(Protocol):
 
     def judge(self) -> ModelClient: ...
 
+    def reflector(self) -> ModelClient:
+        """The client that writes the reflections (the judge's, unless replayed)."""
+        ...
+
     def roles(self, roles: RolesDocument) -> list[ModelClient]: ...
 
     def child(self, run_id: str) -> ClientSource:
@@ -163,6 +169,9 @@ class OneClient:
         return self.client
 
     def judge(self) -> ModelClient:
+        return self.client
+
+    def reflector(self) -> ModelClient:
         return self.client
 
     def roles(self, roles: RolesDocument) -> list[ModelClient]:
@@ -220,6 +229,7 @@ class Plan:
     dialogue: DialogueParameters
     judge: JudgeParameters
     tools: ToolParameters = field(default_factory=ToolParameters)
+    reflect: JudgeParameters = field(default_factory=JudgeParameters)
 
     @classmethod
     def of(
@@ -228,14 +238,18 @@ class Plan:
         dialogue: DialogueParameters | None = None,
         judge: JudgeParameters | None = None,
         tools: ToolParameters | None = None,
+        reflect: JudgeParameters | None = None,
     ) -> Plan:
-        """The defaults for what is not given; the judge samples with the dialogue's seed."""
+        """The defaults for what is not given; the judge samples with the dialogue's seed,
+        and the reflection with the judge's parameters."""
         dialogue = dialogue or DialogueParameters()
+        judge = judge or JudgeParameters(seed=dialogue.seed)
         return cls(
             director or DirectorParameters(),
             dialogue,
-            judge or JudgeParameters(seed=dialogue.seed),
+            judge,
             tools or ToolParameters(),
+            reflect or judge,
         )
 
     @classmethod
@@ -243,22 +257,32 @@ class Plan:
         """The parameters ``run``'s stages were started (or planned) with."""
 
         def given(name: str) -> dict[str, Any]:
-            return dict(run.stage(name).parameters)
+            entry = run.manifest.stages.get(name)
+            return dict(entry.parameters) if entry is not None else {}
 
-        judge = given("judge")
-        tools = run.stage("dialogue").tools
+        judge, reflect = given("judge"), given("reflect")
+        dialogue = run.manifest.stages.get("dialogue")
+        tools = dialogue.tools if dialogue is not None else None
         return cls.of(
             DirectorParameters(**given("director")),
             DialogueParameters(**given("dialogue")),
             JudgeParameters(**judge) if judge else None,
             ToolParameters(**tools) if tools else None,
+            JudgeParameters(**reflect) if reflect else None,
         )
 
     def new_run(
-        self, runs_dir: Path, task: str, *, run_id: str | None = None, judge: bool = False
+        self,
+        runs_dir: Path,
+        task: str,
+        *,
+        run_id: str | None = None,
+        judge: bool = False,
+        reflect: bool = False,
     ) -> Run:
         """A new run for ``task`` planned with these parameters (see
-        :func:`pipeline.runs.create_run`), the judge among its stages when ``judge``, and
+        :func:`pipeline.runs.create_run`), the judge among its stages when ``judge`` and the
+        reflection when ``reflect``, and
         its roles' tool use recorded up front: a run stopped before it got there resumes
         with them (:func:`planned_stages`).
 
@@ -270,6 +294,8 @@ class Plan:
         planned = self.planned()
         if judge:
             planned["judge"] = dataclasses.asdict(self.judge)
+        if reflect:
+            planned["reflect"] = dataclasses.asdict(self.reflect)
         run = create_run(runs_dir, task, planned, run_id=run_id)
         if self.tools.delegate:
             run.stage("dialogue").tools = dataclasses.asdict(self.tools)
@@ -391,7 +417,9 @@ def status(run: Run, name: str) -> str:
 def _status(run: Run, node: Stage, read: dict[str, str | None], found: dict[str, str]) -> str:
     """As :func:`status`, given the digests of what ``node`` reads now and the status of
     the stages it needs."""
-    entry = run.stage(node.name)
+    from .records import StageRecord
+
+    entry = run.manifest.stages.get(node.name) or StageRecord()  # not added by looking
     recorded = entry.status
     if recorded == "pending" or run.alive(node.name):
         return recorded

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -65,6 +65,22 @@ def verdict_text(verdict: Verdict) -> str:
     if verdict.deliverable:
         parts += [click.style("Deliverable", bold=True), verdict.deliverable]
     return "\n".join(parts)
+
+
+def reflections_text(reflections: Sequence[Mapping[str, Any]]) -> str:
+    """The reflections of a run, one block per role: goal met or not, keep or discard and
+    why, the assessment and what to improve."""
+    blocks = []
+    for r in reflections:
+        head = (
+            f"Reflection on {r['role']}: goal {'met' if r['meets_goal'] else 'not met'}; "
+            f"{'keep' if r['keep'] else 'discard'} ({r['reason']})"
+        )
+        body = [r["assessment"]] + (
+            [f"To improve: {r['improvements']}"] if r["improvements"] else []
+        )
+        blocks.append("\n".join([click.style(head, bold=True), *body]))
+    return "\n\n".join(blocks)
 
 
 def ending(entry: StageRecord, reason: str | None = None) -> str:

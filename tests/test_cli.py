@@ -60,6 +60,7 @@ def test_generate_persists_every_stage(fake, invoke, runs_dir):
         "director": "done",
         "dialogue": "done",
         "judge": "pending",
+        "reflect": "pending",
     }
     assert manifest["stages"]["director"]["endpoint"]["base_url"] == fake.base_url
     assert manifest["stages"]["dialogue"]["parameters"]["turns"] == 5

@@ -31,7 +31,11 @@ def test_a_whatsapp_chat_becomes_a_run_the_other_commands_read(runs_dir, invoke)
         "--timezone", "Europe/London",
     )  # fmt: skip
     run = open_run(runs_dir, run_id)
-    assert run.imported and stages.statuses(run) == {"import": "done", "judge": "pending"}
+    assert run.imported and stages.statuses(run) == {
+        "import": "done",
+        "judge": "pending",
+        "reflect": "pending",
+    }
     lines = read_jsonl(runs_dir / run_id / "import/transcript.jsonl")
     assert [(x["role"], x["kind"]) for x in lines[:2]] == [
         ("Alice", "imported"),
@@ -47,7 +51,7 @@ def test_a_whatsapp_chat_becomes_a_run_the_other_commands_read(runs_dir, invoke)
     # runs, show, export and diff read it as they read any run
     (row,) = json.loads(invoke("runs", "--json").stdout)
     assert (row["stages"], row["turns"], row["termination_reason"]) == (
-        {"import": "done", "judge": "pending"},
+        {"import": "done", "judge": "pending", "reflect": "pending"},
         len(lines),
         "imported",
     )
@@ -63,7 +67,7 @@ def test_a_whatsapp_chat_becomes_a_run_the_other_commands_read(runs_dir, invoke)
     # it has no dialogue to redo
     redo = invoke("rerun", run_id, "dialogue", "--base-url", "http://127.0.0.1:9/v1")
     assert redo.exit_code == 1
-    assert f"run {run_id} has no dialogue stage (its stages: import, judge)" in redo.stderr
+    assert f"run {run_id} has no dialogue stage (its stages: import, judge, reflect)" in redo.stderr
 
 
 def test_an_imported_chat_is_judged_as_a_chat_between_people(runs_dir, invoke):
@@ -170,7 +174,12 @@ def test_from_a_chat_history_to_a_fine_tuned_model_and_a_run_made_with_it(
     )
     assert "counted with estimate (tiktoken could not load o200k_base" in built.stderr
     assert "estimated training cost: $" in built.stderr
-    first = json.loads(dataset.read_text().splitlines()[0])
+    lines = [*dataset.read_text().splitlines(), *held.read_text().splitlines()]
+    (first,) = [
+        json.loads(x)
+        for x in lines
+        if json.loads(x)["messages"][-1]["content"].startswith("answer 0")
+    ]
     assert first == {
         "messages": [
             {"role": "user", "content": "question 0?"},

@@ -177,7 +177,12 @@ def test_a_version_1_run_is_listed_shown_and_exported(v1_run, invoke):
     listed = invoke("runs", "--json")
     assert listed.exit_code == 0, listed.output
     (row,) = json.loads(listed.stdout)
-    assert row["stages"] == {"director": "done", "dialogue": "done", "judge": "done"}
+    assert row["stages"] == {
+        "director": "done",
+        "dialogue": "done",
+        "judge": "done",
+        "reflect": "pending",
+    }
     assert row["turns"] == 6
     shown = invoke("show", v1_run.name)
     assert shown.exit_code == 0, shown.output
@@ -231,6 +236,7 @@ def test_new_roles_make_a_version_1_run_s_dialogue_and_verdict_stale(v1_run, inv
         "director": "done",
         "dialogue": "stale",
         "judge": "stale",
+        "reflect": "pending",
     }
     stored = json.loads((v1_run / "run.json").read_text())
     assert stored["manifest_version"] == 1  # an old run stays in its own version

@@ -403,7 +403,12 @@ def test_runs_lists_every_run_and_reports_a_corrupt_one(fake, invoke, runs_dir):
 
     as_json = json.loads(invoke("runs", "--json").stdout)
     assert [row["run_id"] for row in as_json] == [first.name, second.name, third.name]
-    assert as_json[0]["stages"] == {"director": "done", "dialogue": "done", "judge": "pending"}
+    assert as_json[0]["stages"] == {
+        "director": "done",
+        "dialogue": "done",
+        "judge": "pending",
+        "reflect": "pending",
+    }
     assert as_json[0]["termination_reason"] == "max_turns"
     assert "error" in as_json[1]
 

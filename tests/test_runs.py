@@ -52,7 +52,7 @@ def test_create_run_writes_a_valid_manifest(tmp_path):
     assert manifest["manifest_version"] == 2
     assert schemas.errors(manifest, schemas.RUN_MANIFEST) == []
     assert manifest["task"] == "Write a paper"
-    assert set(manifest["stages"]) == {"director", "dialogue", "judge"}
+    assert set(manifest["stages"]) == {"director", "dialogue", "judge", "reflect"}
     assert all(s["status"] == "pending" for s in manifest["stages"].values())
     assert "templates/director.j2" in manifest["files"]
     assert "schemas/roles.schema.json" in manifest["files"]

@@ -23,7 +23,7 @@ from .fakeserver import Status
 
 
 def test_every_stage_is_declared_once_with_a_module_that_runs_it():
-    assert stages.STAGE_NAMES == ("director", "dialogue", "judge")
+    assert stages.STAGE_NAMES == ("director", "dialogue", "judge", "reflect")
     for node in stages.GRAPH:
         module = importlib.import_module(node.module)
         assert callable(module.run) and callable(module.inputs), node.name
@@ -53,6 +53,8 @@ def run(tmp_path: Path) -> Run:
     finished(run, "dialogue")
     run.write_json("judge/verdict.json", {"score": 1})
     finished(run, "judge")
+    run.write_json("reflect/reflections.json", {"reflections": []})
+    finished(run, "reflect")
     return run
 
 
@@ -62,11 +64,23 @@ DEAD_PID = 2**22 + 12345  # beyond the kernel's pid range: no such process
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (None, {"director": "done", "dialogue": "done", "judge": "done"}),
-        ("roles", {"director": "done", "dialogue": "stale", "judge": "stale"}),  # transitive
-        ("transcript", {"director": "done", "dialogue": "done", "judge": "stale"}),
-        ("verdict", {"director": "done", "dialogue": "done", "judge": "done"}),  # nothing reads it
-        ("roles and back", {"director": "done", "dialogue": "done", "judge": "done"}),
+        (None, {"director": "done", "dialogue": "done", "judge": "done", "reflect": "done"}),
+        (  # transitive
+            "roles",
+            {"director": "done", "dialogue": "stale", "judge": "stale", "reflect": "stale"},
+        ),
+        (
+            "transcript",
+            {"director": "done", "dialogue": "done", "judge": "stale", "reflect": "stale"},
+        ),
+        (  # nothing reads it
+            "verdict",
+            {"director": "done", "dialogue": "done", "judge": "done", "reflect": "done"},
+        ),
+        (
+            "roles and back",
+            {"director": "done", "dialogue": "done", "judge": "done", "reflect": "done"},
+        ),
     ],
 )
 def test_a_stage_is_stale_when_an_output_it_read_has_changed(run, change, expected):
