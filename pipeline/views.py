@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .batch import Outcome
     from .dataset_build import Built
     from .finetune import DatasetFile, FinetuneLedger, JobRow, LedgerFile, Update
+    from .metrics import ReportRow
     from .records import RolesDocument, StageRecord, Turn, Verdict
     from .runs import Run
     from .stages import Plan
@@ -480,4 +481,47 @@ def finetune_table(rows: Sequence[JobRow]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
         for row in [header, *cells]
+    )
+
+
+def metrics_table(rows: Sequence[ReportRow]) -> str:
+    """The metrics of each cycle's runs before and after its model
+    (:func:`pipeline.metrics.report_rows`), one row each: runs, judged runs, mean and
+    median score (2 decimals), distinct-1 and distinct-2 and repetition (3 decimals),
+    the share of ended runs that ended by the done token (a percentage), the model; ``-``
+    for a value a row has not (no judged run, no words...). Numbers are right-aligned."""
+    header = (
+        "CYCLE", "SIDE", "RUNS", "JUDGED", "MEAN", "MEDIAN",
+        "DISTINCT-1", "DISTINCT-2", "REPETITION", "DONE", "MODEL",
+    )  # fmt: skip
+    numeric = range(2, 10)
+    cells = [header, *(_metrics_cells(row) for row in rows)]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i in numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in cells
+    )
+
+
+def _metrics_cells(row: ReportRow) -> tuple[str, ...]:
+    m = row.metrics
+
+    def number(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    return (
+        row.cycle,
+        row.side,
+        str(m.runs),
+        str(m.scores.judged),
+        number(m.scores.mean, 2),
+        number(m.scores.median, 2),
+        number(m.distinct_1, 3),
+        number(m.distinct_2, 3),
+        number(m.repetition, 3),
+        "-" if m.done_token_share is None else f"{m.done_token_share:.0%}",
+        row.model,
     )
