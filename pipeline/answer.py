@@ -58,11 +58,13 @@ def answer_stage(
     check: Check | None = None,
     narrow: Callable[[Any, Schema], Schema] | None = None,
     unusable: Unusable | None = None,
+    recorded: dict[str, Any] | None = None,
 ) -> tuple[StageRecord, StructuredResult]:
     """Run ``ctx.stage`` as one structured answer from ``client`` to ``prompt``, saved as
     ``output`` (relative to the run folder); ``check`` and ``narrow`` as in
-    :class:`pipeline.structured.Question`. The stage is left ``running`` for the caller to
-    add its own fields and finish it; returns its record and the answer.
+    :class:`pipeline.structured.Question`; ``recorded`` is what ``run.json`` records as the
+    stage's parameters (default: ``params``). The stage is left ``running`` for the caller
+    to add its own fields and finish it; returns its record and the answer.
 
     Raises:
         StructuredOutputError: no usable answer (``unusable`` may reword it, knowing the
@@ -72,9 +74,8 @@ def answer_stage(
     run = ctx.run
     endpoint = client.endpoint
     dialects = list(ctx.dialects.get(ctx.stage) or structured.plan_in_run(endpoint, run.manifest))
-    with ctx.running(
-        endpoint=endpoint, parameters=dataclasses.asdict(params), inputs=inputs
-    ) as entry:
+    parameters = recorded if recorded is not None else dataclasses.asdict(params)
+    with ctx.running(endpoint=endpoint, parameters=parameters, inputs=inputs) as entry:
         entry.dialect_plan = dialects
         run.write_text(f"{ctx.stage}/prompt.txt", prompt)
         question = structured.Question(

@@ -27,6 +27,7 @@ from .models import Models
 from .parameters import (
     DialogueParameters,
     DirectorParameters,
+    Persona,
     StageOption,
     ToolParameters,
     apply_options,
@@ -44,7 +45,7 @@ TASK_OPTIONS: dict[str, StageOption] = {
 }
 DIRECTOR_OPTIONS = frozenset(spec.name for spec in options_of(DirectorParameters))
 DIALOGUE_OPTIONS = frozenset(spec.name for spec in options_of(DialogueParameters))
-OPTIONS = DIRECTOR_OPTIONS | DIALOGUE_OPTIONS | {"task", "judge", "reflect"}
+OPTIONS = DIRECTOR_OPTIONS | DIALOGUE_OPTIONS | {"task", "judge", "reflect", "persona"}
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ def read_tasks(path: Path) -> list[BatchTask]:
                     spec[name] = TASK_OPTIONS[name].validate(value)
                 elif name in ("judge", "reflect") and not isinstance(value, bool):
                     raise ValueError(f"{shown(value)} is not a valid boolean")
+                elif name == "persona" and not (isinstance(value, str) and value):
+                    raise ValueError(f"{shown(value)} is not a persona's name")
             except ValueError as e:
                 raise ConfigError(f"{path}:{number}: {name}: {e}", path=path) from e
         tasks.append(BatchTask(number, task, spec))
@@ -145,6 +148,7 @@ class Batch:
         judge: bool = False,
         tools: ToolParameters | None = None,
         reflect: bool = False,
+        persona: str | None = None,
     ) -> None:
         self.tasks = read_tasks(tasks_file)
         self.tools = tools or ToolParameters()
@@ -153,6 +157,7 @@ class Batch:
         self.models = models
         self.director, self.dialogue, self.judge = director, dialogue, judge
         self.reflect = reflect
+        self.persona = persona
         self.path = runs_dir / "batches" / f"{tasks_file.stem}.json"
         self._lock = threading.RLock()
         self._reserved: set[str] = set()
@@ -200,8 +205,21 @@ class Batch:
         dialogue = apply_options(self.dialogue, task.options)
         return director, dialogue
 
+    def _persona(self, task: BatchTask) -> Persona | None:
+        """The persona ``task`` casts (its own, else the batch's), from the config.
+
+        Raises:
+            ConfigError: there is no config, or it defines no such persona.
+        """
+        name = task.options.get("persona", self.persona)
+        if name is None:
+            return None
+        config = self.models.config
+        if config is None:
+            raise ConfigError(f"no pipeline.toml to read the persona {name!r} from")
+        return config.persona(name)
+
     def _process(self, task: BatchTask) -> Outcome:
-        plan = stages.Plan.of(*self._parameters(task), tools=self.tools)
         include = tuple(
             name
             for name, asked in (("judge", self.judge), ("reflect", self.reflect))
@@ -209,6 +227,9 @@ class Batch:
         )
         run_id = self._run_id_for(task)
         try:
+            plan = stages.Plan.of(
+                *self._parameters(task), tools=self.tools, persona=self._persona(task)
+            )
             folder = self.runs_dir / run_id
             if (folder / "run.json").is_file():
                 run = open_run(self.runs_dir, run_id)

@@ -40,12 +40,18 @@ if TYPE_CHECKING:
 
     from .batch import Outcome
     from .models import Models
-    from .parameters import DialogueParameters, DirectorParameters, ToolParameters
+    from .parameters import DialogueParameters, DirectorParameters, Persona, ToolParameters
     from .records import RolesDocument, Turn
     from .runs import Run
     from .stages import StageContext
 
 REVIEW_QUESTION = "Run the dialogue? [y/N/e]"
+PERSONA_OPTION = click.option(
+    "--persona",
+    metavar="NAME",
+    help="Cast this persona of pipeline.toml ([personas.NAME]) as one of the roles, under its "
+    "name and with its system prompt.",
+)
 
 
 def _views() -> Any:
@@ -128,6 +134,7 @@ def _nonempty_task(ctx: click.Context, param: click.Parameter, value: str) -> st
     help="Then ask a model (the judge's) to reflect on each role: goal met, what to improve, "
     "keep or discard.",
 )
+@PERSONA_OPTION
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -144,6 +151,7 @@ def generate(
     yes: bool,
     judge: bool,
     reflect: bool,
+    persona: str | None,
     dry_run: bool,
 ) -> None:
     """Write roles for TASK, let you review them, then run the dialogue.
@@ -156,7 +164,9 @@ def generate(
     from . import stages
     from .director import load_roles
 
-    plan = stages.Plan.of(director_params, dialogue_params, tools=tool_params)
+    plan = stages.Plan.of(
+        director_params, dialogue_params, tools=tool_params, persona=_persona(flags, persona)
+    )
     if dry_run:
         from .config import load_config
 
@@ -339,6 +349,7 @@ def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
 @stage_options(director=True, dialogue=True, tools=True)
 @click.option("--judge", is_flag=True, help="Judge each run when its dialogue ends.")
 @click.option("--reflect", is_flag=True, help="Reflect on each role when its dialogue ends.")
+@PERSONA_OPTION
 def batch(
     tasks_file: Path,
     jobs: int,
@@ -349,6 +360,7 @@ def batch(
     tool_params: ToolParameters,
     judge: bool,
     reflect: bool,
+    persona: str | None,
 ) -> None:
     """Run every task of TASKS_FILE, JOBS at a time, each as a normal run.
 
@@ -372,6 +384,7 @@ def batch(
             judge=judge,
             tools=tool_params,
             reflect=reflect,
+            persona=persona,
         )
         counts = {"done": 0, "skipped": 0, "failed": 0}
 
@@ -627,6 +640,13 @@ def show(run_id: str, stage: str | None, as_json: bool, runs_dir: Path) -> None:
     metavar="ZONE",
     help="whatsapp: the IANA time zone of the export's times [default: this computer's].",
 )
+@click.option(
+    "--persona",
+    "personas",
+    metavar="SPEAKER=NAME",
+    multiple=True,
+    help="Import SPEAKER as the persona NAME (its role is named NAME); repeatable.",
+)
 @runs_dir_option
 def import_command(
     fmt: str,
@@ -635,6 +655,7 @@ def import_command(
     task: str | None,
     conversation: str | None,
     zone: str | None,
+    personas: tuple[str, ...],
     runs_dir: Path,
 ) -> None:
     """Import a chat history, FILE, as a run: WhatsApp's .txt export, Telegram Desktop's
@@ -646,8 +667,21 @@ def import_command(
     """
     from .importing import import_chats
 
+    mapped = {}
+    for pair in personas:
+        speaker, _, name = pair.partition("=")
+        if not speaker.strip() or not name.strip():
+            raise click.BadParameter(f"{pair!r} is not SPEAKER=NAME", param_hint="--persona")
+        mapped[speaker.strip()] = name.strip()
     for run in import_chats(
-        runs_dir, fmt, file, me=me, task=task, conversation=conversation, zone=zone
+        runs_dir,
+        fmt,
+        file,
+        me=me,
+        task=task,
+        conversation=conversation,
+        zone=zone,
+        personas=mapped,
     ):
         click.echo(f"run {run.run_id}: {_views().imported_text(run.stage('import'))}", err=True)
         click.echo(run.run_id)
@@ -695,6 +729,23 @@ def serve(host: str, port: int, model_file: Path | None) -> None:
 
 
 # -- helpers --------------------------------------------------------------------------
+
+
+def _persona(flags: EndpointFlags, name: str | None) -> Persona | None:
+    """The persona ``name`` of the config these flags read (``pipeline.toml`` or
+    ``--config``); None for no name."""
+    if name is None:
+        return None
+    from .config import load_config
+    from .errors import ConfigError, Fix
+
+    config = load_config(flags.config)
+    if config is None:
+        raise ConfigError(
+            f"no pipeline.toml to read the persona {name!r} from",
+            fix=Fix("define it there under [personas.NAME], or pass {}", ("config",)),
+        )
+    return config.persona(name)
 
 
 def _runs_dir_flag(runs_dir: Path) -> str:

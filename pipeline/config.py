@@ -11,7 +11,7 @@ one place, :mod:`pipeline.endpoints`, which also defines :class:`Endpoint` and
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,8 @@ from .endpoints import (
     Endpoint,
     resolve_endpoint,
 )
-from .errors import ConfigError, PipelineError
+from .errors import ConfigError, Fix, PipelineError
+from .parameters import Persona
 
 if TYPE_CHECKING:
     from .mcptools import McpConfig
@@ -53,12 +54,29 @@ class Config:
             position).
         mcp: the MCP servers and the tools each role may call
             (:class:`pipeline.mcptools.McpConfig`), or None.
+        personas: the personas by name (``[personas.NAME]``).
     """
 
     path: Path
     endpoints: dict[str, Endpoint | EmbeddedModel]
     assign: dict[str, Any]
     mcp: McpConfig | None = None
+    personas: dict[str, Persona] = field(default_factory=dict)
+
+    def persona(self, name: str) -> Persona:
+        """The persona ``name``.
+
+        Raises:
+            ConfigError: the config defines no such persona.
+        """
+        if name not in self.personas:
+            raise ConfigError(
+                f"{self.path}: no persona named {name!r} "
+                f"(defined: {', '.join(self.personas) or 'none'})",
+                fix=Fix("define it under [personas.NAME] with a system_prompt"),
+                path=self.path,
+            )
+        return self.personas[name]
 
     def name_for(self, stage: str) -> str | None:
         """The endpoint name assigned to ``director`` or ``moderator`` (or the default)."""
@@ -158,7 +176,11 @@ def load_config(path: Path | None, *, cwd: Path | None = None) -> Config | None:
         from .mcptools import McpConfig
 
         mcp = McpConfig.parse(path, data["mcp"])
-    return Config(path, endpoints, assign, mcp)
+    personas = {
+        name: Persona(name, spec["system_prompt"])
+        for name, spec in data.get("personas", {}).items()
+    }
+    return Config(path, endpoints, assign, mcp, personas)
 
 
 def _assignments(assign: dict[str, Any]) -> list[tuple[str, str]]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import copy
 import shutil
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from . import schemas, stages, templates
 from .answer import answer_stage
 from .errors import Fix, RunError, StructuredOutputError
 from .lint import lint_roles, roles_problems, self_address
-from .parameters import DirectorParameters
+from .parameters import DirectorParameters, Persona
 from .records import RolesDocument, StageRecord
 from .resources import file_sha256
 from .termination import DEFAULT_DONE_TOKEN
@@ -34,9 +33,38 @@ RESPONSE = "director/response.json"
 ROLES = "director/roles.json"
 
 
-def render_prompt(task: str, roles: int = 2, done_token: str = DEFAULT_DONE_TOKEN) -> str:
-    """The director's prompt for ``task`` (the task is passed to the template as data)."""
-    return templates.render(TEMPLATE, task=task, n_roles=roles, done_token=done_token)
+def render_prompt(
+    task: str,
+    roles: int = 2,
+    done_token: str = DEFAULT_DONE_TOKEN,
+    persona: Persona | None = None,
+) -> str:
+    """The director's prompt for ``task`` (the task is passed to the template as data),
+    asking it to cast ``persona`` as one of the roles when one is given."""
+    return templates.render(
+        TEMPLATE, task=task, n_roles=roles, done_token=done_token, persona=persona
+    )
+
+
+def persona_problems(roles_doc: dict[str, Any], persona: Persona | None) -> list[str]:
+    """The problem of an answer that does not cast ``persona`` (no role of its name), in
+    the form of :func:`pipeline.lint.roles_problems`."""
+    if persona is None or persona.name in [r["name"] for r in roles_doc["roles"]]:
+        return []
+    return [
+        f"$.roles: no role is named {persona.name!r}; cast the persona {persona.name!r} as "
+        "one of the roles, under that exact name"
+    ]
+
+
+def cast_persona(roles_doc: dict[str, Any], persona: Persona) -> dict[str, Any]:
+    """``roles_doc`` with the persona's role given the persona's system prompt, word for
+    word (the director may have paraphrased it)."""
+    roles = [
+        {**r, "system_prompt": persona.system_prompt} if r["name"] == persona.name else r
+        for r in roles_doc["roles"]
+    ]
+    return {**roles_doc, "roles": roles}
 
 
 # A director's roles are checked against version 1 of the roles schema: 2 to 8 roles,
@@ -96,7 +124,7 @@ def inputs(ctx: StageContext) -> object:
         "template_sha256": file_sha256(templates.template_path(TEMPLATE)),
         "schema_sha256": file_sha256(schemas.schema_path(schemas.ROLES, ROLES_VERSION)),
         "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
-        "parameters": asdict(ctx.plan.director),
+        "parameters": ctx.plan.director_parameters(),
     }
 
 
@@ -131,20 +159,29 @@ def run(ctx: StageContext) -> None:
             fix=fixes,
         )
 
+    persona = ctx.plan.persona
     entry, result = answer_stage(
         ctx,
         ctx.models.director(),
         params=params,
         inputs=ctx.inputs,
-        prompt=render_prompt(run_.task, params.roles, params.done_token),
+        prompt=render_prompt(run_.task, params.roles, params.done_token, persona),
         schema=answer_schema(params),
         output=ROLES,
-        check=roles_problems,
-        narrow=narrow_schema,
+        check=lambda doc: roles_problems(doc) + persona_problems(doc, persona),
+        # names are not pinned while the persona is missing: that would keep it out
+        narrow=lambda doc, schema: (
+            schema if persona_problems(doc, persona) else narrow_schema(doc, schema)
+        ),
         unusable=unusable,
+        recorded=ctx.plan.director_parameters(),
     )
     ctx.recorder.derive(result.record, REQUEST, RESPONSE)
-    entry.lint = lint_roles(result.value)
+    roles = result.value
+    if persona is not None:
+        roles = cast_persona(roles, persona)
+        run_.write_json(ROLES, roles)
+    entry.lint = lint_roles(roles)
     run_.finish_stage(STAGE)
 
 

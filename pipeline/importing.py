@@ -25,8 +25,9 @@ Times: WhatsApp exports hold the phone's local time with no zone, read in ``time
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,6 +68,7 @@ def import_chats(
     task: str | None = None,
     conversation: str | None = None,
     zone: str | None = None,
+    personas: Mapping[str, str] | None = None,
 ) -> list[Run]:
     """Import the chat(s) of export ``path`` in format ``fmt``
     (:data:`pipeline.chats.IMPORT_FORMATS`) as runs, one per chat (a ChatGPT export holds
@@ -76,6 +78,8 @@ def import_chats(
         me: the speaker who is the user (recorded; datasets and personas use it).
         task: what the chat was for; by default a description of it.
         zone: the IANA time zone of a WhatsApp export's times (the computer's when None).
+        personas: speakers to import as personas, ``{speaker: persona name}``: their role
+            is named after the persona (``me`` is then the persona's name too).
 
     Raises:
         ImportFormatError: the file cannot be read as ``fmt`` (the message names the line
@@ -87,7 +91,8 @@ def import_chats(
 
     chats = parse_chats(fmt, path, conversation=conversation)
     source = {"file": path.name, "sha256": file_sha256(path)}
-    prepared = [_prepare(chat, fmt, path, source, me, task, zone) for chat in chats]
+    mapped = dict(personas or {})
+    prepared = [_prepare(chat, fmt, path, source, me, task, zone, mapped) for chat in chats]
     return [_write(runs_dir, one) for one in prepared]
 
 
@@ -99,10 +104,17 @@ def _prepare(
     me: str | None,
     task: str | None,
     zone: str | None,
+    personas: dict[str, str],
 ) -> Prepared:
     from .chats import merge_turns, speakers
 
     names = speakers(chat.messages)
+    if unknown := [s for s in personas if s not in names]:
+        raise ImportFormatError(
+            f"{path.name}: no speaker named {unknown[0]!r} to import as a persona in "
+            f"{_what(chat, fmt)} (speakers: {', '.join(names[:10])})",
+            path=path,
+        )
     if not names:
         raise ImportFormatError(
             f"{path.name}: {_what(chat, fmt)} holds no message to import", path=path
@@ -114,7 +126,12 @@ def _prepare(
             fix=Fix("pass one of them as {}", ("me",)),
             path=path,
         )
-    merged = merge_turns(chat.messages)
+    merged = [
+        dataclasses.replace(t, speaker=personas.get(t.speaker, t.speaker))
+        for t in merge_turns(chat.messages)
+    ]
+    names = list(dict.fromkeys(personas.get(n, n) for n in names))
+    me = personas.get(me, me) if me is not None else None
     when = _times(fmt, zone, path)
     turns = [
         Turn(
@@ -143,6 +160,7 @@ def _prepare(
         "conversation": chat.conversation_id,
         "title": chat.title,
         "me": me,
+        "personas": personas or None,
         "messages": len(chat.messages),
         "skipped": dict(chat.skipped),
     }

@@ -184,6 +184,21 @@ class DirectorParameters:
 
 
 @dataclass(frozen=True)
+class Persona:
+    """A role that stays the same across runs (``[personas.NAME]`` in ``pipeline.toml``):
+    the director must cast it under this name, and its system prompt is kept as written.
+
+    Attributes:
+        name: the role's name in every run that casts it; memory, curation, the cycle and
+            ``[assign] roles`` key on it.
+        system_prompt: its system prompt, word for word.
+    """
+
+    name: str
+    system_prompt: str
+
+
+@dataclass(frozen=True)
 class DialogueParameters:
     """Parameters of the dialogue stage.
 

@@ -34,7 +34,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .parameters import DialogueParameters, DirectorParameters, JudgeParameters, ToolParameters
+from .parameters import (
+    DialogueParameters,
+    DirectorParameters,
+    JudgeParameters,
+    Persona,
+    ToolParameters,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -230,6 +236,7 @@ class Plan:
     judge: JudgeParameters
     tools: ToolParameters = field(default_factory=ToolParameters)
     reflect: JudgeParameters = field(default_factory=JudgeParameters)
+    persona: Persona | None = None
 
     @classmethod
     def of(
@@ -239,6 +246,7 @@ class Plan:
         judge: JudgeParameters | None = None,
         tools: ToolParameters | None = None,
         reflect: JudgeParameters | None = None,
+        persona: Persona | None = None,
     ) -> Plan:
         """The defaults for what is not given; the judge samples with the dialogue's seed,
         and the reflection with the judge's parameters."""
@@ -250,6 +258,7 @@ class Plan:
             judge,
             tools or ToolParameters(),
             reflect or judge,
+            persona,
         )
 
     @classmethod
@@ -260,15 +269,17 @@ class Plan:
             entry = run.manifest.stages.get(name)
             return dict(entry.parameters) if entry is not None else {}
 
-        judge, reflect = given("judge"), given("reflect")
+        judge, reflect, director = given("judge"), given("reflect"), given("director")
         dialogue = run.manifest.stages.get("dialogue")
         tools = dialogue.tools if dialogue is not None else None
+        persona = director.pop("persona", None)
         return cls.of(
-            DirectorParameters(**given("director")),
+            DirectorParameters(**director),
             DialogueParameters(**given("dialogue")),
             JudgeParameters(**judge) if judge else None,
             ToolParameters(**tools) if tools else None,
             JudgeParameters(**reflect) if reflect else None,
+            Persona(**persona) if persona else None,
         )
 
     def new_run(
@@ -305,9 +316,17 @@ class Plan:
     def planned(self) -> dict[str, dict[str, Any]]:
         """The parameters recorded in a new run's manifest, stage by stage."""
         return {
-            "director": dataclasses.asdict(self.director),
+            "director": self.director_parameters(),
             "dialogue": dataclasses.asdict(self.dialogue),
         }
+
+    def director_parameters(self) -> dict[str, Any]:
+        """The director's parameters as recorded: its fields, and the persona it must cast
+        (only when there is one, so that a run without keeps its record)."""
+        recorded = dataclasses.asdict(self.director)
+        if self.persona is not None:
+            recorded["persona"] = dataclasses.asdict(self.persona)
+        return recorded
 
 
 @dataclass

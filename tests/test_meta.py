@@ -40,6 +40,7 @@ SAMPLE_DATA = {
     "declares": True,
     "candidates": ["Mentor", "Critic"],
     "cast": ROLES["roles"],
+    "persona": {"name": "Ana", "system_prompt": "I want you to act as Ana."},
     "timestamp": "202611251200",
     "models": [("Student", "model-a"), ("Mentor", "model-b")],
     "roles": ROLES,

@@ -133,7 +133,7 @@ def test_no_file_means_no_config(tmp_path):
         ("[endpoints\n", "not valid TOML"),
         (
             "[endpoint.a]\nembedded = true\n",
-            "endpoint: unknown key (known here: assign, endpoints, mcp)",
+            "endpoint: unknown key (known here: assign, endpoints, mcp, personas)",
         ),
     ],
 )

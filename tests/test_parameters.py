@@ -316,7 +316,7 @@ TASK_KEYS = [
 
 def test_every_option_is_a_task_key():
     assert sorted(batch.OPTIONS) == sorted(
-        [*{key for key, *_ in TASK_KEYS}, "task", "judge", "reflect"]
+        [*{key for key, *_ in TASK_KEYS}, "task", "judge", "reflect", "persona"]
     )
 
 
@@ -373,7 +373,7 @@ BAD_VALUES = [
         '"director_turns": 3',
         "unknown option 'director_turns' (known: closing_turns, director_max_tokens, "
         "done_token, floor, judge, loop_detection, max_tokens, max_tokens_total, "
-        "reflect, repair_attempts, roles, seed, task, temperature, turns)",
+        "persona, reflect, repair_attempts, roles, seed, task, temperature, turns)",
     ),
 ]
 
