@@ -10,86 +10,54 @@ and the speaker's reflection (when a ``reflect`` stage is done: ``keep`` and its
 The runs folder is the source of truth: the database is derived from it and
 :func:`rebuild` makes it again. What is forgotten (:func:`forget`) is recorded in the runs
 folder too, in ``memory-forgotten.jsonl`` (:data:`FORGOTTEN`), one rule per line, so a
-rebuild keeps it out.
-
-Storage: the standard library's ``sqlite3``. ``sqlite-utils`` would add a dependency for
-what a few lines of SQL do here, and its conveniences (schema inference, upserts without a
-transaction of our choosing) are the opposite of what concurrent writers need: one explicit
-``BEGIN IMMEDIATE`` transaction per run. The database is in WAL mode (readers never wait
-for a writer) with ``synchronous=NORMAL`` (safe from corruption; a power cut may lose the
-last transactions, which the next :func:`sync` redoes) and a busy timeout of
-:data:`BUSY_TIMEOUT` seconds, so two processes syncing at once wait for each other's
-transaction and neither duplicates nor loses a row. Schema (``PRAGMA user_version`` =
-:data:`SCHEMA_VERSION`; a database of another version is rebuilt)::
-
-    runs(run_id PRIMARY KEY, task, created, imported, score,     -- one per indexed run
-         transcript_sha256, verdict_sha256, reflections_sha256,   -- what it was indexed
-         forgotten_sha256, indexed)                               --   from (NULL: none)
-    memories(id INTEGER PRIMARY KEY, run_id, turn, role, kind, model, time, content,
-             keep, reason, improvements, UNIQUE(run_id, turn))    -- one per turn
-    memories_fts USING fts5(content, content='memories', content_rowid='id')
-
-``memories_fts`` is an external-content FTS5 index kept in step by triggers. Its rowid is
-the explicit ``id`` (an implicit rowid could change on ``VACUUM``); ``(run_id, turn)`` is
-the key that makes a second copy of a turn impossible.
+rebuild keeps it out. The database, its schema and how concurrent writers share it are
+:mod:`pipeline.memorydb`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from . import stages
 from .errors import Fix, MemoryStoreError, PipelineError, one_line
+from .memorydb import (
+    DATABASE,
+    FORGOTTEN,
+    Rule,
+    connect,
+    database,
+    drop,
+    ensure_schema,
+    read_rules,
+    record,
+    stored,
+    transaction,
+)
 from .records import canonical_json, timestamp
 from .resources import file_sha256
 from .runs import MANIFEST, Run, list_runs, open_run
 
-DATABASE = "memory.db"
-FORGOTTEN = "memory-forgotten.jsonl"
 REFLECTIONS = "reflect/reflections.json"
-SCHEMA_VERSION = 1
-BUSY_TIMEOUT = 60.0
-"""Seconds a writer waits for another's transaction (one run's turns) before failing."""
-
-_SCHEMA = (
-    """CREATE TABLE runs (
-        run_id TEXT PRIMARY KEY, task TEXT NOT NULL, created TEXT NOT NULL,
-        imported INTEGER NOT NULL, score NUMERIC,
-        transcript_sha256 TEXT NOT NULL, verdict_sha256 TEXT, reflections_sha256 TEXT,
-        forgotten_sha256 TEXT, indexed TEXT NOT NULL)""",
-    """CREATE TABLE memories (
-        id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, turn INTEGER NOT NULL,
-        role TEXT NOT NULL, kind TEXT NOT NULL, model TEXT, time TEXT NOT NULL,
-        content TEXT NOT NULL, keep INTEGER, reason TEXT, improvements TEXT,
-        UNIQUE (run_id, turn))""",
-    "CREATE INDEX memories_role ON memories (role)",
-    """CREATE VIRTUAL TABLE memories_fts USING fts5(
-        content, content='memories', content_rowid='id',
-        tokenize='unicode61 remove_diacritics 2')""",
-    """CREATE TRIGGER memories_ai AFTER INSERT ON memories BEGIN
-        INSERT INTO memories_fts (rowid, content) VALUES (new.id, new.content);
-    END""",
-    """CREATE TRIGGER memories_ad AFTER DELETE ON memories BEGIN
-        INSERT INTO memories_fts (memories_fts, rowid, content)
-        VALUES ('delete', old.id, old.content);
-    END""",
-    """CREATE TRIGGER memories_au AFTER UPDATE ON memories BEGIN
-        INSERT INTO memories_fts (memories_fts, rowid, content)
-        VALUES ('delete', old.id, old.content);
-        INSERT INTO memories_fts (rowid, content) VALUES (new.id, new.content);
-    END""",
-)
-_TABLES = ("memories_fts", "memories", "runs")
-_FINGERPRINT = ("transcript_sha256", "verdict_sha256", "reflections_sha256", "forgotten_sha256")
+__all__ = [
+    "DATABASE",
+    "FORGOTTEN",
+    "REFLECTIONS",
+    "Memory",
+    "SyncReport",
+    "database",
+    "forget",
+    "memories",
+    "rebuild",
+    "remember",
+    "search",
+    "sync",
+]
 
 
 @dataclass(frozen=True)
@@ -150,116 +118,6 @@ class SyncReport:
     memories: int = 0
 
 
-def database(runs_dir: Path) -> Path:
-    """The memory database of ``runs_dir``: ``<runs_dir>/memory.db``."""
-    return runs_dir / DATABASE
-
-
-# -- the database -----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _connect(runs_dir: Path) -> Iterator[sqlite3.Connection]:
-    """An open connection (autocommit: transactions are explicit), the schema in place.
-    sqlite3 errors inside the block become one-line :class:`MemoryStoreError`s."""
-    path = database(runs_dir)
-    try:
-        runs_dir.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
-    except (OSError, sqlite3.Error) as e:
-        raise MemoryStoreError(f"cannot open the memory database {path}: {e}", path=path) from e
-    try:
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = NORMAL")
-        db.execute("PRAGMA recursive_triggers = ON")  # INSERT OR REPLACE's deletes update FTS
-        _ensure_schema(db)
-        yield db
-    except sqlite3.DatabaseError as e:
-        raise MemoryStoreError(
-            f"the memory database {path} failed: {one_line(e)}",
-            fix=Fix("make it again from the runs", command=("memory", "rebuild")),
-            path=path,
-        ) from e
-    finally:
-        db.close()
-
-
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction, taken at once (``BEGIN IMMEDIATE``: a second writer waits
-    here, not half-way through); rolled back if the block raises."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def _ensure_schema(db: sqlite3.Connection, *, fresh: bool = False) -> None:
-    if not fresh and db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-        return
-    with _transaction(db):
-        if not fresh and db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-            return  # another process made it meanwhile
-        for table in _TABLES:  # derived data: a database of another version is made anew
-            db.execute(f"DROP TABLE IF EXISTS {table}")
-        for statement in _SCHEMA:
-            db.execute(statement)
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-
-# -- forgotten memories -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """A line of :data:`FORGOTTEN`: the memories of ``run_id`` (any when None) spoken by
-    ``role`` (any when None), in runs made up to ``time``."""
-
-    run_id: str | None
-    role: str | None
-    time: str
-
-    def covers(self, run_id: str, created: str) -> bool:
-        return self.run_id in (None, run_id) and _instant(created) <= _instant(self.time)
-
-
-def _instant(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def _rules(runs_dir: Path) -> list[_Rule]:
-    """The rules of :data:`FORGOTTEN` (none when it does not exist). A last line cut short
-    by a crash is ignored, as in a transcript.
-
-    Raises:
-        MemoryStoreError: a complete line is not a rule.
-    """
-    path = runs_dir / FORGOTTEN
-    try:
-        data = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as e:
-        raise MemoryStoreError(f"cannot read {path}: {e}", path=path) from e
-    rules = []
-    for number, line in enumerate(data[: data.rfind("\n") + 1].splitlines(), start=1):
-        try:
-            value = json.loads(line)
-            rules.append(_Rule(value.get("run_id"), value.get("role"), value["time"]))
-            _instant(rules[-1].time)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise MemoryStoreError(
-                f"line {number} of {path} is not a forgotten-memory rule ({one_line(e, 80)})",
-                fix=Fix("fix or delete that line"),
-                path=path,
-            ) from e
-    return rules
-
-
 # -- indexing ---------------------------------------------------------------------------
 
 
@@ -273,7 +131,7 @@ class _Inputs:
     reflected: bool
     hashes: tuple[str | None, str | None, str | None]
 
-    def fingerprint(self, rules: Sequence[_Rule]) -> tuple[str | None, ...]:
+    def fingerprint(self, rules: Sequence[Rule]) -> tuple[str | None, ...]:
         """The hashes and that of the forgotten-memory rules that cover the run (None:
         none): what the ``runs`` table records to tell a changed run."""
         mine = [asdict(r) for r in _covering(self.run, rules)]
@@ -281,7 +139,7 @@ class _Inputs:
         return (*self.hashes, forgotten)
 
 
-def _covering(run: Run, rules: Sequence[_Rule]) -> list[_Rule]:
+def _covering(run: Run, rules: Sequence[Rule]) -> list[Rule]:
     return [r for r in rules if r.covers(run.run_id, run.manifest.created)]
 
 
@@ -345,14 +203,7 @@ def _rows(inputs: _Inputs) -> list[tuple[Any, ...]]:
     return list(rows.values())
 
 
-def _stored(db: sqlite3.Connection, run_id: str) -> tuple[str | None, ...] | None:
-    row = db.execute(
-        f"SELECT {', '.join(_FINGERPRINT)} FROM runs WHERE run_id = ?", (run_id,)
-    ).fetchone()
-    return None if row is None else tuple(row)
-
-
-def _index(db: sqlite3.Connection, inputs: _Inputs, rules: Sequence[_Rule]) -> str:
+def _index(db: sqlite3.Connection, inputs: _Inputs, rules: Sequence[Rule]) -> str:
     """Store the memories of ``inputs``'s run, in one transaction, unless they are stored
     from the same inputs already: ``"added"``, ``"updated"`` or ``"unchanged"``.
 
@@ -361,14 +212,14 @@ def _index(db: sqlite3.Connection, inputs: _Inputs, rules: Sequence[_Rule]) -> s
     from .judge import load_verdict
 
     run = inputs.run
-    if _stored(db, run.run_id) == inputs.fingerprint(rules):
+    if stored(db, run.run_id) == inputs.fingerprint(rules):
         return "unchanged"
     score = load_verdict(run).score if inputs.judged else None
     rows = _rows(inputs)
-    with _transaction(db):
-        rules = _rules(run.folder.parent)
+    with transaction(db):
+        rules = read_rules(run.folder.parent)
         fingerprint = inputs.fingerprint(rules)
-        before = _stored(db, run.run_id)  # as it is now that this process writes alone
+        before = stored(db, run.run_id)  # as it is now that this process writes alone
         if before == fingerprint:
             return "unchanged"
         forgotten = {r.role for r in _covering(run, rules)}  # None: every role
@@ -392,12 +243,6 @@ def _index(db: sqlite3.Connection, inputs: _Inputs, rules: Sequence[_Rule]) -> s
             ),
         )
     return "added" if before is None else "updated"
-
-
-def _drop(db: sqlite3.Connection, run_id: str) -> None:
-    with _transaction(db):
-        db.execute("DELETE FROM memories WHERE run_id = ?", (run_id,))
-        db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
 
 
 def _gone(runs_dir: Path, run_id: str) -> bool:
@@ -426,11 +271,11 @@ def sync(runs_dir: Path) -> SyncReport:
         MemoryStoreError: the database cannot be opened or written, or
             :data:`FORGOTTEN` cannot be read.
     """
-    rules = _rules(runs_dir)
+    rules = read_rules(runs_dir)
     done: dict[str, list[str]] = {"added": [], "updated": [], "unchanged": []}
     skipped: list[tuple[str, str]] = []
     seen: set[str] = set()  # finished, or unreadable: their memories stay
-    with _connect(runs_dir) as db:
+    with connect(runs_dir) as db:
         for found in list_runs(runs_dir):
             if isinstance(found, PipelineError):
                 skipped.append((found.run_id or "?", found.problem))
@@ -448,7 +293,7 @@ def sync(runs_dir: Path) -> SyncReport:
         held = [r[0] for r in db.execute("SELECT run_id FROM runs ORDER BY run_id")]
         removed = [r for r in held if r not in seen and _gone(runs_dir, r)]
         for run_id in removed:
-            _drop(db, run_id)
+            drop(db, run_id)
         return SyncReport(
             tuple(done["added"]),
             tuple(done["updated"]),
@@ -469,11 +314,11 @@ def remember(run: Run) -> int:
         RunError: the run's transcript or verdict cannot be read.
     """
     runs_dir = run.folder.parent
-    rules = _rules(runs_dir)
+    rules = read_rules(runs_dir)
     inputs = _inputs(run)
-    with _connect(runs_dir) as db:
+    with connect(runs_dir) as db:
         if inputs is None:
-            _drop(db, run.run_id)
+            drop(db, run.run_id)
             return 0
         _index(db, inputs, rules)
         found = db.execute("SELECT count(*) FROM memories WHERE run_id = ?", (run.run_id,))
@@ -483,8 +328,8 @@ def remember(run: Run) -> int:
 def rebuild(runs_dir: Path) -> SyncReport:
     """Drop the memory database's tables and index the runs folder anew (forgotten
     memories stay out). Raises as :func:`sync`."""
-    with _connect(runs_dir) as db:
-        _ensure_schema(db, fresh=True)
+    with connect(runs_dir) as db:
+        ensure_schema(db, fresh=True)
     return sync(runs_dir)
 
 
@@ -554,7 +399,7 @@ def search(
         " JOIN memories m ON m.id = memories_fts.rowid JOIN runs r ON r.run_id = m.run_id"
         f" WHERE memories_fts MATCH ?{where} ORDER BY rank, m.run_id, m.turn LIMIT ?"
     )
-    with _connect(runs_dir) as db:
+    with connect(runs_dir) as db:
         try:
             rows = db.execute(sql, [query, *values, limit]).fetchall()
         except sqlite3.OperationalError as e:
@@ -591,7 +436,7 @@ def memories(
         f"{_SELECT} FROM memories m JOIN runs r ON r.run_id = m.run_id"
         f" WHERE 1{where} ORDER BY m.run_id, m.turn"
     )
-    with _connect(runs_dir) as db:
+    with connect(runs_dir) as db:
         return [_memory(r) for r in db.execute(sql, values)]
 
 
@@ -606,30 +451,21 @@ def forget(runs_dir: Path, run_id: str | None = None, role: str | None = None) -
     and :func:`rebuild` keep those memories out; runs made later are remembered.
 
     Raises:
-        MemoryStoreError: neither is given, or ``run_id`` is no run of the folder nor of
-            the database.
+        MemoryStoreError: neither is given, or the database cannot be written.
+        RunError: ``run_id`` is no run of the folder, nor of the database.
     """
     if run_id is None and role is None:
         raise MemoryStoreError(
             "nothing to forget: name a run or a role", fix=Fix("give a RUN_ID or a role")
         )
-    with _connect(runs_dir) as db:
+    with connect(runs_dir) as db:
         if run_id is not None:
-            known = _stored(db, run_id) is not None
+            known = stored(db, run_id) is not None
             if not known:
                 open_run(runs_dir, run_id)  # RunError when there is no such run
-        rule = _Rule(run_id, role, timestamp())
-        _append(runs_dir / FORGOTTEN, json.dumps(asdict(rule), ensure_ascii=False))
+        record(runs_dir, Rule(run_id, role, timestamp()))
         clauses = [c for c, v in (("run_id = ?", run_id), ("role = ?", role)) if v is not None]
         values = [v for v in (run_id, role) if v is not None]
-        with _transaction(db):
+        with transaction(db):
             found = db.execute(f"DELETE FROM memories WHERE {' AND '.join(clauses)}", values)
             return found.rowcount
-
-
-def _append(path: Path, line: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
