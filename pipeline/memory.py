@@ -327,9 +327,20 @@ def remember(run: Run) -> int:
 
 def rebuild(runs_dir: Path) -> SyncReport:
     """Drop the memory database's tables and index the runs folder anew (forgotten
-    memories stay out). Raises as :func:`sync`."""
-    with connect(runs_dir) as db:
-        ensure_schema(db, fresh=True)
+    memories stay out); a file that is no database, or a damaged one, is deleted and made
+    again. Raises as :func:`sync`."""
+    try:
+        with connect(runs_dir) as db:
+            ensure_schema(db, fresh=True)
+    except MemoryStoreError as e:
+        cause = e.__cause__
+        if not isinstance(cause, sqlite3.DatabaseError) or isinstance(
+            cause,
+            sqlite3.OperationalError,  # busy, locked, unwritable: not damage
+        ):
+            raise
+        for suffix in ("", "-wal", "-shm"):
+            database(runs_dir).with_name(DATABASE + suffix).unlink(missing_ok=True)
     return sync(runs_dir)
 
 

@@ -198,6 +198,19 @@ def test_rebuild_gives_what_a_sync_from_scratch_gives(runs_dir, invoke):
     assert rows(runs_dir) == synced and len(synced) == 5
 
 
+def test_a_damaged_database_is_a_one_line_error_that_rebuild_mends(runs_dir, invoke):
+    three_runs(runs_dir)
+    (runs_dir / "memory.db").write_bytes(b"not a database, but 100 bytes long " * 3)
+    result = invoke("memory", "search", "battery")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: the memory database {runs_dir}/memory.db failed: file is not a database; "
+        f"make it again from the runs with: pipeline memory rebuild --runs-dir {runs_dir}\n"
+    )
+    assert invoke("memory", "rebuild").exit_code == 0
+    assert len(memory.search(runs_dir, "battery")) == 5
+
+
 def test_a_query_fts5_cannot_parse_is_a_one_line_error(runs_dir, invoke):
     three_runs(runs_dir)
     memory.sync(runs_dir)
