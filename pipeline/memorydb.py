@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -99,19 +100,50 @@ def connect(runs_dir: Path) -> Iterator[sqlite3.Connection]:
         raise MemoryStoreError(f"cannot open the memory database {path}: {e}", path=path) from e
     try:
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode = WAL")
+        _wal(db)
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA recursive_triggers = ON")  # INSERT OR REPLACE's deletes update FTS
         ensure_schema(db)
         yield db
-    except sqlite3.DatabaseError as e:
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e) and "busy" not in str(e):
+            raise _damaged(path, e) from e
         raise MemoryStoreError(
-            f"the memory database {path} failed: {one_line(e)}",
-            fix=Fix("make it again from the runs", command=("memory", "rebuild")),
+            f"the memory database {path} is in use by another process ({one_line(e)}, "
+            f"after {BUSY_TIMEOUT:g} s)",
+            fix=Fix("try again when it is done"),
             path=path,
         ) from e
+    except sqlite3.DatabaseError as e:
+        raise _damaged(path, e) from e
     finally:
         db.close()
+
+
+def _damaged(path: Path, e: sqlite3.DatabaseError) -> MemoryStoreError:
+    return MemoryStoreError(
+        f"the memory database {path} failed: {one_line(e)}",
+        fix=Fix("make it again from the runs", command=("memory", "rebuild")),
+        path=path,
+    )
+
+
+def _wal(db: sqlite3.Connection) -> None:
+    """Put the database in WAL mode (it stays so). Switching takes the file to itself and
+    SQLite answers "locked" at once, without waiting, while another process uses it (two
+    processes opening a new database together): so try again, for up to
+    :data:`BUSY_TIMEOUT` seconds."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] == "wal":
+                return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e):
+                raise
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError("database is locked (cannot switch it to WAL mode)")
+        time.sleep(0.02)
 
 
 @contextlib.contextmanager
