@@ -1013,6 +1013,198 @@ def dataset_build(
         click.echo(click.format_filename(path))
 
 
+# -- memory: every turn of every finished run, searchable; curation into datasets ----------
+
+
+@cli.group(name="memory")
+def memory_group() -> None:
+    """The memory store: every turn of every finished run, in RUNS_DIR/memory.db.
+
+    The runs folder stays the source of truth: `memory rebuild` makes the database again
+    from it, and what `memory forget` removes is recorded there too.
+    """
+
+
+@memory_group.command(name="search")
+@click.argument("query")
+@click.option("--role", metavar="NAME", help="Only this role's (or persona's) turns.")
+@click.option(
+    "--min-score",
+    type=click.FloatRange(1, 10),
+    help="Only runs the judge scored at least this (unjudged runs are left out).",
+)
+@click.option(
+    "--limit", type=click.IntRange(1), default=20, show_default=True, help="Most results."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+@runs_dir_option
+def memory_search(
+    query: str,
+    role: str | None,
+    min_score: float | None,
+    limit: int,
+    as_json: bool,
+    runs_dir: Path,
+) -> None:
+    """Search the memories for QUERY, best match first.
+
+    QUERY is an SQLite FTS5 query: words (all must be there), "a phrase", prefix*, OR, NOT,
+    NEAR(a b). Put a word holding other characters than letters and digits in double
+    quotes: '"gpt-4o"'. Run `memory sync` first to take in the newest runs.
+    """
+    import json
+
+    from . import memory
+
+    found = memory.search(runs_dir, query, role=role, min_score=min_score, limit=limit)
+    if as_json:
+        click.echo(json.dumps([m.to_json() for m in found], indent=2, ensure_ascii=False))
+    elif found:
+        click.echo(_views().search_text(found))
+    else:
+        click.echo("no memory matches", err=True)
+
+
+def _synced(report: Any, runs_dir: Path) -> None:
+    """Print what a sync or rebuild did; the runs it could not read go to stderr."""
+    from .memory import database
+
+    for run_id, why in report.skipped:
+        click.echo(f"skipped {run_id}: {why}", err=True)
+    click.echo(_views().sync_text(report, click.format_filename(database(runs_dir))))
+
+
+@memory_group.command(name="sync")
+@runs_dir_option
+def memory_sync(runs_dir: Path) -> None:
+    """Index the finished runs that are new or changed since the last sync (a new verdict
+    or reflection), and take out the runs deleted or no longer finished."""
+    from . import memory
+
+    _synced(memory.sync(runs_dir), runs_dir)
+
+
+@memory_group.command(name="rebuild")
+@runs_dir_option
+def memory_rebuild(runs_dir: Path) -> None:
+    """Make the memory database again from the runs folder (forgotten memories stay out)."""
+    from . import memory
+
+    _synced(memory.rebuild(runs_dir), runs_dir)
+
+
+@memory_group.command(name="forget")
+@click.argument("run_id", metavar="[RUN_ID]", required=False)
+@click.option("--role", metavar="NAME", help="Forget this role's turns (in RUN_ID only, if given).")
+@runs_dir_option
+def memory_forget(run_id: str | None, role: str | None, runs_dir: Path) -> None:
+    """Forget the memories of RUN_ID, or of a role in every run made until now.
+
+    The rule is kept in RUNS_DIR/memory-forgotten.jsonl, so `memory rebuild` and later
+    syncs keep them out, and curation never sees them; runs made later are remembered.
+    """
+    from . import memory
+
+    if run_id is None and role is None:
+        raise click.UsageError("give a RUN_ID or --role")
+    removed = memory.forget(runs_dir, run_id=run_id, role=role)
+    click.echo(f"forgot {removed} memories")
+
+
+@cli.command()
+@click.option("--role", metavar="NAME", required=True, help="The role (persona) to train.")
+@click.option(
+    "--min-score",
+    type=click.FloatRange(1, 10),
+    required=True,
+    help="Only runs the judge scored at least this.",
+)
+@click.option("--keep-only", is_flag=True, help="Only turns whose reflection says keep.")
+@click.option(
+    "--dedupe",
+    metavar="THRESHOLD",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Drop a turn whose similarity (Jaccard, word 3-grams) to one taken is this or more.",
+)
+@click.option("--max-per-task", type=click.IntRange(1), help="At most this many per task.")
+@click.option(
+    "--mix",
+    type=PathType(exists=True, dir_okay=False),
+    help="Outside examples (JSONL, the same format) to mix in.",
+)
+@click.option(
+    "--mix-ratio",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="The share of outside examples in the dataset (with --mix).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(DATASET_FORMATS),
+    default="chat",
+    show_default=True,
+    help="chat: OpenAI chat fine-tuning lines; completion: legacy prompt/completion pairs.",
+)
+@click.option(
+    "--context",
+    type=click.IntRange(0),
+    default=10,
+    show_default=True,
+    help="Turns before each answer given as its context.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mix.")
+@click.option(
+    "-o",
+    "--output",
+    metavar="DATASET",
+    type=PathType(dir_okay=False),
+    required=True,
+    help="The JSONL file.",
+)
+@runs_dir_option
+def curate(
+    role: str,
+    min_score: float,
+    keep_only: bool,
+    dedupe: float | None,
+    max_per_task: int | None,
+    mix: Path | None,
+    mix_ratio: float | None,
+    fmt: str,
+    context: int,
+    seed: int,
+    output: Path,
+    runs_dir: Path,
+) -> None:
+    """Select memories into a fine-tuning dataset, DATASET: the --role's turns in runs
+    judged at least --min-score, near-duplicates dropped, at most --max-per-task per task,
+    outside examples mixed in at --mix-ratio.
+
+    The memory is synced first; forgotten memories are left out. A sidecar
+    DATASET.manifest.json lists every memory in the dataset and every line mixed in.
+    """
+    from . import curate as curation
+
+    if (mix is None) != (mix_ratio is None):
+        raise click.UsageError("--mix and --mix-ratio go together")
+    curated = curation.curate(
+        runs_dir,
+        role=role,
+        min_score=min_score,
+        keep_only=keep_only,
+        dedupe=dedupe,
+        max_per_task=max_per_task,
+        mix=mix,
+        mix_ratio=mix_ratio,
+        fmt=fmt,
+        context=context,
+        seed=seed,
+    )
+    click.echo(_views().curated_text(curated), err=True)
+    for path in curation.write(curated, output):
+        click.echo(click.format_filename(path))
+
+
 # -- models: GGUF files from the Hugging Face Hub ---------------------------------------
 
 

@@ -10,9 +10,10 @@ to record the runs a fine-tuned model came from).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import dataset, stages
 from .errors import DatasetError, Fix
@@ -119,7 +120,44 @@ def build(
             fix=Fix("finish or judge the runs first, or lower {}", ("min_score",)),
         )
     examples = dataset.build_examples(found, speaker, fmt=fmt, context=context)
-    train, held = dataset.split(examples, validation, seed) if validation else (examples, [])
+    return assemble(
+        examples,
+        runs=list(dict.fromkeys(e.run_id for e in examples)),
+        speaker=speaker,
+        fmt=fmt,
+        context=context,
+        validation=validation,
+        seed=seed,
+        base_model=base_model,
+        epochs=epochs,
+        prices=prices,
+        token_limit=token_limit,
+    )
+
+
+def assemble(
+    examples: Sequence[dataset.Example],
+    *,
+    runs: Sequence[str],
+    speaker: str,
+    fmt: str,
+    context: int | None,
+    validation: float = 0.0,
+    seed: int = 0,
+    base_model: str | None = None,
+    epochs: int | None = None,
+    prices: Path | None = None,
+    token_limit: int | None = None,
+) -> Built:
+    """Examples made already (by :func:`build`, or curated from memories by
+    :mod:`pipeline.curate`) as a dataset: a ``validation`` share split off with ``seed``,
+    both parts checked and the training priced as :func:`build` says; ``runs`` are the
+    runs they came from.
+
+    Raises:
+        DatasetError: the share is out of range, or the price table cannot be read.
+    """
+    train, held = dataset.split(examples, validation, seed) if validation else (list(examples), [])
     table = dataset.load_prices(prices)
     limit = token_limit or (
         dataset.model_entry(table.example_token_limit, base_model) if base_model else None
@@ -142,7 +180,7 @@ def build(
         held,
         report,
         held_report,
-        list(dict.fromkeys(e.run_id for e in examples)),
+        list(runs),
         speaker,
         fmt,
         context,
@@ -152,9 +190,11 @@ def build(
     )
 
 
-def write(built: Built, path: Path) -> list[Path]:
+def write(built: Built, path: Path, *, manifest: Mapping[str, Any] | None = None) -> list[Path]:
     """Write ``built`` to ``path`` (and its validation part beside it, ``<stem>.validation.jsonl``)
-    with the sidecar manifest; return the files written.
+    with the sidecar manifest; return the files written. The keys of ``manifest`` are
+    added to the sidecar's (replacing those of the same name: ``examples`` for one that
+    says more of each example).
 
     Raises:
         DatasetError: a check found problems (nothing is written; the message lists
@@ -173,7 +213,7 @@ def write(built: Built, path: Path) -> list[Path]:
     if built.validation:
         held = path.with_name(path.name.removesuffix(".jsonl") + VALIDATION_SUFFIX)
         files["validation"] = (held, dataset.write_jsonl(held, built.validation))
-    manifest: JSONObject = {
+    listing: JSONObject = {
         "speaker": built.speaker,
         "format": built.fmt,
         "context": built.context,
@@ -188,7 +228,7 @@ def write(built: Built, path: Path) -> list[Path]:
         },
     }
     sidecar = path.with_name(path.name + MANIFEST_SUFFIX)
-    atomic_write_json(sidecar, manifest)
+    atomic_write_json(sidecar, {**listing, **(manifest or {})})
     return [p for p, _ in files.values()] + [sidecar]
 
 

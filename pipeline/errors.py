@@ -157,6 +157,13 @@ class DatasetError(PipelineError):
     price table cannot be read."""
 
 
+class MemoryStoreError(PipelineError):
+    """The memory store (``runs/memory.db``, :mod:`pipeline.memory`) cannot be used as
+    asked: the database cannot be opened or is damaged, a search is not a query FTS5 can
+    parse, there is nothing to forget, or the list of forgotten memories cannot be read.
+    (Named so as not to shadow the builtin :class:`MemoryError`.)"""
+
+
 class ReplayError(PipelineError):
     """A replayed run asked for a call its recording does not hold."""
 

@@ -21,9 +21,11 @@ from .termination import strip_token
 
 if TYPE_CHECKING:
     from .batch import Outcome
+    from .curate import Curated
     from .dataset_build import Built
     from .finetune import DatasetFile, FinetuneLedger, JobRow, LedgerFile, Update
     from .metrics import ReportRow
+    from .memory import Memory, SyncReport
     from .records import RolesDocument, StageRecord, Turn, Verdict
     from .runs import Run
     from .stages import Plan
@@ -263,6 +265,44 @@ def dataset_text(built: Built) -> str:
             f"{built.base_model})"
         )
     return "\n".join(lines)
+
+
+# -- memory and curation ------------------------------------------------------------
+
+
+def search_text(found: Sequence[Memory]) -> str:
+    """Search results, two lines each: where (run, turn, role, score), then the snippet."""
+    lines = []
+    for m in found:
+        score = "unjudged" if m.score is None else f"score {m.score:g}"
+        where = f"{m.run_id} turn {m.turn}  {m.role}  {score}"
+        lines += [click.style(where, bold=True), "  " + " ".join((m.snippet or m.content).split())]
+    return "\n".join(lines)
+
+
+def sync_text(report: SyncReport, database: str) -> str:
+    """What ``memory sync`` (or ``rebuild``) did, in one line."""
+    return (
+        f"{len(report.added)} runs added, {len(report.updated)} updated, "
+        f"{len(report.removed)} removed, {report.unchanged} unchanged; "
+        f"{report.memories} memories in {database}"
+    )
+
+
+def curated_text(curated: Curated) -> str:
+    """What ``curate`` chose, for stderr, before :func:`dataset_text`'s lines."""
+    lines = [
+        f"{curated.candidates} memories qualified; {len(curated.duplicates)} near-duplicates "
+        f"dropped, {len(curated.over_cap)} over the per-task cap; {len(curated.memories)} kept"
+    ]
+    if curated.mixed is not None:
+        total = len(curated.memories) + len(curated.mixed.lines)
+        share = len(curated.mixed.lines) / total if total else 0.0
+        lines.append(
+            f"{len(curated.mixed.lines)} outside examples from {curated.mixed.file} "
+            f"({share:.1%} of the dataset)"
+        )
+    return "\n".join([*lines, dataset_text(curated.built)])
 
 
 def batch_table(outcomes: Sequence[Outcome]) -> str:
