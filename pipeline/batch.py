@@ -11,6 +11,7 @@ the others (:func:`finish_run`), instead of starting them over.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import stages
+from . import memory, stages
 from .errors import ConfigError, PipelineError
 from .models import Models
 from .parameters import (
@@ -249,6 +250,8 @@ class Batch:
                 tools = self.models.tools(self.tools)
                 ctx = stages.StageContext(run, self.models, plan, tools=tools)
                 stages.advance(ctx, include=include)
+            with contextlib.suppress(PipelineError):  # `memory sync` catches up
+                memory.remember(run)  # the driver writes the memory, never a worker
         except PipelineError as e:
             self._note(task, status="failed", error=e.message)
             return Outcome(task, "failed", run_id, error=e.message, exception=e)

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -202,6 +202,7 @@ def generate(
                 _judge(ctx, models)
             if reflect:
                 _reflect(ctx, models)
+            _remember(run)
 
 
 @cli.command()
@@ -240,6 +241,7 @@ def converse(
                 )
                 return
             _converse(ctx, models)
+            _remember(run)
 
 
 @cli.command()
@@ -287,6 +289,8 @@ def rerun(
             else:  # a stage with nothing of its own to print
                 stages.execute(ctx, stage)
                 click.echo(f"run {run.run_id}: the {stage} stage is done: {run.path(stage)}")
+            if stage != "director":
+                _remember(run)
 
 
 @cli.command()
@@ -329,6 +333,7 @@ def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
         with flags.models(run) as models:
             ctx = stages.StageContext(run, models, plan, _Printer(), tools=models.tools(plan.tools))
             stages.advance(ctx, include=include)
+        _remember(run)
         click.echo(
             f"\nrun {run.run_id} done ({_views().ending(run.stage('dialogue'))}): {run.folder}"
         )
@@ -684,6 +689,7 @@ def import_command(
         personas=mapped,
     ):
         click.echo(f"run {run.run_id}: {_views().imported_text(run.stage('import'))}", err=True)
+        _remember(run)
         click.echo(run.run_id)
 
 
@@ -729,6 +735,17 @@ def serve(host: str, port: int, model_file: Path | None) -> None:
 
 
 # -- helpers --------------------------------------------------------------------------
+
+
+def _remember(run: Run) -> None:
+    """Add ``run`` to the memory store if it is finished; a store that cannot take it is
+    a warning, not a failure of the run (``pipeline memory sync`` catches up later)."""
+    from . import memory
+
+    try:
+        memory.remember(run)
+    except PipelineError as e:
+        click.echo(f"warning: run {run.run_id} is not in the memory yet: {e.message}", err=True)
 
 
 def _persona(flags: EndpointFlags, name: str | None) -> Persona | None:
@@ -1111,6 +1128,39 @@ def memory_forget(run_id: str | None, role: str | None, runs_dir: Path) -> None:
     click.echo(f"forgot {removed} memories")
 
 
+def curation_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of what curation keeps, shared by curate and cycle."""
+    for option in reversed(
+        [
+            click.option(
+                "--keep-only", is_flag=True, help="Only turns whose reflection says keep."
+            ),
+            click.option(
+                "--dedupe",
+                metavar="THRESHOLD",
+                type=click.FloatRange(0, 1, min_open=True),
+                help="Drop a turn whose similarity (Jaccard, word 3-grams) to one taken is "
+                "this or more.",
+            ),
+            click.option(
+                "--max-per-task", type=click.IntRange(1), help="At most this many per task."
+            ),
+            click.option(
+                "--mix",
+                type=PathType(exists=True, dir_okay=False),
+                help="Outside examples (JSONL, the same format) to mix in.",
+            ),
+            click.option(
+                "--mix-ratio",
+                type=click.FloatRange(0, 1, max_open=True),
+                help="The share of outside examples in the dataset (with --mix).",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
 @cli.command()
 @click.option("--role", metavar="NAME", required=True, help="The role (persona) to train.")
 @click.option(
@@ -1119,24 +1169,7 @@ def memory_forget(run_id: str | None, role: str | None, runs_dir: Path) -> None:
     required=True,
     help="Only runs the judge scored at least this.",
 )
-@click.option("--keep-only", is_flag=True, help="Only turns whose reflection says keep.")
-@click.option(
-    "--dedupe",
-    metavar="THRESHOLD",
-    type=click.FloatRange(0, 1, min_open=True),
-    help="Drop a turn whose similarity (Jaccard, word 3-grams) to one taken is this or more.",
-)
-@click.option("--max-per-task", type=click.IntRange(1), help="At most this many per task.")
-@click.option(
-    "--mix",
-    type=PathType(exists=True, dir_okay=False),
-    help="Outside examples (JSONL, the same format) to mix in.",
-)
-@click.option(
-    "--mix-ratio",
-    type=click.FloatRange(0, 1, max_open=True),
-    help="The share of outside examples in the dataset (with --mix).",
-)
+@curation_options
 @click.option(
     "--format",
     "fmt",
@@ -1203,6 +1236,123 @@ def curate(
     click.echo(_views().curated_text(curated), err=True)
     for path in curation.write(curated, output):
         click.echo(click.format_filename(path))
+
+
+# -- the cycle: memories → a persona's model, and where a model came from ---------------
+
+
+@cli.command()
+@click.option("--role", "persona", metavar="PERSONA", required=True, help="The persona to tune.")
+@click.option("--base-model", metavar="MODEL", help="The model to fine-tune (not --model).")
+@click.option(
+    "--every",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Submit a job once N curated examples exist that no earlier cycle used.",
+)
+@click.option("--yes", "-y", is_flag=True, help="Build the dataset and submit the job.")
+@click.option(
+    "--assign",
+    is_flag=True,
+    help="When a job has succeeded, write the model for the persona into the --config file.",
+)
+@click.option("--report", is_flag=True, help="Print the metrics of each cycle, then stop.")
+@click.option(
+    "--min-score",
+    type=click.FloatRange(1, 10),
+    help="Only runs the judge scored at least this.",
+)
+@curation_options
+@runs_dir_option
+@endpoint_options
+def cycle(
+    persona: str,
+    base_model: str | None,
+    every: int | None,
+    yes: bool,
+    assign: bool,
+    report: bool,
+    min_score: float | None,
+    keep_only: bool,
+    dedupe: float | None,
+    max_per_task: int | None,
+    mix: Path | None,
+    mix_ratio: float | None,
+    runs_dir: Path,
+    flags: EndpointFlags,
+) -> None:
+    """Fine-tune a persona on its curated memories, a cycle at a time; safe from cron.
+
+    Each call does one thing: while the last cycle's job runs, it says so; when the job has
+    succeeded, it prints the pipeline.toml entry that gives the persona the new model (with
+    --assign, it writes it into the --config file, keeping a .bak); otherwise, once --every
+    new curated examples exist, it builds the dataset and, with --yes, submits the job.
+    Without --yes nothing costly is done. Overlapping calls exit at once. --report prints
+    the metrics of the runs before and after each model.
+    """
+    from . import cycle as cycles
+
+    if report:
+        click.echo(_views().metrics_table(cycles.report(runs_dir, persona)))
+        return
+    if base_model is None or every is None:
+        raise click.UsageError("--base-model and --every are needed (or --report)")
+    if assign and flags.config is None:
+        raise click.UsageError("--assign needs --config FILE: the file to write the model into")
+    if (mix is None) != (mix_ratio is None):
+        raise click.UsageError("--mix and --mix-ratio go together")
+    curation = {
+        "min_score": min_score,
+        "keep_only": keep_only,
+        "dedupe": dedupe,
+        "max_per_task": max_per_task,
+        "mix": mix,
+        "mix_ratio": mix_ratio,
+    }
+    try:
+        outcome = cycles.step(
+            runs_dir,
+            _finetune_jobs(runs_dir, flags),
+            persona=persona,
+            base_model=base_model,
+            every=every,
+            submit=yes,
+            assign_to=flags.config if assign else None,
+            curation=curation,
+        )
+    except cycles.CycleBusy as e:
+        click.echo(e.message, err=True)
+        return
+    click.echo(outcome.message)
+    if outcome.entry and not assign:
+        click.echo(f"to give it to {persona}, add to pipeline.toml:\n{outcome.entry}")
+    if outcome.action == "failed":
+        raise click.ClickException(outcome.message)
+
+
+@cli.command()
+@click.argument("target", metavar="MODEL|RUN_ID")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+@runs_dir_option
+def lineage(target: str, as_json: bool, runs_dir: Path) -> None:
+    """Show where a fine-tuned model came from and what was made with it: runs, then
+    memories, then dataset, then job, then model, then the runs made with the model.
+
+    Given a run, the chains it belongs to: the model it was made with, and the models its
+    turns went into.
+    """
+    import json
+
+    from .lineage import lineage as chains
+    from .lineage import lineage_text
+
+    links = chains(runs_dir, target)
+    if as_json:
+        click.echo(json.dumps([link.to_json() for link in links], indent=2))
+    elif links:
+        click.echo(lineage_text(links))
+    else:
+        click.echo(f"{target} went into no fine-tuned model yet", err=True)
 
 
 # -- models: GGUF files from the Hugging Face Hub ---------------------------------------

@@ -39,7 +39,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,11 +135,13 @@ def curate(
     context: int | None = dataset_build.DEFAULT_CONTEXT,
     seed: int = 0,
     base_model: str | None = None,
+    exclude: Collection[tuple[str, int]] = (),
 ) -> Curated:
     """The dataset of ``role``'s memories in ``runs_dir`` chosen as the module's
     documentation says (``dedupe``: a similarity from 0 to 1, None for no dropping;
-    ``base_model``: whose token limit the examples are checked against). The memory
-    store is synced with the runs folder first.
+    ``base_model``: whose token limit the examples are checked against; ``exclude``: the
+    ``(run id, turn)`` of memories to leave out, say those an earlier cycle used). The
+    memory store is synced with the runs folder first.
 
     Raises:
         DatasetError: no memory qualifies, ``role`` says nothing in them, an argument is
@@ -169,7 +171,11 @@ def curate(
             fix=Fix("give {} 1 or more", ("max_per_task",)),
         )
     memory.sync(runs_dir)
-    found = memory.memories(runs_dir, role=role, min_score=min_score, keep_only=keep_only)
+    found = [
+        m
+        for m in memory.memories(runs_dir, role=role, min_score=min_score, keep_only=keep_only)
+        if (m.run_id, m.turn) not in exclude
+    ]
     examples = _examples(runs_dir, found, role, fmt, context)
     chosen = [m for m in found if (m.run_id, m.turn) in examples]
     if not chosen:

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from .curate import Curated
     from .dataset_build import Built
     from .finetune import DatasetFile, FinetuneLedger, JobRow, LedgerFile, Update
-    from .metrics import ReportRow
     from .memory import Memory, SyncReport
+    from .metrics import ReportRow
     from .records import RolesDocument, StageRecord, Turn, Verdict
     from .runs import Run
     from .stages import Plan

@@ -198,6 +198,13 @@ def invoke(runs_dir: Path):  # type: ignore[no-untyped-def]
     return run
 
 
+def run_folders(runs_dir: Path) -> list[Path]:
+    """The run folders of ``runs_dir``, sorted (not its batches, ledgers or memory)."""
+    from pipeline.runs import RUN_ID_RE
+
+    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and RUN_ID_RE.match(p.name))
+
+
 def only_run(runs_dir: Path) -> Path:
     """The single run folder under runs_dir."""
     folders = [p for p in runs_dir.iterdir() if p.is_dir()]

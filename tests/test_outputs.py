@@ -19,7 +19,7 @@ from pipeline.config import Endpoint
 from pipeline.dialogue import role_prompt
 from pipeline.records import RolesDocument, Turn
 
-from .conftest import ROLES, conversation, only_run, read_jsonl
+from .conftest import ROLES, conversation, only_run, read_jsonl, run_folders
 from .fakeserver import Action, FakeServer, Reply
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -151,7 +151,7 @@ def test_the_judge_stage_repairs_a_bad_verdict_and_export_all_keeps_good_runs(in
         assert second.exit_code == 0, second.output
         third = invoke("generate", *args, "third task")  # never judged
         assert third.exit_code == 0
-    good, poor, unjudged = sorted(p for p in runs_dir.iterdir())
+    good, poor, unjudged = run_folders(runs_dir)
     stage = json.loads((good / "run.json").read_text())["stages"]["judge"]
     assert stage["status"] == "done"
     assert [a["outcome"] for a in stage["attempts"]] == ["schema", "ok"]
@@ -222,7 +222,7 @@ def test_a_batch_runs_every_task_with_its_own_options(fake, invoke, runs_dir, tm
     again = invoke("batch", str(path), "--base-url", fake.base_url, "--model", "m", "--turns", "4")
     assert again.exit_code == 0
     assert [line.split()[0] for line in again.stdout.splitlines()[1:]] == ["skipped"] * 3
-    assert len([p for p in runs_dir.iterdir() if p.name != "batches"]) == 3
+    assert len(run_folders(runs_dir)) == 3
 
 
 @pytest.mark.parametrize(
@@ -340,7 +340,7 @@ def test_killing_a_batch_and_running_it_again_finishes_only_what_is_missing(tmp_
     record = json.loads(record_path.read_text())
     assert all(t["status"] == "done" for t in record["tasks"].values())
     assert len(record["tasks"]) == 6
-    assert len([p for p in runs_dir.iterdir() if p.name != "batches"]) == 6
+    assert len(run_folders(runs_dir)) == 6
     for run_id, stamp in stamps.items():  # finished runs were not redone
         assert (runs_dir / run_id / "dialogue" / "transcript.jsonl").stat().st_mtime_ns == stamp
     summary = again.stdout.splitlines()[1:]
@@ -395,5 +395,6 @@ def test_a_run_id_is_recorded_before_its_run_is_made(fake, invoke, runs_dir, tmp
     )
     result = invoke("batch", str(path), "--base-url", fake.base_url, "--model", "m", "--turns", "2")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in runs_dir.iterdir()) == [run_id, "batches"]
+    kept = sorted(p.name for p in runs_dir.iterdir() if not p.name.startswith("memory"))
+    assert kept == [run_id, "batches"]
     assert len(read_jsonl(runs_dir / run_id / "dialogue" / "transcript.jsonl")) == 2

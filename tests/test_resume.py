@@ -21,7 +21,7 @@ import pytest
 
 from pipeline import schemas
 
-from .conftest import ROLES, only_run, read_jsonl
+from .conftest import ROLES, only_run, read_jsonl, run_folders
 from .fakeserver import Action, FakeServer, Reply
 
 TURNS = 6
@@ -377,7 +377,7 @@ def test_runs_lists_every_run_and_reports_a_corrupt_one(fake, invoke, runs_dir):
     for task in ("first task", "second task"):
         invoke("generate", *endpoint(fake), "--yes", "--turns", "2", task)
     invoke("generate", *endpoint(fake), "third task")
-    first, second, third = sorted(p for p in runs_dir.iterdir())
+    first, second, third = run_folders(runs_dir)
     (second / "run.json").write_text("{ not json")
 
     result = invoke("runs")
