@@ -154,6 +154,11 @@ def test_the_whole_loop(tmp_path, runs_dir, invoke, fake, monkeypatch, tiktoken_
         p.name for p in runs_dir.iterdir() if "essay-number" in p.name and p != newest
     )
     assert len(link["memories"]) == 12 and link["made"] == [newest.name]
+    a_source = link["source_runs"][0]
+    (from_run,) = json.loads(invoke("lineage", a_source, "--json").stdout)
+    assert from_run["model"] == tuned  # a run's turns went into the model
+    text = invoke("lineage", tuned).stdout
+    assert text.splitlines()[-2:] == [f"model:    {tuned}", f"made:     {newest.name}"]
 
     # 7. the report: before and after the tuned model
     report = invoke("cycle", "--role", "Ana", "--report", "--runs-dir", str(runs_dir))
@@ -161,3 +166,22 @@ def test_the_whole_loop(tmp_path, runs_dir, invoke, fake, monkeypatch, tiktoken_
     rows = report.stdout.splitlines()
     assert rows[0].split()[:3] == ["CYCLE", "SIDE", "RUNS"]
     assert [r.split()[:3] for r in rows[1:]] == [["1", "before", "6"], ["1", "after", "1"]]
+
+
+def test_an_overlapping_cycle_exits_at_once_and_assign_needs_a_config(runs_dir, invoke):
+    from pipeline import cycle
+
+    with cycle.locked(runs_dir, "Ana"):
+        busy = invoke("cycle", "--role", "Ana", "--base-model", BASE, "--every", "5",
+                      "--base-url", "http://127.0.0.1:9/v1")  # fmt: skip
+    assert (busy.exit_code, busy.stdout) == (0, "")
+    assert busy.stderr == "another cycle of Ana is running; nothing was done\n"
+    lonely = invoke("cycle", "--role", "Ana", "--base-model", BASE, "--every", "5", "--assign")
+    assert lonely.exit_code == 2
+    assert "--assign needs --config FILE" in lonely.stderr
+    nothing = invoke("cycle", "--role", "Ana", "--base-model", BASE, "--every", "5",
+                     "--base-url", "http://127.0.0.1:9/v1")  # fmt: skip
+    assert (nothing.exit_code, nothing.stdout) == (
+        0,
+        "0 new curated example(s) of Ana, 5 needed; nothing to do\n",
+    )
