@@ -20,6 +20,7 @@ from .errors import StructuredOutputError
 if TYPE_CHECKING:
     from .client import ModelClient
     from .records import StageRecord
+    from .runs import Run
     from .schemas import Schema
     from .stages import StageContext
     from .structured import Check, StructuredResult
@@ -102,3 +103,45 @@ def answer_stage(
         entry.schema_form = structured.schema_form(endpoint.server)
     entry.usage = result.usage
     return entry, result
+
+
+def transcript_inputs(
+    ctx: StageContext, client: ModelClient, template: str, schema: str, params: Any
+) -> dict[str, Any]:
+    """The inputs of a stage that answers about a run's conversation (the judge, the
+    reflection): the transcript, its template and schema files, the endpoint and the
+    parameters."""
+    from dataclasses import asdict
+
+    from . import schemas, templates
+    from .resources import file_sha256
+
+    endpoint = client.endpoint
+    run = ctx.run
+    return {
+        "transcript_sha256": file_sha256(run.path(run.transcript)),
+        "template_sha256": file_sha256(templates.template_path(template)),
+        "schema_sha256": file_sha256(schemas.schema_path(schema)),
+        "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
+        "parameters": asdict(params),
+    }
+
+
+def conversation_done(run: Run, stage: str, doing: str) -> None:
+    """Check that ``run``'s conversation has ended, before ``stage`` does ``doing`` with
+    it (``judge``, ``reflect on``).
+
+    Raises:
+        RunError: the dialogue (or the import) is not done.
+    """
+    from .errors import Fix, RunError
+    from .stages import conversation_stage, status
+
+    needed = conversation_stage(run)
+    if (now := status(run, needed)) != "done":
+        raise RunError(
+            f"the {needed} of run {run.run_id} is {now}, so there is nothing to {doing} yet",
+            fix=Fix("finish it", command=("resume", run.run_id)),
+            run_id=run.run_id,
+            stage=stage,
+        )

@@ -926,6 +926,25 @@ def _show_roles(run: Run, roles: RolesDocument) -> None:
 # -- dataset: fine-tuning datasets from runs ------------------------------------------
 
 
+def example_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of how examples are written, shared by dataset build and curate."""
+    f = click.option(
+        "--context",
+        type=click.IntRange(0),
+        default=10,
+        show_default=True,
+        help="Turns before each answer given as its context.",
+    )(f)
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(DATASET_FORMATS),
+        default="chat",
+        show_default=True,
+        help="chat: OpenAI chat fine-tuning lines; completion: legacy prompt/completion pairs.",
+    )(f)
+
+
 @cli.group(name="dataset")
 def dataset_group() -> None:
     """Fine-tuning datasets made from runs and imported chats."""
@@ -947,21 +966,7 @@ def dataset_group() -> None:
 @click.option(
     "-o", "--output", type=PathType(dir_okay=False), required=True, help="The JSONL file."
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(DATASET_FORMATS),
-    default="chat",
-    show_default=True,
-    help="chat: OpenAI chat fine-tuning lines; completion: legacy prompt/completion pairs.",
-)
-@click.option(
-    "--context",
-    type=click.IntRange(0),
-    default=10,
-    show_default=True,
-    help="Turns before each answer given as its context.",
-)
+@example_options
 @click.option(
     "--validation",
     type=click.FloatRange(0, 1, max_open=True),
@@ -1170,21 +1175,7 @@ def curation_options(f: Callable[..., Any]) -> Callable[..., Any]:
     help="Only runs the judge scored at least this.",
 )
 @curation_options
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(DATASET_FORMATS),
-    default="chat",
-    show_default=True,
-    help="chat: OpenAI chat fine-tuning lines; completion: legacy prompt/completion pairs.",
-)
-@click.option(
-    "--context",
-    type=click.IntRange(0),
-    default=10,
-    show_default=True,
-    help="Turns before each answer given as its context.",
-)
+@example_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mix.")
 @click.option(
     "-o",

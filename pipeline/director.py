@@ -205,14 +205,24 @@ def load_roles(run: Run) -> RolesDocument:
             run_id=run.run_id,
             stage=STAGE,
         )
-    roles = run.read_json(ROLES)
-    problems = schemas.errors(roles, schemas.ROLES, ROLES_VERSION)
+    return read_roles(run, ROLES, ROLES_VERSION, STAGE)
+
+
+def read_roles(run: Run, path: str, version: int, stage: str) -> RolesDocument:
+    """The roles document at ``path`` in ``run``, checked against version ``version`` of
+    the roles schema (made by ``stage``).
+
+    Raises:
+        StructuredOutputError: it does not match the schema (a bad hand edit).
+    """
+    roles = run.read_json(path)
+    problems = schemas.errors(roles, schemas.ROLES, version)
     if problems:
         raise StructuredOutputError(
-            f"{run.path(ROLES)} does not match {schemas.ROLES}: {'; '.join(problems[:3])}",
+            f"{run.path(path)} does not match {schemas.ROLES}: {'; '.join(problems[:3])}",
             errors=problems,
             run_id=run.run_id,
-            stage=STAGE,
+            stage=stage,
         )
     return RolesDocument.from_json(roles)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import schemas
-from .errors import Fix, ImportFormatError, RunError, StructuredOutputError
+from .errors import Fix, ImportFormatError, RunError
 from .records import RolesDocument, Turn
 from .resources import file_sha256
 from .runs import Run, create_run
@@ -234,16 +234,9 @@ def load_speakers(run: Run) -> RolesDocument:
             run_id=run.run_id,
             stage=STAGE,
         )
-    roles = run.read_json(ROLES)
-    problems = schemas.errors(roles, schemas.ROLES)
-    if problems:
-        raise StructuredOutputError(
-            f"{run.path(ROLES)} does not match {schemas.ROLES}: {'; '.join(problems[:3])}",
-            errors=problems,
-            run_id=run.run_id,
-            stage=STAGE,
-        )
-    return RolesDocument.from_json(roles)
+    from .director import read_roles
+
+    return read_roles(run, ROLES, schemas.CURRENT_VERSION, STAGE)
 
 
 def me(run: Run) -> str | None:

@@ -9,15 +9,13 @@ validated and repaired like every structured answer. Artifacts (in ``judge/``):
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from . import director, schemas, templates
-from .answer import answer_stage
+from .answer import answer_stage, conversation_done, transcript_inputs
 from .dialogue import shown
-from .errors import Fix, RunError
+from .errors import RunError
 from .records import Verdict
-from .resources import file_sha256
 from .runs import Run
 
 if TYPE_CHECKING:
@@ -50,32 +48,16 @@ def render_prompt(run: Run) -> str:
 
 def inputs(ctx: StageContext) -> object:
     """See :mod:`pipeline.stages`."""
-    endpoint = ctx.models.judge().endpoint
-    return {
-        "transcript_sha256": file_sha256(ctx.run.path(ctx.run.transcript)),
-        "template_sha256": file_sha256(templates.template_path(template(ctx.run))),
-        "schema_sha256": file_sha256(schemas.schema_path(SCHEMA)),
-        "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
-        "parameters": asdict(ctx.plan.judge),
-    }
+    return transcript_inputs(ctx, ctx.models.judge(), template(ctx.run), SCHEMA, ctx.plan.judge)
 
 
 def check(run: Run) -> None:
     """See :mod:`pipeline.stages`.
 
     Raises:
-        RunError: the dialogue has not ended.
+        RunError: the conversation (a dialogue, or an import) has not ended.
     """
-    from .stages import stage, status
-
-    (needed,) = stage(STAGE, run).needs  # the dialogue, or an imported chat's import
-    if (dialogue := status(run, needed)) != "done":
-        raise RunError(
-            f"the {needed} of run {run.run_id} is {dialogue}, so there is nothing to judge yet",
-            fix=Fix("finish it", command=("resume", run.run_id)),
-            run_id=run.run_id,
-            stage=STAGE,
-        )
+    conversation_done(run, STAGE, "judge")
 
 
 def run(ctx: StageContext) -> None:

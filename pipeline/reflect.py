@@ -15,14 +15,12 @@ It runs after the dialogue (or on an imported chat) when asked: ``--reflect`` on
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from . import director, schemas, templates
-from .answer import answer_stage
+from .answer import answer_stage, conversation_done, transcript_inputs
 from .dialogue import shown
-from .errors import Fix, RunError
-from .resources import file_sha256
+from .errors import RunError
 
 if TYPE_CHECKING:
     from .records import RolesDocument
@@ -62,15 +60,7 @@ def render_prompt(run: Run) -> str:
 
 def inputs(ctx: StageContext) -> object:
     """See :mod:`pipeline.stages`."""
-    endpoint = ctx.models.reflector().endpoint
-    run = ctx.run
-    return {
-        "transcript_sha256": file_sha256(run.path(run.transcript)),
-        "template_sha256": file_sha256(templates.template_path(TEMPLATE)),
-        "schema_sha256": file_sha256(schemas.schema_path(SCHEMA)),
-        "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model},
-        "parameters": asdict(ctx.plan.reflect),
-    }
+    return transcript_inputs(ctx, ctx.models.reflector(), TEMPLATE, SCHEMA, ctx.plan.reflect)
 
 
 def check(run: Run) -> None:
@@ -79,16 +69,7 @@ def check(run: Run) -> None:
     Raises:
         RunError: the conversation has not ended.
     """
-    from .stages import conversation_stage, status
-
-    needed = conversation_stage(run)
-    if (now := status(run, needed)) != "done":
-        raise RunError(
-            f"the {needed} of run {run.run_id} is {now}, so there is nothing to reflect on yet",
-            fix=Fix("finish it", command=("resume", run.run_id)),
-            run_id=run.run_id,
-            stage=STAGE,
-        )
+    conversation_done(run, STAGE, "reflect on")
 
 
 def run(ctx: StageContext) -> None:
