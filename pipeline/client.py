@@ -105,7 +105,8 @@ class Transport(Protocol):
     def send(
         self, request: JSONObject, digest: str, *, stream: bool, on_delta: DeltaSink | None
     ) -> CallRecord:
-        """The call's record (its ``stage`` left empty). For a streaming request,
+        """The call's record (its ``stage`` left empty), with the times the call was sent
+        and answered (a replay's are the recorded ones). For a streaming request,
         ``on_delta`` gets each piece of text as it comes.
 
         Raises:
@@ -172,11 +173,12 @@ class ModelClient:
     ) -> CallRecord:
         request = {"base_url": self.endpoint.base_url, **body}
         digest = sha256_of(request)
+        started = timestamp()
         try:
             call = self.transport.send(request, digest, stream=stream, on_delta=on_delta)
         except EndpointError as e:
             error = CallError(e.message, e.status, e.detail)
-            record(CallRecord(request, digest, error=error, time=timestamp()))
+            record(CallRecord(request, digest, error=error, time=timestamp(), started=started))
             raise
         record(call)
         if call.error is not None:  # a recorded failure, replayed
@@ -219,6 +221,7 @@ class HTTPTransport:
     ) -> CallRecord:
         import openai
 
+        started = timestamp()  # the call's span starts here (pipeline.telemetry)
         body = {k: v for k, v in request.items() if k != "base_url"}
 
         def answers() -> Iterator[Any]:
@@ -242,6 +245,7 @@ class HTTPTransport:
                 usage=dumped.get("usage"),
                 system_fingerprint=dumped.get("system_fingerprint"),
                 time=timestamp(),
+                started=started,
             )
         streamed = _assemble(off_main_thread(answers), on_delta)
         return CallRecord(
@@ -251,6 +255,7 @@ class HTTPTransport:
             usage=streamed.usage,
             system_fingerprint=streamed.system_fingerprint,
             time=timestamp(),
+            started=started,
         )
 
     def _explain(self, e: Exception) -> EndpointError:

@@ -16,8 +16,9 @@ record                 file                              schema
 
 A call record holds one HTTP exchange with a model: the canonical request (the base URL
 and the body sent, never credentials), its sha256, and the response (a plain completion),
-the stream (a streamed one, as its text pieces) or the error, with the usage and the
-completion time. Keys a record does not know are kept in ``extra`` and written back.
+the stream (a streamed one, as its text pieces) or the error, with the usage, the time it
+was sent (older recordings have none) and the time it was answered. Keys a record does not
+know are kept in ``extra`` and written back.
 """
 
 from __future__ import annotations
@@ -410,6 +411,8 @@ class CallRecord:
         error: the failure.
         usage: the usage as the API reported it (raw).
         system_fingerprint: as the API reported it.
+        started: when the request was sent, before the SDK's retries (ISO 8601 UTC); None
+            in older recordings.
         time: when the answer was complete (ISO 8601 UTC); None in older recordings.
         stage: the stage that made the call, set when it is recorded.
     """
@@ -423,6 +426,7 @@ class CallRecord:
     system_fingerprint: str | None = None
     time: str | None = None
     stage: str = ""
+    started: str | None = None
 
     @property
     def body(self) -> JSONObject:
@@ -442,6 +446,7 @@ class CallRecord:
             system_fingerprint=value.get("system_fingerprint"),
             time=value.get("time"),
             stage=value.get("stage", ""),
+            started=value.get("started"),
         )
 
     def to_json(self) -> dict[str, object]:
@@ -459,6 +464,8 @@ class CallRecord:
                 out["response"] = self.response
             out["usage"] = self.usage
             out["system_fingerprint"] = self.system_fingerprint
+        if self.started is not None:  # a record made before it was recorded has none
+            out["started"] = self.started
         if self.time is not None:
             out["time"] = self.time
         return out
