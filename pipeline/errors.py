@@ -168,6 +168,11 @@ class ReplayError(PipelineError):
     """A replayed run asked for a call its recording does not hold."""
 
 
+class TelemetryError(PipelineError):
+    """A run's traces could not be sent: the OpenTelemetry collector did not take them
+    (:mod:`pipeline.telemetry`)."""
+
+
 class LocalServerError(PipelineError):
     """The embedded model server could not be found, started or reached."""
 
