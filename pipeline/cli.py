@@ -1346,6 +1346,23 @@ def lineage(target: str, as_json: bool, runs_dir: Path) -> None:
         click.echo(f"{target} went into no fine-tuned model yet", err=True)
 
 
+@cli.command()
+@click.argument("run_id")
+@runs_dir_option
+def trace(run_id: str, runs_dir: Path) -> None:
+    """Send RUN_ID's OpenTelemetry spans (GenAI semantic conventions) to the OTLP/HTTP
+    collector named by OTEL_EXPORTER_OTLP_ENDPOINT: any run, old or replayed, again.
+
+    Needs the otel extra. Message contents are sent only with
+    OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true.
+    """
+    from . import telemetry
+
+    run = _open(runs_dir, run_id)
+    sent = telemetry.export_run(run, required=True)
+    click.echo(f"run {run.run_id}: {sent} spans sent to {telemetry.destination()}")
+
+
 # -- models: GGUF files from the Hugging Face Hub ---------------------------------------
 
 
