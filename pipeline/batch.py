@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import memory, stages
+from . import memory, stages, telemetry
 from .errors import ConfigError, PipelineError
 from .models import Models
 from .parameters import (
@@ -252,6 +252,8 @@ class Batch:
                 stages.advance(ctx, include=include)
             with contextlib.suppress(PipelineError):  # `memory sync` catches up
                 memory.remember(run)  # the driver writes the memory, never a worker
+            with contextlib.suppress(PipelineError):  # traces are best effort
+                telemetry.export_run(run)
         except PipelineError as e:
             self._note(task, status="failed", error=e.message)
             return Outcome(task, "failed", run_id, error=e.message, exception=e)

@@ -746,6 +746,23 @@ def _remember(run: Run) -> None:
         memory.remember(run)
     except PipelineError as e:
         click.echo(f"warning: run {run.run_id} is not in the memory yet: {e.message}", err=True)
+    _trace(run)
+
+
+def _trace(run: Run) -> None:
+    """Send ``run``'s spans (and those of the runs it delegated to) when
+    OTEL_EXPORTER_OTLP_ENDPOINT is set (:func:`pipeline.telemetry.export_run`; nothing is
+    imported otherwise); a collector that refuses them is a warning."""
+    from . import telemetry
+    from .runs import open_run
+
+    for run_id in [run.run_id, *(run.manifest.children or [])]:
+        try:
+            telemetry.export_run(
+                run if run_id == run.run_id else open_run(run.folder.parent, run_id)
+            )
+        except PipelineError as e:
+            click.echo(f"warning: the traces of run {run_id} were not sent: {e.message}", err=True)
 
 
 def _persona(flags: EndpointFlags, name: str | None) -> Persona | None:

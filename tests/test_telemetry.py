@@ -547,3 +547,19 @@ def test_trace_says_what_is_missing_and_when_the_collector_refuses(made, run, mo
     result = pipeline("trace", run.run_id, "--runs-dir", str(made))
     assert result.exit_code == 1
     assert "OTEL_EXPORTER_OTLP_PROTOCOL is 'grpc'" in result.output
+
+
+def test_a_run_s_spans_go_out_as_it_finishes_when_a_collector_is_named(
+    tmp_path, collector, monkeypatch
+):
+    from .conftest import conversation
+    from .fakeserver import FakeServer
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
+    with FakeServer(conversation) as fake:
+        runs = str(tmp_path / "runs")
+        result = pipeline("generate", "write a paper", "--base-url", fake.base_url, "--model",
+                          "m", "--yes", "--turns", "2", "--runs-dir", runs)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ((path, _, _),) = collector.received  # one export, as the run finished
+    assert path == "/v1/traces"
