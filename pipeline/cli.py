@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .records import RolesDocument, Turn
     from .runs import Run
     from .stages import StageContext
+    from .terminal import Terminal
 
 REVIEW_QUESTION = "Run the dialogue? [y/N/e]"
 PERSONA_OPTION = click.option(
@@ -52,6 +53,24 @@ PERSONA_OPTION = click.option(
     help="Cast this persona of pipeline.toml ([personas.NAME]) as one of the roles, under its "
     "name and with its system prompt.",
 )
+
+
+def human_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--human and --interject: a person at this terminal in the dialogue (the command
+    receives them as ``human`` and ``interject``)."""
+    f = click.option(
+        "--interject",
+        is_flag=True,
+        help="Before each model's turn, ask for a one-line note to that model (Enter for "
+        "none); it is recorded with the turn and shown to that model.",
+    )(f)
+    return click.option(
+        "--human",
+        metavar="ROLE",
+        multiple=True,
+        help="Play ROLE yourself: when its turn comes, type it (end with a line holding only "
+        "'.'; /edit, /done, /quit). Repeatable.",
+    )(f)
 
 
 def _views() -> Any:
@@ -135,6 +154,7 @@ def _nonempty_task(ctx: click.Context, param: click.Parameter, value: str) -> st
     "keep or discard.",
 )
 @PERSONA_OPTION
+@human_options
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -152,6 +172,8 @@ def generate(
     judge: bool,
     reflect: bool,
     persona: str | None,
+    human: tuple[str, ...],
+    interject: bool,
     dry_run: bool,
 ) -> None:
     """Write roles for TASK, let you review them, then run the dialogue.
@@ -159,7 +181,8 @@ def generate(
     Without --yes, you are asked before the dialogue starts: y runs it, e opens
     $EDITOR on the roles, N stops (continue later with `pipeline converse RUN_ID`).
     When standard input is not a terminal and --yes is absent, it stops after the
-    director stage and prints the command that continues.
+    director stage and prints the command that continues. With --human ROLE you speak
+    ROLE's turns yourself (see README, "A person in the conversation").
     """
     from . import stages
     from .director import load_roles
@@ -177,7 +200,15 @@ def generate(
     with flags.models() as models:
         client = models.director()
         run = plan.new_run(runs_dir, task, judge=judge, reflect=reflect)
-        ctx = stages.StageContext(run, models, plan, _Printer(), tools=models.tools(tool_params))
+        person = _person(human, interject)
+        ctx = stages.StageContext(
+            run,
+            models,
+            plan,
+            person.watching(_Printer()),
+            tools=models.tools(tool_params),
+            human=person,
+        )
         with _writing(run):
             click.echo(
                 f"run {run.run_id}: asking the director ({client.endpoint.model})...", err=True
@@ -185,8 +216,12 @@ def generate(
             stages.execute(ctx, "director")
             roles = load_roles(run)
             _show_roles(run, roles)
+            person.check(roles, run)
             if not yes:
-                next_command = f"pipeline converse {run.run_id}{_runs_dir_flag(runs_dir)}"
+                next_command = (
+                    f"pipeline converse {run.run_id}{_runs_dir_flag(runs_dir)}"
+                    f"{_person_flags(human, interject)}"
+                )
                 if not sys.stdin.isatty():
                     click.echo(
                         f"\nreview the roles in {run.path('director/roles.json')}, then run:"
@@ -210,12 +245,15 @@ def generate(
 @runs_dir_option
 @endpoint_options
 @stage_options(director=False, dialogue=True, tools=True)
+@human_options
 def converse(
     run_id: str,
     runs_dir: Path,
     flags: EndpointFlags,
     dialogue_params: DialogueParameters,
     tool_params: ToolParameters,
+    human: tuple[str, ...],
+    interject: bool,
 ) -> None:
     """Run the dialogue stage of RUN_ID, whose director stage is done.
 
@@ -231,8 +269,14 @@ def converse(
         load_roles(run)  # fail before starting a server when the run is not ready
         with flags.models(run) as models:
             plan = stages.Plan.of(dialogue=dialogue_params, tools=tool_params)
+            person = _person(human, interject)
             ctx = stages.StageContext(
-                run, models, plan, _Printer(), tools=models.tools(tool_params)
+                run,
+                models,
+                plan,
+                person.watching(_Printer()),
+                tools=models.tools(tool_params),
+                human=person,
             )
             if stages.is_current(ctx, "dialogue"):
                 click.echo(
@@ -297,13 +341,17 @@ def rerun(
 @click.argument("run_id")
 @runs_dir_option
 @endpoint_options
-def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
+@human_options
+def resume(
+    run_id: str, runs_dir: Path, flags: EndpointFlags, human: tuple[str, ...], interject: bool
+) -> None:
     """Continue RUN_ID where it stopped (Ctrl-C, a crash, a failed call).
 
     A director stage that did not finish is done again; an unfinished dialogue goes on
     from its last complete turn, with the parameters it was started with. A stale
     dialogue (its roles were edited or regenerated) starts over. A run made with --judge,
-    or judged before, is judged at the end; runs it delegated to are finished first.
+    or judged before, is judged at the end; runs it delegated to are finished first. A
+    role a person played is the model's from here unless --human names it again.
     """
     from . import stages
 
@@ -323,15 +371,32 @@ def resume(run_id: str, runs_dir: Path, flags: EndpointFlags) -> None:
                 err=True,
             )
         elif statuses.get("dialogue") in ("interrupted", "failed"):
-            at = len(run.read_transcript()) + 1
+            lines = run.read_transcript()
+            at = len(lines) + 1
             if at <= plan.dialogue.turns:
                 click.echo(
                     f"run {run.run_id}: resuming the dialogue at turn {at} of "
                     f"{plan.dialogue.turns}",
                     err=True,
                 )
+            played = sorted({line.role for line in lines if line.kind == "human"} - set(human))
+            if played:
+                them = "it" if len(played) == 1 else "them"
+                click.echo(
+                    f"note: a person played {', '.join(played)}; the model plays {them} from "
+                    f"here, unless --human names {them}",
+                    err=True,
+                )
+        person = _person(human, interject)
         with flags.models(run) as models:
-            ctx = stages.StageContext(run, models, plan, _Printer(), tools=models.tools(plan.tools))
+            ctx = stages.StageContext(
+                run,
+                models,
+                plan,
+                person.watching(_Printer()),
+                tools=models.tools(plan.tools),
+                human=person,
+            )
             stages.advance(ctx, include=include)
         _remember(run)
         click.echo(
@@ -798,13 +863,39 @@ def _open(runs_dir: Path, run_id: str) -> Run:
 
 @contextlib.contextmanager
 def _writing(run: Run) -> Iterator[Run]:
-    """Hold the run's lock; on Ctrl-C, say where the run is kept."""
+    """Hold the run's lock; on Ctrl-C, say where the run is kept; when a person stopped
+    the dialogue (/quit), say how to go on, and end the command there without an error."""
+    from .human import HumanQuit
+
     try:
         with run.locked():
             yield run
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; run {run.run_id} is kept in {run.folder}", err=True)
         raise
+    except HumanQuit as e:
+        runs_dir = run.folder.parent
+        click.echo(
+            f"\nstopped before turn {e.turn}; run {e.run_id} is kept; go on with: pipeline "
+            f"resume {e.run_id}{_runs_dir_flag(runs_dir)}{_person_flags(e.plays, e.notes)}",
+            err=True,
+        )
+
+
+def _person(plays: tuple[str, ...], interject: bool) -> Terminal:
+    """The person at this terminal, playing the roles ``plays`` (--human), adding notes
+    with ``interject`` (--interject)."""
+    from .terminal import Terminal
+
+    return Terminal(plays, interject=interject)
+
+
+def _person_flags(plays: tuple[str, ...], interject: bool) -> str:
+    """The flags that bring the same person back into a dialogue."""
+    import shlex
+
+    words = "".join(f" --human {shlex.quote(name)}" for name in plays)
+    return words + (" --interject" if interject else "")
 
 
 def _edit_roles(run: Run, roles: RolesDocument) -> RolesDocument | None:

@@ -8,6 +8,10 @@ with the termination contract, ``templates/role.j2``), its own earlier turns as
 speaker's name when more than two roles talk). Why the dialogue ended is recorded as
 its ``termination_reason`` (see :mod:`pipeline.termination`).
 
+A person can take part (``ctx.human``, :mod:`pipeline.human`): speak a role's turns
+(lines of kind ``human``), add a note before a model's turn (the line's ``note``, shown
+to that speaker from then on), or stop the dialogue (``human_quit``, resumable).
+
 Artifacts (in ``dialogue/``): ``transcript.jsonl``, one line per turn
 (``schemas/transcript-line.schema.json``), appended and fsynced as each turn
 completes; ``transcript.md``, the transcript rendered for reading at the end;
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING
 from . import delegate, director, schemas, structured, templates, tooluse
 from .client import Message, ModelClient
 from .errors import Fix, PipelineError, RunError
+from .human import Cue, HumanQuit
 from .parameters import DialogueParameters
 from .records import Floor, RolesDocument, Turn, Usage, sha256_of, total_usage
 from .termination import TokenFilter, detect_loop, said_done, strip_token
@@ -32,7 +37,7 @@ from .tools import OFFERED, Toolbox, offered
 
 if TYPE_CHECKING:
     from .runs import Run
-    from .stages import Listener, StageContext
+    from .stages import StageContext
 
 STAGE = "dialogue"
 TRANSCRIPT_MD = "dialogue/transcript.md"
@@ -60,18 +65,39 @@ def named(roles: RolesDocument) -> bool:
     return len(roles.roles) > 2
 
 
-def messages_for(speaker: int, roles: RolesDocument, turns: Sequence[Turn]) -> list[Message]:
+NOTE = "(A note to you from the person following this conversation: {note})"
+
+
+def messages_for(
+    speaker: int, roles: RolesDocument, turns: Sequence[Turn], note: str | None = None
+) -> list[Message]:
     """The messages sent for role ``speaker``'s next turn: its system prompt, then every
     turn so far, its own as ``assistant`` and the others' as ``user`` (with the speaker's
-    name in front when more than two roles talk: :func:`named`)."""
+    name in front when more than two roles talk: :func:`named`).
+
+    A person's note to the speaker (``note`` for this turn, a line's ``note`` for its
+    earlier ones) comes right before the turn it was given for (:data:`NOTE`), added to
+    the ``user`` message there, or as one when there is none."""
     prefixed = named(roles)
     messages: list[Message] = [{"role": "system", "content": role_prompt(roles, speaker)}]
+
+    def tell(text: str) -> None:
+        told = NOTE.format(note=text)
+        if messages[-1]["role"] == "user":
+            messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}\n\n{told}"}
+        else:
+            messages.append({"role": "user", "content": told})
+
     for turn in turns:
         if turn.role_index == speaker:
+            if turn.note is not None:
+                tell(turn.note)
             messages.append({"role": "assistant", "content": turn.content})
         else:
             text = f"{turn.role}: {turn.content}" if prefixed else turn.content
             messages.append({"role": "user", "content": text})
+    if note is not None:
+        tell(note)
     return messages
 
 
@@ -117,8 +143,13 @@ def check(run: Run) -> None:
 
 
 def inputs(ctx: StageContext) -> object:
-    """See :mod:`pipeline.stages`. With tools, the tools each role is offered and how."""
+    """See :mod:`pipeline.stages`. With tools, the tools each role is offered and how.
+
+    Raises:
+        PipelineError: the person (``ctx.human``) cannot take part with these roles.
+    """
     roles = director.load_roles(ctx.run)
+    ctx.human.check(roles, ctx.run)  # before anything is archived
     found = dialogue_inputs(roles, ctx.models.roles(roles), ctx.plan.dialogue)
     if ctx.tools is not None:
         offered = [list(ctx.tools.toolbox(ctx, i).tools) for i in range(len(roles.roles))]
@@ -249,13 +280,15 @@ def run(ctx: StageContext) -> None:
     turns are kept (a last line cut short by a crash is dropped, see
     :meth:`pipeline.runs.Run.read_transcript`) and it goes on after the last complete
     turn. The stage is ``running`` in the manifest while it works, then ``done`` with its
-    ``termination_reason`` and ``termination_turn``, or ``failed`` (``error`` or
-    ``interrupted``); the turns completed before a failure stay in the transcript. Token
-    usage is recorded per turn, per role and for the stage.
+    ``termination_reason`` and ``termination_turn``, or ``failed`` (``error``,
+    ``interrupted``, or ``human_quit`` when the person stopped it); the turns completed
+    before a failure stay in the transcript. Token usage is recorded per turn, per role
+    and for the stage.
 
     Raises:
         RunError: the director stage is not done, or the stored turns do not belong to
             these roles.
+        HumanQuit: the person stopped the dialogue.
         PipelineError: an endpoint failed.
     """
     params = ctx.plan.dialogue
@@ -299,17 +332,20 @@ def run(ctx: StageContext) -> None:
             while outcome is None and len(lines) < params.turns:
                 number = len(lines) + 1
                 speaker, how = floor.next(number, lines)
-                client = clients[min(speaker, len(clients) - 1)]
-                line = _take_turn(ctx, number, speaker, roles, lines, client, ctx.listener)
+                cue = Cue(run_.run_id, number, speaker, roles, tuple(lines))
+                if number > 1 and ctx.human.plays(cue):
+                    line = _human_turn(ctx, cue)
+                else:
+                    note = ctx.human.note(cue) if number > 1 else None
+                    client = clients[min(speaker, len(clients) - 1)]
+                    line = _take_turn(ctx, number, speaker, roles, lines, client, note)
                 line = dataclasses.replace(line, floor=how)
                 run_.append_transcript(line)
                 ctx.listener.turn_finished(line)
                 lines.append(line)
                 outcome = ending.observe(line, [x.content for x in lines])
         except BaseException as e:
-            entry.termination_reason = (
-                "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
-            )
+            entry.termination_reason = _stopped_by(e)
             entry.termination_turn, entry.turns = len(lines) or None, len(lines)
             raise
         run_.write_text(TRANSCRIPT_MD, render_markdown(run_.task, roles, lines))
@@ -322,6 +358,23 @@ def run(ctx: StageContext) -> None:
     run_.finish_stage(STAGE)
 
 
+def _stopped_by(e: BaseException) -> str:
+    """The termination reason of a dialogue that ``e`` ended."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return "human_quit" if isinstance(e, HumanQuit) else "error"
+
+
+def _human_turn(ctx: StageContext, cue: Cue) -> Turn:
+    """Turn ``cue.turn``, spoken by a person (``ctx.human``), shown to the listener once
+    it is complete."""
+    said = ctx.human.turn(cue)
+    out = ctx.listener
+    out.turn_started(cue.turn, cue.role)
+    out.delta(strip_token(said.text, cue.roles.done_token))
+    return Turn(cue.turn, cue.role, cue.speaker, said.text, kind="human", time=said.time)
+
+
 def _take_turn(
     ctx: StageContext,
     number: int,
@@ -329,11 +382,12 @@ def _take_turn(
     roles: RolesDocument,
     lines: list[Turn],
     client: ModelClient,
-    out: Listener,
+    note: str | None = None,
 ) -> Turn:
-    """Produce turn ``number`` by role ``speaker``."""
+    """Produce turn ``number`` by role ``speaker``, given a person's ``note``."""
     name = roles.roles[speaker].name
     visible = TokenFilter(roles.done_token)
+    out = ctx.listener
     out.turn_started(number, name)
     if number == 1:
         out.delta(visible.feed(roles.opening_line) + visible.flush())
@@ -342,7 +396,7 @@ def _take_turn(
     answer = tooluse.generate(
         ctx,
         client,
-        messages_for(speaker, roles, lines),
+        messages_for(speaker, roles, lines, note),
         toolbox,
         number,
         lambda text: out.delta(visible.feed(text)),
@@ -362,6 +416,7 @@ def _take_turn(
         chunks=answer.chunks,
         time=result.time,
         tool_calls=answer.tool_calls,
+        note=note,
     )
 
 

@@ -246,6 +246,9 @@ class Turn:
         floor: how the speaker was chosen.
         time: when the turn was complete (ISO 8601 UTC), when known.
         tool_calls, tool_call_id: the tool calls a turn made; the call a ``tool`` line answers.
+        note: what a person told the speaker of a generated turn before it spoke (shown
+            to that speaker with this turn and its later ones,
+            :func:`pipeline.dialogue.messages_for`).
     """
 
     turn: int
@@ -262,6 +265,7 @@ class Turn:
     time: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
+    note: str | None = None
 
     @property
     def generated(self) -> bool:
@@ -286,13 +290,14 @@ class Turn:
             time=value.get("time"),
             tool_calls=tuple(ToolCall(**c) for c in value.get("tool_calls") or ()),
             tool_call_id=value.get("tool_call_id"),
+            note=value.get("note"),
         )
 
     def to_json(self, version: int = MANIFEST_VERSION) -> dict[str, object]:
         """The line as written (``transcript-line.schema.json`` of ``version``). An opening
         or generated turn always has the model's fields (null when none); other kinds only
         those they have. Version 1 (a run made before version 2, still written as such)
-        has no ``kind``, ``time`` or tool calls.
+        has no ``kind``, ``time``, tool calls or notes.
 
         Raises:
             ValueError: version 1 cannot hold a turn of this kind.
@@ -300,6 +305,8 @@ class Turn:
         if version == 1:
             if self.kind not in ("opening", "generated") or self.tool_calls:
                 raise ValueError(f"a version 1 transcript has no {self.kind} turns")
+            if self.note is not None:
+                raise ValueError("a version 1 transcript has no notes")
             return {k: v for k, v in self.to_json().items() if k not in ("kind", "time")}
         out: dict[str, object] = {
             "turn": self.turn,
@@ -329,6 +336,8 @@ class Turn:
             out["tool_calls"] = [c.to_json() for c in self.tool_calls]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.note is not None:
+            out["note"] = self.note
         return out
 
 

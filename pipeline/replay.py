@@ -6,7 +6,8 @@ and endpoints, on clients whose transport (:class:`ReplayTransport`) answers eac
 from that recording by the sha256 of the canonical request. Given the same code,
 templates and schemas, every request matches and every artifact comes out byte for byte
 the same; anything else is a clear error that names the stage. Only the manifest holds
-what differs by nature: run id, times, pids.
+what differs by nature: run id, times, pids. What a person said in the dialogue (turns,
+notes) is answered from the source's transcript, never from a keyboard.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .client import DeltaSink, ModelClient
 from .delegate import Delegation
 from .endpoints import Endpoint
 from .errors import ReplayError, RunError
+from .human import HumanQuit, Recorded
 from .recorder import read_calls
 from .records import CallRecord, JSONObject, RolesDocument
 from .runs import Run, create_run
@@ -151,6 +153,9 @@ def replay_run(
 ) -> Run:
     """Replay ``source`` into a new run (id ``into``, or a fresh one) from its recording:
     every stage it ran, in the order of the stage graph, and its hand edits of the roles.
+    A person's turns and notes come from its transcript (:class:`pipeline.human.Recorded`);
+    a dialogue its person stopped (``human_quit``) stops at the same turn, and the replay
+    with it.
 
     Raises:
         RunError: ``source``'s director stage never finished, or ``into`` is taken.
@@ -176,6 +181,7 @@ def replay_run(
         listener or stages.Silent(),
         dialects={n: source.stage(n).dialect_plan or [] for n in stages.STAGE_NAMES},
         tools=tools,
+        human=Recorded(source),
     )
     with run.locked():
         for node in stages.GRAPH:
@@ -183,7 +189,10 @@ def replay_run(
                 if node.optional:  # a judge it never had, a reflection it had
                     continue
                 break
-            stages.execute(ctx, node.name)
+            try:
+                stages.execute(ctx, node.name)
+            except HumanQuit:  # the source's person stopped there: so does the replay
+                break
             if node.name == "director":
                 from .director import replay_edits
 

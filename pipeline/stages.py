@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from .client import ModelClient
     from .endpoints import Endpoint
+    from .human import Cue, Said
     from .recorder import StageCalls
     from .records import RolesDocument, StageRecord, Turn
     from .runs import Run
@@ -227,6 +228,54 @@ class Silent:
         return self
 
 
+class HumanSource(Protocol):
+    """Where the turns a person speaks come from, and the notes a person adds before a
+    model's turn (:mod:`pipeline.human`): the CLI's terminal, a replay's recording, a
+    library caller's script. The dialogue asks it at each turn after the opening line."""
+
+    def check(self, roles: RolesDocument, run: Run) -> None:
+        """Raises a :class:`~pipeline.errors.PipelineError` when it cannot take part in
+        ``run``'s dialogue with these roles (a role it plays is not one of them); called
+        before the dialogue starts."""
+        ...
+
+    def plays(self, cue: Cue) -> bool:
+        """True when a person speaks the turn ``cue`` asks for."""
+        ...
+
+    def turn(self, cue: Cue) -> Said:
+        """The person's turn.
+
+        Raises:
+            HumanQuit: the person stopped the dialogue (it stays resumable).
+        """
+        ...
+
+    def note(self, cue: Cue) -> str | None:
+        """A note for the model that speaks the turn ``cue`` asks for, or None.
+
+        Raises:
+            HumanQuit: the person stopped the dialogue.
+        """
+        ...
+
+
+class Nobody:
+    """A :class:`HumanSource` with no person: the models speak every turn, without notes."""
+
+    def check(self, roles: RolesDocument, run: Run) -> None:
+        pass
+
+    def plays(self, cue: Cue) -> bool:
+        return False
+
+    def turn(self, cue: Cue) -> Said:
+        raise AssertionError("nobody plays a role")  # plays() is always False
+
+    def note(self, cue: Cue) -> str | None:
+        return None
+
+
 @dataclass(frozen=True)
 class Plan:
     """The parameters of every stage of a run."""
@@ -341,6 +390,7 @@ class StageContext:
         dialects: per stage, the structured-output dialects to try instead of the planned
             ones (a replay uses those the original planned).
         tools: the tools each role may call; None for none.
+        human: the person who plays roles or adds notes in the dialogue, if any.
         stage: the stage being run (set by :func:`execute`).
         calls: its recorder (set by :func:`execute`).
         resume: go on from where an earlier attempt stopped (a resumable stage).
@@ -354,6 +404,7 @@ class StageContext:
     listener: Listener = field(default_factory=Silent)
     dialects: Mapping[str, Sequence[str]] = field(default_factory=dict)
     tools: ToolSource | None = None
+    human: HumanSource = field(default_factory=Nobody)
     stage: str = ""
     calls: StageCalls | None = None
     resume: bool = False

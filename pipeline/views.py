@@ -51,11 +51,18 @@ def roles_text(roles: RolesDocument) -> str:
 
 
 def transcript_text(lines: Sequence[Turn], done_token: str = "") -> str:
-    """The transcript lines as text, one heading per turn, the done token removed."""
-    return "\n".join(
-        f"\n{turn_header(line.turn, line.role)}\n{strip_token(line.content, done_token)}"
-        for line in lines
-    )
+    """The transcript lines as text, one heading per turn (a person's marked as such),
+    each after the note a person gave its speaker, the done token removed."""
+    return "\n".join(f"\n{turn_text(line, done_token)}" for line in lines)
+
+
+def turn_text(line: Turn, done_token: str = "") -> str:
+    """One transcript line as text: ``[3] Student (a person)`` and what it said, after
+    the note a person gave its speaker, if any."""
+    note = f"(note to {line.role}: {line.note})\n" if line.note is not None else ""
+    person = " (a person)" if line.kind == "human" else ""
+    header = turn_header(line.turn, line.role) + person
+    return f"{note}{header}\n{strip_token(line.content, done_token)}"
 
 
 def verdict_text(verdict: Verdict) -> str:

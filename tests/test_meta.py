@@ -47,8 +47,30 @@ SAMPLE_DATA = {
     "tools": [{"name": "add", "description": "Adds two numbers.", "parameters": "{}"}],
     "calls": [{"name": "add", "id": "call-1", "result": "5", "error": None}],
     "lines": [
-        {"turn": 1, "role": "Student", "role_index": 0, "content": ROLES["opening_line"]},
-        {"turn": 2, "role": "Mentor", "role_index": 1, "content": "Here are three topics."},
+        {
+            "turn": 1,
+            "role": "Student",
+            "role_index": 0,
+            "kind": "opening",
+            "content": ROLES["opening_line"],
+            "note": None,
+        },
+        {
+            "turn": 2,
+            "role": "Mentor",
+            "role_index": 1,
+            "kind": "generated",
+            "content": "Here are three topics.",
+            "note": "Be brief.",
+        },
+        {
+            "turn": 3,
+            "role": "Student",
+            "role_index": 0,
+            "kind": "human",
+            "content": "Thanks.",
+            "note": None,
+        },
     ],
 }
 
