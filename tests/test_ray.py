@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ import pytest
 
 from pipeline import raybatch
 
-from .conftest import conversation, read_jsonl, run_files, run_folders
-from .fakeserver import Action, FakeServer, Reset, Status
+from .conftest import ROLES, conversation, read_jsonl, run_files, run_folders
+from .fakeserver import Action, FakeServer, Reply, Reset, Status
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None,
@@ -207,6 +208,64 @@ def test_a_worker_killed_mid_task_leaves_every_run_complete_once(ray_address, tm
         assert [turn["turn"] for turn in turns] == [1, 2, 3, 4]
     assert requests > 8 * 4  # the killed task's calls were made again
     assert not list(Path(tempfile.gettempdir()).glob(f"pipeline-ray-{killed[0]}-*"))
+
+
+@needs_ray
+def test_killing_the_driver_and_running_it_again_finishes_only_what_is_missing(
+    ray_address, tmp_path
+):
+    def slow(body: dict[str, Any]) -> Action:
+        if body.get("response_format"):
+            return Reply(json.dumps(ROLES))
+        return Reply(f"reply {len(body['messages'])}", delay=0.1)
+
+    tasks = tasks_file(tmp_path, 8)
+    runs_dir = tmp_path / "runs"
+    with FakeServer(slow) as fake:
+        command = [
+            sys.executable, "-m", "pipeline", "batch", str(tasks), "--ray", "--ray-address",
+            ray_address, "--runs-dir", str(runs_dir), "--base-url", fake.base_url,
+            "--model", "m", "--turns", "4", "-j", "2",
+        ]  # fmt: skip
+        driver = subprocess.Popen(
+            command, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+        def finished() -> list[str]:
+            try:
+                record = batch_record(runs_dir)
+            except (FileNotFoundError, json.JSONDecodeError):
+                return []
+            return [e["run_id"] for e in record["tasks"].values() if e.get("status") == "done"]
+
+        deadline = time.monotonic() + 60
+        while len(finished()) < 2:
+            assert time.monotonic() < deadline and driver.poll() is None, "no task finished"
+            time.sleep(0.05)
+        driver.kill()
+        driver.wait()
+        done_before = finished()
+        assert len(done_before) < 8, "the batch ended before it could be killed"
+        stamps = {r: (runs_dir / r / "run.json").stat().st_mtime_ns for r in done_before}
+
+        again = subprocess.run(
+            command, env=clean_env(), capture_output=True, text=True, timeout=120
+        )
+    assert again.returncode == 0, again.stderr
+    rows = again.stdout.splitlines()[1:]
+    assert sorted(row.split()[0] for row in rows) == sorted(
+        ["skipped"] * len(done_before) + ["done"] * (8 - len(done_before))
+    )
+    record = batch_record(runs_dir)
+    assert all(entry["status"] == "done" for entry in record["tasks"].values())
+    assert sorted(p.name for p in run_folders(runs_dir)) == sorted(
+        entry["run_id"] for entry in record["tasks"].values()
+    )
+    for run_id, stamp in stamps.items():  # finished runs were not redone
+        assert (runs_dir / run_id / "run.json").stat().st_mtime_ns == stamp
+    for entry in record["tasks"].values():
+        turns = read_jsonl(runs_dir / entry["run_id"] / "dialogue" / "transcript.jsonl")
+        assert [turn["turn"] for turn in turns] == [1, 2, 3, 4]
 
 
 @needs_ray
