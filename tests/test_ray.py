@@ -299,6 +299,58 @@ def test_a_failed_run_is_finished_on_ray_from_its_last_complete_turn(
 
 
 @needs_ray
+def test_the_workers_get_the_key_from_the_driver_s_environment(ray_address, fake, tmp_path):
+    tasks = tasks_file(tmp_path, 2)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "batch", str(tasks), "--ray", "--ray-address",
+         ray_address, "--runs-dir", str(tmp_path / "runs"), "--base-url", fake.base_url,
+         "--model", "m", "--api-key-env", "FAKE_API_KEY", "--turns", "2"],
+        env={**clean_env(), "FAKE_API_KEY": "sk-driver"},  # set here only, not on the node
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    chats = [r for r in fake.received if r.path.endswith("/chat/completions")]
+    assert len(chats) == 2 * 2
+    assert {r.headers["authorization"] for r in chats} == {"Bearer sk-driver"}
+    for run in run_folders(tmp_path / "runs"):
+        assert b"sk-driver" not in b"".join(run_files(run).values())
+
+
+@needs_ray
+def test_without_an_address_ray_starts_a_local_instance_and_stops_it(fake, tmp_path):
+    tasks = tasks_file(tmp_path, 3)
+    token = secrets.token_hex(32)  # marks the processes of this instance
+    env = {**clean_env(), "RAY_AUTH_TOKEN": token}  # no RAY_ADDRESS
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "batch", str(tasks), "--ray", "-j", "2",
+         "--runs-dir", str(tmp_path / "runs"), "--base-url", fake.base_url, "--model", "m",
+         "--turns", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [row.split()[0] for row in done.stdout.splitlines()[1:]] == ["done"] * 3
+    if sys.platform.startswith("linux"):
+        assert not processes_with(f"RAY_AUTH_TOKEN={token}".encode()), "Ray was left running"
+
+
+def processes_with(variable: bytes) -> list[int]:
+    """The processes whose environment holds ``variable`` (NAME=value)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if variable in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@needs_ray
 @pytest.mark.embedded
 @pytest.mark.skipif(importlib.util.find_spec("xllamacpp") is None, reason="needs the local extra")
 def test_the_tasks_of_a_node_share_its_one_embedded_engine(ray_address, fake, tmp_path):
