@@ -16,11 +16,11 @@ temporary runs folder of its own (``pipeline-ray-<pid>-*`` in the system's tempo
 folder, removed when the task ends, and by the next task on that machine when its worker
 was killed). The fine-tune ledgers of the driver's runs folder go along too, read-only,
 so a run records the job that made its model as it would locally. The task returns every
-file of the run and of its child runs (a run is small: a few hundred kilobytes at most);
-the driver writes each run folder whole into ``batches/.incoming/`` of its runs folder,
-then swaps it in for the old one with two renames (a driver killed between them is put
-right by the next batch: the old folder is moved back). A worker that dies leaves
-nothing in the driver's runs folder.
+file of the run and of its child runs (tens of kilobytes for a short run, every call
+recorded); the driver writes each run folder whole into ``batches/.incoming/`` of its
+runs folder, then swaps it in for the old one with two renames (a driver killed between
+them is put right by the next batch: the old folder is moved back). A worker that dies
+leaves nothing in the driver's runs folder.
 
 The other design, not built: every worker writes straight into one runs folder on a
 filesystem all nodes share (NFS, a cluster filesystem), named with ``--runs-dir``. It

@@ -211,6 +211,41 @@ def test_a_worker_killed_mid_task_leaves_every_run_complete_once(ray_address, tm
 
 
 @needs_ray
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker in /proc")
+def test_a_task_whose_worker_always_dies_fails_after_ray_s_retries(ray_address, tmp_path):
+    killed: list[int] = []
+
+    def responder(body: dict[str, Any]) -> Action:
+        prompt = body["messages"][-1]["content"] if body.get("response_format") else ""
+        if "task number 0" in prompt:
+            pid = client_pid(fake.local.client[1])
+            if pid is not None and b"ray::" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return Reset()
+        return conversation(body)
+
+    tasks = tasks_file(tmp_path, 2)
+    runs_dir = tmp_path / "runs"
+    with FakeServer(responder) as fake:
+        done = ray_batch(
+            ray_address, tasks, runs_dir, "--base-url", fake.base_url, "--model", "m",
+            "--turns", "2",
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert len(killed) == raybatch.WORKER_RETRIES + 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "Error: 1 of 2 tasks failed; run the same command again to retry them"
+    )
+    record = batch_record(runs_dir)
+    (failed,) = [e for e in record["tasks"].values() if e["status"] == "failed"]
+    assert failed["task"] == "task number 0"
+    assert failed["error"].startswith("its Ray worker died 4 times: ")
+    assert not (runs_dir / failed["run_id"]).exists()  # nothing of it reached the runs
+    assert len(run_folders(runs_dir)) == 1
+
+
+@needs_ray
 def test_killing_the_driver_and_running_it_again_finishes_only_what_is_missing(
     ray_address, tmp_path
 ):
