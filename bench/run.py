@@ -19,6 +19,11 @@ each a ratio measured side by side in this one run, with its target.
                engine changed
   throughput   `pipeline batch` of 4 tasks on the embedded model at -j 1 and -j 4:
                aggregate completion tokens per second (every stage's usage)
+  ray          `pipeline batch` of 200 tasks against a fake server that answers each call
+               after a fixed delay: tasks per minute with --ray on a local Ray instance
+               (-j 8: 8 CPUs, a worker process each) over -j 8 on this machine (threads);
+               and Ray's fixed cost, a batch of one task with --ray less the same without
+               (skipped when ray is not installed)
 
 `--quick` shortens the delays (figures are then noisier); `--only NAME...` runs some;
 `--markdown FILE` also writes the table as Markdown with a description of the machine.
@@ -415,6 +420,64 @@ def bench_throughput() -> dict[str, Any]:
     }
 
 
+RAY_TASKS = 200
+RAY_DELAY = 0.25  # seconds per model call: a short answer of a hosted model
+
+
+def _batch_seconds(fake: FakeServer, tasks: int, *args: str) -> float:
+    """Wall seconds of ``pipeline batch`` of ``tasks`` tasks of 3 turns (3 calls each)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "tasks.txt"
+        path.write_text("".join(f"task number {i}\n" for i in range(tasks)))
+        command = [sys.executable, "-m", "pipeline", "batch", str(path), "--turns", "3",
+                   "--no-loop-detection", "--runs-dir", str(Path(folder) / "runs"),
+                   "--base-url", fake.base_url, "--model", "m", *args]  # fmt: skip
+        started = time.perf_counter()
+        done = subprocess.run(command, env=_env(), capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip()[-500:]}")
+        return wall
+
+
+def bench_ray() -> list[dict[str, Any]]:
+    """Tasks per minute of a batch on a local Ray instance against the same batch on
+    threads, both at -j 8 against a fixed-latency fake server, and Ray's fixed cost."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        skipped = {"value": None, "target": "(report)", "ok": None, "detail": "ray not installed"}
+        return [{"figure": "ray: tasks/min", **skipped}]
+    with FakeServer(_delayed(RAY_DELAY)) as fake:
+        one_local = _batch_seconds(fake, 1)
+        one_ray = _batch_seconds(fake, 1, "--ray")
+        local = _batch_seconds(fake, RAY_TASKS, "-j", "8")
+        on_ray = _batch_seconds(fake, RAY_TASKS, "-j", "8", "--ray")
+    fixed = one_ray - one_local
+    per_minute = {name: RAY_TASKS * 60 / wall for name, wall in (("local", local), ("ray", on_ray))}
+    steady = RAY_TASKS * 60 / max(on_ray - fixed, 1e-9)
+    return [
+        {
+            "figure": f"ray: {RAY_TASKS} tasks, tasks/min --ray (local instance) / threads, -j 8",
+            "value": per_minute["ray"] / per_minute["local"],
+            "target": "(report)",
+            "ok": None,
+            "detail": f"--ray: {per_minute['ray']:.0f} tasks/min ({on_ray:.1f} s; "
+            f"{steady:.0f} tasks/min without the fixed cost); -j 8 here: "
+            f"{per_minute['local']:.0f} tasks/min ({local:.1f} s); 3 calls of "
+            f"{RAY_DELAY:g} s per task",
+        },
+        {
+            "figure": "ray: fixed cost of --ray (s), local instance",
+            "value": fixed,
+            "target": "(report)",
+            "ok": None,
+            "detail": f"a 1-task batch: {one_ray:.1f} s with --ray, {one_local:.1f} s without "
+            "(Ray's start and stop, a worker's start and imports)",
+        },
+    ]
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     return (
@@ -469,6 +532,7 @@ def main() -> None:
         "engine": bench_engine,
         "memory": bench_memory,
         "throughput": bench_throughput,
+        "ray": bench_ray,
     }
     rows = []
     for name, bench in benches.items():

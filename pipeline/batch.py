@@ -176,7 +176,8 @@ class Batch:
                 ) from e
         return {"tasks_file": str(self.tasks_file), "tasks": {}}
 
-    def _note(self, task: BatchTask, **fields: Any) -> None:
+    def note(self, task: BatchTask, **fields: Any) -> None:
+        """Set ``fields`` of ``task``'s entry in the batch manifest and save it (atomically)."""
         with self._lock:
             entry = self.record["tasks"].setdefault(
                 task.key, {"line": task.line, "task": task.task}
@@ -184,7 +185,7 @@ class Batch:
             entry.update(fields)
             atomic_write_json(self.path, self.record)
 
-    def _run_id_for(self, task: BatchTask) -> str:
+    def run_id_for(self, task: BatchTask) -> str:
         """The run id of ``task``: the one recorded, or a new one recorded before the run is
         created, so that a batch killed at any moment never makes a task's run twice."""
         with self._lock:
@@ -197,7 +198,7 @@ class Batch:
                 n += 1
                 run_id = f"{base}-{n}"
             self._reserved.add(run_id)
-            self._note(task, run_id=run_id)
+            self.note(task, run_id=run_id)
             return run_id
 
     def _parameters(self, task: BatchTask) -> tuple[DirectorParameters, DialogueParameters]:
@@ -220,17 +221,42 @@ class Batch:
             raise ConfigError(f"no pipeline.toml to read the persona {name!r} from")
         return config.persona(name)
 
-    def _process(self, task: BatchTask) -> Outcome:
-        include = tuple(
+    def include(self, task: BatchTask) -> tuple[str, ...]:
+        """The optional stages ``task``'s run includes (``judge``, ``reflect``): its own
+        choice, else the batch's."""
+        return tuple(
             name
             for name, asked in (("judge", self.judge), ("reflect", self.reflect))
             if task.options.get(name, asked)
         )
-        run_id = self._run_id_for(task)
+
+    def plan(self, task: BatchTask) -> stages.Plan:
+        """The parameters of ``task``'s run: the batch's, with the task's own options.
+
+        Raises:
+            ConfigError: the persona it casts is not in the config.
+        """
+        return stages.Plan.of(
+            *self._parameters(task), tools=self.tools, persona=self._persona(task)
+        )
+
+    def complete(self, task: BatchTask) -> Run | None:
+        """``task``'s run when it is complete (nothing of it is pending), else None.
+
+        Raises:
+            RunError: its manifest is unreadable.
+        """
+        run_id = self.record["tasks"].get(task.key, {}).get("run_id")
+        if not run_id or not (self.runs_dir / run_id / "run.json").is_file():
+            return None
+        run = open_run(self.runs_dir, run_id)
+        return None if stages.pending(run, include=self.include(task)) else run
+
+    def _process(self, task: BatchTask) -> Outcome:
+        include = self.include(task)
+        run_id = self.run_id_for(task)
         try:
-            plan = stages.Plan.of(
-                *self._parameters(task), tools=self.tools, persona=self._persona(task)
-            )
+            plan = self.plan(task)
             folder = self.runs_dir / run_id
             if (folder / "run.json").is_file():
                 run = open_run(self.runs_dir, run_id)
@@ -245,27 +271,40 @@ class Batch:
                     reflect="reflect" in include,
                 )
             if not stages.pending(run, include=include):
-                return self._outcome(task, run, "skipped")
+                return self.outcome(task, run, "skipped")
             with run.locked():
                 tools = self.models.tools(self.tools)
                 ctx = stages.StageContext(run, self.models, plan, tools=tools)
                 stages.advance(ctx, include=include)
-            with contextlib.suppress(PipelineError):  # `memory sync` catches up
-                memory.remember(run)  # the driver writes the memory, never a worker
-            with contextlib.suppress(PipelineError):  # traces are best effort
-                telemetry.export_run(run)
+            self.remember(run)
         except PipelineError as e:
-            self._note(task, status="failed", error=e.message)
-            return Outcome(task, "failed", run_id, error=e.message, exception=e)
-        outcome = self._outcome(task, run, "done")
-        with self._lock:
-            self.turns_done += outcome.turns
-        return outcome
+            return self.failed(task, run_id, e)
+        return self.outcome(task, run, "done")
 
-    def _outcome(self, task: BatchTask, run: Run, status: str) -> Outcome:
+    def remember(self, run: Run) -> None:
+        """Index ``run`` in the memory database and send its traces: the driver's work,
+        never a worker's."""
+        with contextlib.suppress(PipelineError):  # `memory sync` catches up
+            memory.remember(run)
+        with contextlib.suppress(PipelineError):  # traces are best effort
+            telemetry.export_run(run)
+
+    def failed(self, task: BatchTask, run_id: str | None, error: PipelineError) -> Outcome:
+        """Record that ``task`` failed with ``error`` (to be retried by running the batch
+        again), and return its outcome."""
+        self.note(task, status="failed", error=error.message)
+        return Outcome(task, "failed", run_id, error=error.message, exception=error)
+
+    def outcome(self, task: BatchTask, run: Run, status: str) -> Outcome:
+        """Record that ``task``'s run is complete (``status`` ``done`` now, or ``skipped``:
+        before) and return its outcome."""
         entry = run.stage("dialogue")
-        self._note(task, run_id=run.run_id, status="done", error=None)
-        return Outcome(task, status, run.run_id, entry.turns or 0, entry.termination_reason)
+        self.note(task, run_id=run.run_id, status="done", error=None)
+        outcome = Outcome(task, status, run.run_id, entry.turns or 0, entry.termination_reason)
+        if status == "done":
+            with self._lock:
+                self.turns_done += outcome.turns
+        return outcome
 
     def run(self, jobs: int, on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
         """Process every task, ``jobs`` at a time (threads); call ``on_done`` as each ends.

@@ -404,15 +404,20 @@ def resume(
         )
 
 
+MAX_LOCAL_JOBS = 64  # a batch's threads on one machine
+MAX_RAY_JOBS = 4096  # a batch's tasks at once on a Ray cluster
+
+
 @cli.command()
 @click.argument("tasks_file", type=PathType(dir_okay=False))
 @click.option(
     "-j",
     "--jobs",
-    type=click.IntRange(1, 64),
+    type=click.IntRange(1, MAX_RAY_JOBS),
     default=4,
     show_default=True,
-    help="Tasks run at the same time.",
+    help=f"Tasks run at the same time (at most {MAX_LOCAL_JOBS} on this machine; with --ray, "
+    "on the whole cluster).",
 )
 @runs_dir_option
 @endpoint_options
@@ -420,6 +425,20 @@ def resume(
 @click.option("--judge", is_flag=True, help="Judge each run when its dialogue ends.")
 @click.option("--reflect", is_flag=True, help="Reflect on each role when its dialogue ends.")
 @PERSONA_OPTION
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Run each task as a Ray task: on the cluster at --ray-address, else on a local Ray "
+    "instance of JOBS CPUs (needs the ray extra).",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDRESS",
+    envvar="RAY_ADDRESS",
+    show_envvar=True,
+    help="The Ray cluster that --ray joins (its head's HOST:PORT) [default: a local instance].",
+)
 def batch(
     tasks_file: Path,
     jobs: int,
@@ -431,6 +450,8 @@ def batch(
     judge: bool,
     reflect: bool,
     persona: str | None,
+    use_ray: bool,
+    ray_address: str | None,
 ) -> None:
     """Run every task of TASKS_FILE, JOBS at a time, each as a normal run.
 
@@ -438,11 +459,23 @@ def batch(
     {"task": "...", "turns": 6, "roles": 3, "judge": true}. Running the same command
     again skips the runs that are complete and finishes the others. Rate limits (429)
     are waited out with the SDK's retries (--max-retries, at least 8 here).
+
+    With --ray, each task runs on a Ray worker, which sends its run's files back: this
+    process alone writes the runs folder. A task whose worker dies is run again by Ray.
     """
     from dataclasses import replace
 
     from .batch import Batch
 
+    context = click.get_current_context()
+    if not use_ray:
+        if context.get_parameter_source("ray_address") == click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError("--ray-address needs --ray")
+        if jobs > MAX_LOCAL_JOBS:
+            raise click.BadParameter(
+                f"{jobs} is more than {MAX_LOCAL_JOBS} on one machine (use --ray to go further)",
+                param_hint="'-j' / '--jobs'",
+            )
     # The embedded server gets slots and KV cache for `jobs` dialogues at once.
     with flags.models(min_retries=8, sessions=jobs) as models:
         work = Batch(
@@ -480,8 +513,12 @@ def batch(
                 counts[outcome.status] += 1
                 bar.update(1)
 
-            outcomes = work.run(jobs, done)
-    context = click.get_current_context()
+            if use_ray:
+                from .raybatch import run_batch
+
+                outcomes = run_batch(work, jobs, done, address=ray_address)
+            else:
+                outcomes = work.run(jobs, done)
     outcomes = [
         replace(o, error=_explain(o.exception, context)) if o.exception else o for o in outcomes
     ]

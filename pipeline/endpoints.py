@@ -225,6 +225,21 @@ class Resolver:
         self._fallback: Assigned = _UNSET
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickles (a resolver sent to a Ray worker): what it was given and what it
+        has decided, not its lock. The environment's endpoint is decided on the side that
+        asked first: call :meth:`unassigned` before sending it to decide it here."""
+        state = dict(self.__dict__)
+        del state["_lock"]
+        state["_fallback"] = None if self._fallback is _UNSET else self._fallback
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._fallback is None:
+            self._fallback = _UNSET
+        self._lock = threading.Lock()
+
     @classmethod
     def for_command(
         cls,

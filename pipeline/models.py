@@ -18,7 +18,7 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .client import ModelClient, identify_server
 from .endpoints import Assigned, EmbeddedModel, Endpoint, Resolver
@@ -33,6 +33,18 @@ if TYPE_CHECKING:
     from .parameters import ToolParameters
     from .records import Manifest, RolesDocument
     from .stages import ToolSource
+
+
+class SharedEngine(Protocol):
+    """Embedded servers that someone else runs and shares: on a Ray cluster, the one engine
+    of each node, shared by that node's tasks (:mod:`pipeline.raybatch`)."""
+
+    def launch(self, gguf: Path | None) -> None:
+        """Start serving ``gguf`` (the default model when None), without waiting."""
+
+    def endpoint(self, gguf: Path | None, structured_output: str) -> Endpoint:
+        """The endpoint that serves ``gguf``, once it answers."""
+        ...
 
 
 class Models:
@@ -57,6 +69,8 @@ class Models:
         recorded_models: the embedded GGUF files an existing run was made with, as
             ``{sha256: path}``; serving any other file is an error.
         notify: called with one-line progress messages (a model download).
+        engine: embedded servers run elsewhere and shared, used instead of starting one
+            here (a Ray node's engine); None: this object starts its own.
     """
 
     def __init__(
@@ -74,6 +88,7 @@ class Models:
         model_file: Path | None = None,
         recorded_models: dict[str, str] | None = None,
         notify: Callable[[str], None] | None = None,
+        engine: SharedEngine | None = None,
     ) -> None:
         if resolver is None:
             resolver = Resolver(
@@ -97,6 +112,7 @@ class Models:
         self.model_file = model_file
         self.recorded_models = recorded_models or {}
         self.notify = notify
+        self.engine = engine
         self._servers: dict[Path | None, LocalServer] = {}
         self._clients: dict[Endpoint, ModelClient] = {}  # by the whole endpoint
         self._kinds: dict[str, str | None] = {}
@@ -181,7 +197,10 @@ class Models:
         with self._lock:
             for choice in assigned:
                 if isinstance(choice, EmbeddedModel):
-                    self._launch(choice)
+                    if self.engine is not None:
+                        self.engine.launch(choice.gguf or self.model_file)
+                    else:
+                        self._launch(choice)
         return assigned
 
     # -- clients ---------------------------------------------------------------------
@@ -250,6 +269,8 @@ class Models:
             )
 
     def _embedded(self, choice: EmbeddedModel) -> Endpoint:
+        if self.engine is not None:
+            return self.engine.endpoint(choice.gguf or self.model_file, self.structured_output)
         server = self._launch(choice)
         if not server.ready:
             _import_sdk()  # the SDK's 0.4 s import overlaps with the model loading

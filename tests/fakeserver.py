@@ -16,6 +16,9 @@ the message llama-cpp-python 0.3 gives) or :data:`LM_STUDIO` (400 to ``json_obje
 ``props``, when given, is the answer to ``GET /props`` (llama.cpp's self-description, e.g.
 :data:`LLAMA_CPP_PROPS`); otherwise that path is a 404, as on most servers.
 
+A responder may read ``server.local.client``, the (host, port) the request came from
+(set in the request's thread before the responder is asked).
+
 ``fine_tuning`` (:class:`FineTuning`) serves ``/v1/files`` and ``/v1/fine_tuning/jobs``: a
 job moves one step along its :class:`Progress` at each retrieve, with events, and each
 operation can be scripted with faults (see :class:`FineTuning`).
@@ -367,6 +370,7 @@ class FakeServer:
         self.stopping = threading.Event()
         self.fine_tuning = FineTuning()
         self.received: list[Received] = []
+        self.local = threading.local()  # .client: the (host, port) of the request answered
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
@@ -509,6 +513,7 @@ class FakeServer:
                     code, message = server.rejects[kind]
                     self._json(code, {"error": {"message": message, "type": "invalid_request"}})
                     return
+                server.local.client = self.client_address  # for the responder to read
                 action = server._next_action(body)
                 if isinstance(action, Status):
                     error = {

@@ -83,7 +83,7 @@ def test_every_command_has_help(command):
     assert cli.commands[command].help
 
 
-HEAVY = ("openai", "jsonschema", "jinja2", "xllamacpp", "gguf", "huggingface_hub")
+HEAVY = ("openai", "jsonschema", "jinja2", "xllamacpp", "gguf", "huggingface_hub", "ray")
 LISTS_HEAVY_IMPORTS = f"""
 import json, sys
 from pipeline.cli import cli
@@ -97,9 +97,9 @@ print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)), file=sys.std
 
 
 def test_help_and_listing_runs_import_no_model_library(tmp_path):
-    """`pipeline --help` stays fast: openai, jsonschema, jinja2, xllamacpp, gguf and huggingface_hub
-    are imported by the commands that need them, not at start-up (bench/run.py measures the
-    time)."""
+    """`pipeline --help` stays fast: openai, jsonschema, jinja2, xllamacpp, gguf,
+    huggingface_hub and ray are imported by the commands that need them, not at start-up
+    (bench/run.py measures the time)."""
     argument_lists = [["--help"], *([c, "--help"] for c in sorted(cli.commands))]
     argument_lists += [["models", "pull", "--help"], ["models", "list", "--help"]]
     argument_lists.append(["runs", "--runs-dir", str(tmp_path)])
