@@ -338,7 +338,9 @@ class View:
                     yield f"id: {tail.count}\nevent: turn\ndata: {data}\n\n"
                 if not alive:
                     final = await run_in_threadpool(viewer.read_row, self.runs_dir, run.run_id)
-                    data = json.dumps({"status": final.status, "turns": tail.count})
+                    data = json.dumps(
+                        {"status": final.status, "stages": final.stages, "turns": tail.count}
+                    )
                     yield f"event: end\ndata: {data}\n\n"
                     return
                 quiet = 0.0 if lines else quiet + POLL

@@ -304,7 +304,8 @@ def test_a_running_dialogue_is_streamed_turn_by_turn_until_it_stops(runs_dir):
             assert '<span class="speaker">A</span>' in data["html"]
             assert '<div class="content">a &lt;new&gt; turn</div>' in data["html"]
             run.finish_stage("dialogue")
-            assert read_event(response) == ("end", {"status": "pending", "turns": 3})
+            ended = {"status": "pending", "stages": {"director": "pending", "dialogue": "done"}}
+            assert read_event(response) == ("end", {**ended, "turns": 3})
             assert response.fp.readline() in (b"", b"\r\n", b"0\r\n")  # the stream ends
         finally:
             connection.close()

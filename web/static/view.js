@@ -60,6 +60,7 @@
     const count = Number(transcript.dataset.count || "0");
     const source = new EventSource(transcript.dataset.live + "?after=" + count);
     const note = document.getElementById("live-note");
+    source.addEventListener("open", function () { transcript.dataset.connected = "1"; });
     source.addEventListener("turn", function (event) {
       const data = JSON.parse(event.data);
       if (document.getElementById("turn-" + data.turn)) return;
@@ -76,6 +77,13 @@
       if (badge) {
         badge.textContent = data.status;
         badge.className = "badge status-" + data.status;
+      }
+      for (const [name, status] of Object.entries(data.stages || {})) {
+        const stage = document.querySelector('.badge[data-stage="' + CSS.escape(name) + '"]');
+        if (stage) {
+          stage.textContent = status;
+          stage.className = "badge status-" + status;
+        }
       }
       if (note) note.textContent = "the run stopped (" + data.status + "); reload for its verdict and files";
       transcript.dataset.ended = "1";
