@@ -149,12 +149,12 @@ def read_row(runs_dir: Path, run_id: str) -> RunRow:
     )
 
 
-def _stamp(folder: Path) -> tuple[tuple[int, int] | None, ...]:
-    """What the row of the run in ``folder`` depends on: each file's size and time."""
+def _stamp(folder: str) -> tuple[tuple[int, int] | None, ...]:
+    """What the row of the run in ``folder`` depends on: each file's time and size."""
     out: list[tuple[int, int] | None] = []
     for name in _ROW_FILES:
         try:
-            st = os.stat(folder / name)
+            st = os.stat(os.path.join(folder, name))
         except OSError:
             out.append(None)
         else:
@@ -165,7 +165,8 @@ def _stamp(folder: Path) -> tuple[tuple[int, int] | None, ...]:
 class Listing:
     """The runs of a folder, one :class:`RunRow` each, sorted by id (by time). A row is
     read again only when one of its files changed, or while a stage of it is running
-    (whether its process is alive is not in any file)."""
+    (whether its process is alive is not in any file). One listing is read at a time:
+    a second caller waits for the first and gets the rows it kept."""
 
     def __init__(self, runs_dir: Path) -> None:
         self.runs_dir = runs_dir
@@ -173,6 +174,10 @@ class Listing:
         self._lock = threading.Lock()
 
     def rows(self) -> list[RunRow]:
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> list[RunRow]:
         try:
             names = sorted(
                 entry.name
@@ -181,22 +186,20 @@ class Listing:
             )
         except (FileNotFoundError, NotADirectoryError):
             return []
+        base = str(self.runs_dir)
         out = []
         for name in names:
-            stamp = _stamp(self.runs_dir / name)
-            with self._lock:
-                kept = self._rows.get(name)
+            stamp = _stamp(os.path.join(base, name))
+            kept = self._rows.get(name)
             if kept is not None and kept[0] == stamp:
                 out.append(kept[1])
                 continue
             row = read_row(self.runs_dir, name)
             if "running" not in row.stages.values():
-                with self._lock:
-                    self._rows[name] = (stamp, row)
+                self._rows[name] = (stamp, row)
             out.append(row)
-        with self._lock:
-            for gone in set(self._rows) - set(names):
-                del self._rows[gone]
+        for gone in set(self._rows) - set(names):
+            del self._rows[gone]
         return out
 
 

@@ -34,6 +34,7 @@ import asyncio
 import json
 import secrets
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -82,6 +83,7 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
 ]
+PAGES = ("runs.html", "run.html", "turn.html", "diff.html", "memory.html", "lineage.html")
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
 
 
@@ -185,6 +187,19 @@ class View:
             for p in static.iterdir()
             if p.is_file()
         }
+
+    def warm(self) -> threading.Thread:
+        """Compile the pages and read the runs list ahead of the first request, in a
+        thread of its own (a daemon: it never holds up an exit)."""
+
+        def read() -> None:
+            for name in PAGES:
+                web_environment().get_template(name)
+            self.listing.rows()
+
+        thread = threading.Thread(target=read, name="view-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     def page(self, name: str, code: int = 200, **data: Any) -> HTMLResponse:
         return _render(name, code, runs_dir=str(self.runs_dir), **data)
@@ -356,10 +371,11 @@ class View:
         )
 
 
-def create_app(runs_dir: Path, *, token: str | None = None) -> ASGIApp:
-    """The view over ``runs_dir``: every request must carry ``token`` when one is given;
-    without one, requests must be addressed to a local host name."""
-    view = View(runs_dir)
+def create_app(runs_dir: Path, *, token: str | None = None, view: View | None = None) -> ASGIApp:
+    """The view over ``runs_dir`` (``view``'s pages when given): every request must carry
+    ``token`` when one is given; without one, requests must be addressed to a local host
+    name."""
+    view = view or View(runs_dir)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         detail = exc.detail if isinstance(exc, HTTPException) else "not found"
@@ -425,8 +441,9 @@ class Server:
 
         self.sock = sock
         self.port = int(sock.getsockname()[1])
+        self.view = View(runs_dir)
         config = uvicorn.Config(
-            create_app(runs_dir, token=token),
+            create_app(runs_dir, token=token, view=self.view),
             log_config=None,
             log_level="warning",
             access_log=False,
@@ -459,6 +476,7 @@ def serve(runs_dir: Path, host: str, port: int, notify: Callable[[str], None] = 
     token = secrets.token_urlsafe(32) if needs_token(host) else None
     sock = listen(host, port)
     server = Server(runs_dir, sock, token)
+    server.view.warm()  # the runs list is read while the browser is being opened
     address = url(host, server.port)
     if token is None:
         notify(f"viewing {runs_dir} at {address} (Ctrl-C to stop)")
