@@ -16,7 +16,8 @@ the format of bench/run.py. Nothing is asserted: these are measurements.
   run page     GET /runs/ID of one of them: 10 turns, verdict, reflections (median of 15)
 
 The 500 runs are one real run (director, a 10-turn dialogue, judge and reflection against
-the fake server) copied under 500 ids; `--runs N` changes the count.
+the fake server) copied under 500 ids; `--runs N` changes the count. `--markdown FILE`
+also writes the table, with a description of the machine (bench/VIEW.md).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import table  # noqa: E402
+from bench.run import machine, table  # noqa: E402
 from tests.fakeserver import FakeServer  # noqa: E402
 from tests.viewruns import scripted  # noqa: E402
 
@@ -127,6 +128,7 @@ def figure(name: str, seconds: float, target: float, detail: str) -> dict[str, A
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=500, help="runs in the folder")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as top:
@@ -165,7 +167,18 @@ def main() -> None:
         )
         rows.append(figure("list filtered", statistics.median(filtered), 0.3, "median of 15"))
         rows.append(figure("run page (10 turns)", statistics.median(page), 0.3, "median of 15"))
-    print(table(rows))
+    text = table(rows)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(
+            f"# pipeline view: start-up and a page over {args.runs} runs\n\n"
+            f"Machine: {machine()}\n\nCommand: `python bench/view.py`\n\n{text}\n\n"
+            "`list cold` is a first request sent the moment the server answers: every "
+            "run.json is read and every stage's status worked out then. The server reads "
+            "them from its start, in the background, so a first page asked for a second "
+            "later (`list 1 s after start`) is served from the rows it kept, as every "
+            "later one is (`list warm`) until a run's files change.\n"
+        )
 
 
 if __name__ == "__main__":
