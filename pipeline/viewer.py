@@ -507,7 +507,7 @@ def running(runs_dir: Path, run_id: str) -> bool:
 class Tail:
     """The transcript lines written after the first ``after``: :meth:`poll` returns the
     complete lines written since the last call (looking at the file only when its size
-    or time changed)."""
+    or time changed); a line that is not a turn is counted, not returned."""
 
     def __init__(self, path: Path, after: int = 0) -> None:
         self.path = path
@@ -525,7 +525,8 @@ class Tail:
                     break
                 self.offset, self.count = end + 1, self.count + 1
 
-    def poll(self) -> list[Turn]:
+    def poll(self) -> list[tuple[int, Turn]]:
+        """The complete lines written since the last call, each with its number (from 1)."""
         from .records import Turn
 
         try:
@@ -546,7 +547,7 @@ class Tail:
         for raw in complete.splitlines():
             self.count += 1
             try:
-                out.append(Turn.from_json(json.loads(raw)))
+                out.append((self.count, Turn.from_json(json.loads(raw))))
             except (ValueError, KeyError, TypeError):
                 continue  # not a turn: the page has no use for it
         return out

@@ -322,9 +322,11 @@ class View:
 
     async def live(self, request: Request) -> StreamingResponse:
         """The run's transcript lines after the first ``after`` (or the ``Last-Event-ID``),
-        each as a ``turn`` event with its HTML, as they are written; then ``end``."""
+        each as a ``turn`` event with its HTML and its line number as the event id, as
+        they are written; then ``end``."""
         run = await run_in_threadpool(self.run, request)
-        start = request.query_params.get("after") or request.headers.get("last-event-id") or "0"
+        # a reconnecting EventSource sends the number of the last line it got
+        start = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
         after = int(start) if start.isdigit() else 0
         token = ""
         try:
@@ -338,9 +340,17 @@ class View:
             lambda: all(t is not None for _, t in viewer.read_call_times(run, "dialogue"))
         )
 
-        def fragment(line: Turn) -> str:
-            turn = viewer.turn_view(line, token, {}, timed)
-            return template.render(t=turn, run=run)
+        def fragments(lines: list[tuple[int, Turn]]) -> list[str]:
+            """Each line's HTML, with the runs its tool calls delegated to (the manifest
+            read again: a running turn adds children)."""
+            try:
+                children = viewer.children_by_call(open_run(self.runs_dir, run.run_id))
+            except RunError:
+                children = {}
+            return [
+                template.render(t=viewer.turn_view(line, token, children, timed), run=run)
+                for _, line in lines
+            ]
 
         async def events() -> AsyncIterator[str]:
             yield "retry: 1000\n\n"
@@ -348,9 +358,10 @@ class View:
             while True:
                 alive = await run_in_threadpool(viewer.running, self.runs_dir, run.run_id)
                 lines = await run_in_threadpool(tail.poll)
-                for line in lines:
-                    data = json.dumps({"turn": line.turn, "html": fragment(line)})
-                    yield f"id: {tail.count}\nevent: turn\ndata: {data}\n\n"
+                shown = await run_in_threadpool(fragments, lines) if lines else []
+                for (number, line), html in zip(lines, shown, strict=True):
+                    data = json.dumps({"turn": line.turn, "html": html})
+                    yield f"id: {number}\nevent: turn\ndata: {data}\n\n"
                 if not alive:
                     final = await run_in_threadpool(viewer.read_row, self.runs_dir, run.run_id)
                     data = json.dumps(

@@ -267,16 +267,29 @@ def test_diff_memory_and_lineage_pages(served, folder):
 
 
 def read_event(response: http.client.HTTPResponse) -> tuple[str, dict[str, Any]]:
-    """The next event of a stream: its name and data (comments and retry skipped)."""
-    name, data = "message", ""
+    """The next event of a stream: its name and data, with its id as ``"id"`` when it has
+    one (comments and retry skipped)."""
+    name, data, number = "message", "", None
     while True:
         line = response.fp.readline().decode()
         if line in ("\n", "") and data:
-            return name, json.loads(data)
+            return name, {**json.loads(data), **({"id": number} if number else {})}
         if line.startswith("event: "):
             name = line[7:].strip()
         elif line.startswith("data: "):
             data = line[6:].strip()
+        elif line.startswith("id: "):
+            number = int(line[4:])
+
+
+def stream(base: str, path: str, headers: dict[str, str] | None = None) -> Any:
+    """An open connection to the stream at ``path``, and its response."""
+    where = urlsplit(base)
+    connection = http.client.HTTPConnection(where.hostname or "", where.port, timeout=10)
+    connection.request("GET", path, headers=headers or {})
+    response = connection.getresponse()
+    assert response.getheader("content-type", "").startswith("text/event-stream")
+    return connection, response
 
 
 def test_a_running_dialogue_is_streamed_turn_by_turn_until_it_stops(runs_dir):
@@ -290,23 +303,26 @@ def test_a_running_dialogue_is_streamed_turn_by_turn_until_it_stops(runs_dir):
     with Served(runs_dir) as server:
         _, _, page = get(server.url, f"/runs/{run.run_id}")
         assert f'data-count="2" data-live="/runs/{run.run_id}/live"' in page
-        where = urlsplit(server.url)
-        connection = http.client.HTTPConnection(where.hostname or "", where.port, timeout=10)
+        connection, response = stream(server.url, f"/runs/{run.run_id}/live?after=1")
         try:
-            connection.request("GET", f"/runs/{run.run_id}/live?after=1")
-            response = connection.getresponse()
-            assert response.getheader("content-type", "").startswith("text/event-stream")
             name, data = read_event(response)  # what was there after the first line
-            assert (name, data["turn"]) == ("turn", 2)
+            assert (name, data["turn"], data["id"]) == ("turn", 2, 2)
             run.append_transcript(Turn(3, "A", 0, "a <new> turn", kind="human"))
             name, data = read_event(response)
-            assert (name, data["turn"]) == ("turn", 3)
+            assert (name, data["turn"], data["id"]) == ("turn", 3, 3)
             assert '<span class="speaker">A</span>' in data["html"]
             assert '<div class="content">a &lt;new&gt; turn</div>' in data["html"]
             run.finish_stage("dialogue")
             ended = {"status": "pending", "stages": {"director": "pending", "dialogue": "done"}}
             assert read_event(response) == ("end", {**ended, "turns": 3})
             assert response.fp.readline() in (b"", b"\r\n", b"0\r\n")  # the stream ends
+        finally:
+            connection.close()
+        # an EventSource that reconnects says the last line it got, which wins over ?after
+        path = f"/runs/{run.run_id}/live?after=0"
+        connection, response = stream(server.url, path, {"Last-Event-ID": "2"})
+        try:
+            assert [read_event(response)[0] for _ in range(2)] == ["turn", "end"]
         finally:
             connection.close()
 
