@@ -181,6 +181,7 @@ class View:
     def __init__(self, runs_dir: Path) -> None:
         self.runs_dir = runs_dir
         self.listing = viewer.Listing(runs_dir)
+        self.stopping: Callable[[], bool] = lambda: False  # the server is shutting down
         static = data_dir("web") / "static"
         self.static = {
             p.name: (p.read_bytes(), STATIC_TYPES.get(p.suffix, "application/octet-stream"))
@@ -369,6 +370,8 @@ class View:
                     )
                     yield f"event: end\ndata: {data}\n\n"
                     return
+                if self.stopping():  # end the stream; the page's EventSource will retry
+                    return
                 quiet = 0.0 if lines else quiet + POLL
                 if quiet >= PING:
                     quiet = 0.0
@@ -462,6 +465,7 @@ class Server:
             timeout_graceful_shutdown=1,
         )
         self.server = uvicorn.Server(config)
+        self.view.stopping = lambda: bool(self.server.should_exit)
 
     @property
     def started(self) -> bool:

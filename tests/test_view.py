@@ -293,13 +293,7 @@ def stream(base: str, path: str, headers: dict[str, str] | None = None) -> Any:
 
 
 def test_a_running_dialogue_is_streamed_turn_by_turn_until_it_stops(runs_dir):
-    run = create_run(runs_dir, "a live task")
-    run.write_json("director/roles.json", {})  # (not read: the director is not done)
-    entry = run.stage("dialogue")
-    entry.status, entry.pid = "running", os.getpid()
-    run.save()
-    for n in (1, 2):
-        run.append_transcript(Turn(n, "A" if n == 1 else "B", n - 1, f"turn {n}", kind="human"))
+    run = running_run(runs_dir)
     with Served(runs_dir) as server:
         _, _, page = get(server.url, f"/runs/{run.run_id}")
         assert f'data-count="2" data-live="/runs/{run.run_id}/live"' in page
@@ -343,10 +337,22 @@ def test_the_runs_list_rereads_only_runs_whose_files_changed(folder, tmp_path):
         verdict.write_text(saved)
 
 
-def test_the_cli_serves_with_a_token_off_loopback_and_stops_on_ctrl_c(folder):
-    runs_dir, _ = folder
+def running_run(runs_dir: Path, task: str = "a live task") -> Any:
+    """A run whose dialogue is recorded running in this process, with two turns."""
+    run = create_run(runs_dir, task)
+    entry = run.stage("dialogue")
+    entry.status, entry.pid = "running", os.getpid()
+    run.save()
+    for n in (1, 2):
+        run.append_transcript(Turn(n, "A" if n == 1 else "B", n - 1, f"turn {n}", kind="human"))
+    return run
+
+
+def test_the_cli_serves_with_a_token_off_loopback_and_stops_on_ctrl_c(runs_dir):
+    run = running_run(runs_dir)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PIPELINE_"))}
     started = time.monotonic()
+    connection = None
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "view", "--host", "127.0.0.2", "--port", "0",
          "--runs-dir", str(runs_dir)],
@@ -363,10 +369,17 @@ def test_the_cli_serves_with_a_token_off_loopback_and_stops_on_ctrl_c(folder):
         assert get(address, "/")[0] == 401
         assert get(address, f"/?token={token}")[0] == 200
         assert time.monotonic() - started < 10
+        # a page following the running dialogue does not hold up the stop
+        path = f"/runs/{run.run_id}/live"
+        connection, response = stream(address, path, {"Authorization": f"Bearer {token}"})
+        assert read_event(response)[0] == "turn"
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(10)
-    assert code == 0
+        rest = proc.stderr.read() if proc.stderr else ""
+        if connection is not None:
+            connection.close()
+    assert code == 0 and rest == ""
 
 
 def test_the_web_framework_is_imported_only_by_pipeline_view():
