@@ -1,7 +1,7 @@
 """What ``pipeline view`` shows, read from the runs folder (no web framework here).
 
 - the runs list: :class:`Listing`, one :class:`RunRow` per run, each kept until one of
-  the files it was read from changes (a folder of 500 runs is listed from stats alone);
+  the files it was read from changes (once read, 500 runs are listed from stats alone);
 - a run page: :func:`run_page` (roles, transcript, tool calls, the tree of delegated
   runs, verdict, reflections, the stages that recorded model calls);
 - the recorded calls of a turn or a stage, on demand: :func:`turn_calls`,
