@@ -1508,6 +1508,44 @@ def trace(run_id: str, runs_dir: Path) -> None:
     click.echo(f"run {run.run_id}: {sent} spans sent to {telemetry.destination()}")
 
 
+# -- view: a local web app over the runs folder -----------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. Any other than 127.0.0.1, localhost or ::1 makes every "
+    "request need the token printed at start.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on (0: any free one).",
+)
+@runs_dir_option
+def view(host: str, port: int, runs_dir: Path) -> None:
+    """Serve a web page over the runs folder: the runs, each run's roles, transcript,
+    tool calls, tree, verdict and recorded calls, diffs, memory search and lineage.
+
+    A running dialogue's turns appear as they are written. Nothing is fetched from the
+    network. Ctrl-C stops it. Needs the view extra: pip install 'converse-pipeline[view]'.
+    """
+    try:
+        from .webapp import serve
+    except ImportError as e:
+        raise click.ClickException(
+            f"pipeline view needs the view extra ({(e.name or '?').split('.')[0]} is not "
+            "installed): "
+            "pip install 'converse-pipeline[view]'"
+        ) from e
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(runs_dir, host, port, notify=lambda message: click.echo(message, err=True))
+
+
 # -- models: GGUF files from the Hugging Face Hub ---------------------------------------
 
 

@@ -65,8 +65,16 @@ def _extra(value: Mapping[str, Any], known: Sequence[str]) -> JSONObject:
     return {k: v for k, v in value.items() if k not in known}
 
 
+_KNOWN: dict[type, tuple[str, ...]] = {}
+
+
 def _known(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+    """The fields of record ``cls`` but ``extra`` (kept per class: a runs list reads
+    thousands of records)."""
+    known = _KNOWN.get(cls)
+    if known is None:
+        known = _KNOWN[cls] = tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+    return known
 
 
 # -- tokens -------------------------------------------------------------------------------

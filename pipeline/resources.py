@@ -1,4 +1,4 @@
-"""Where the project's data folders (``templates/``, ``schemas/``) are.
+"""Where the project's data folders (``templates/``, ``schemas/``, ``web/``) are.
 
 In a checkout (and an editable install) they sit at the top of the repository,
 beside the ``pipeline`` package; in a built wheel they are shipped inside the
@@ -19,8 +19,9 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 @cache
 def data_dir(name: str) -> Path:
-    """Return the folder ``name`` (``"templates"`` or ``"schemas"``). The environment
-    variable ``PIPELINE_TEMPLATES_DIR`` (``PIPELINE_SCHEMAS_DIR``) points at another one,
+    """Return the folder ``name`` (``"templates"``, ``"schemas"`` or ``"web"``, the pages
+    and assets of ``pipeline view``). The environment variable ``PIPELINE_TEMPLATES_DIR``
+    (``PIPELINE_SCHEMAS_DIR``, ``PIPELINE_WEB_DIR``) points at another one,
     for example to try a changed director prompt without editing the installed package.
 
     Raises:

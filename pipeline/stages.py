@@ -472,7 +472,10 @@ def statuses(run: Run) -> dict[str, str]:
     digests: dict[str, str | None] = {}
     found: dict[str, str] = {}
     for node in graph(run):  # a stage comes after those it needs: their status is known
-        read = {need: digests.setdefault(need, digest(run, need)) for need in node.needs}
+        for need in node.needs:
+            if need not in digests:
+                digests[need] = digest(run, need)
+        read = {need: digests[need] for need in node.needs}
         found[node.name] = _status(run, node, read, found)
     return found
 

@@ -1,10 +1,18 @@
-"""The Jinja environment over ``templates/``.
+"""The Jinja environments: the prompts' over ``templates/``, and the web view's.
 
-One :class:`jinja2.Environment` with ``StrictUndefined``: a template that uses a
-variable the caller did not pass fails loudly instead of rendering an empty
-string. User text (the task, role prompts) is only ever passed as *data*; it is
-never compiled as template source, so ``{{ 7*7 }}`` in a task reaches the model
-literally.
+One :class:`jinja2.Environment` with ``StrictUndefined`` renders the prompts: a
+template that uses a variable the caller did not pass fails loudly instead of
+rendering an empty string. User text (the task, role prompts) is only ever passed as
+*data*; it is never compiled as template source, so ``{{ 7*7 }}`` in a task reaches
+the model literally.
+
+``pipeline view``'s HTML pages (``web/templates/``) have an environment of their own
+(:func:`web_environment`), with the same ``StrictUndefined`` and data-only rule, and
+HTML autoescaping always on. It is a second environment, not a second loader on the
+first, because the prompt templates are inputs of every run (their sha256 is recorded
+in ``run.json``, and ``PIPELINE_TEMPLATES_DIR`` replaces the whole folder), which the
+pages must not be; and because escaping chosen by file name in a shared environment
+would leave a page misnamed ``.j2`` unescaped, where here every page is escaped.
 """
 
 from __future__ import annotations
@@ -27,6 +35,19 @@ def environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         autoescape=False,  # plain-text prompts, not HTML
         keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+@cache
+def web_environment() -> jinja2.Environment:
+    """The environment of ``pipeline view``'s pages (``web/templates/``): HTML, every
+    value autoescaped (created once per process)."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(data_dir("web") / "templates")),
+        undefined=jinja2.StrictUndefined,
+        autoescape=True,  # user text (tasks, prompts, turns, chats) is data in HTML
         trim_blocks=True,
         lstrip_blocks=True,
     )

@@ -1,4 +1,4 @@
-"""The built wheel (not the editable checkout) ships templates/ and schemas/ and works."""
+"""The built wheel (not the editable checkout) ships templates/, schemas/ and web/ and works."""
 
 from __future__ import annotations
 
@@ -64,15 +64,17 @@ def run_installed(target: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_wheel_contains_every_template_and_schema(wheel):
+def test_wheel_contains_every_template_schema_and_web_asset(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder in ("templates", "schemas"):
+    for folder in ("templates", "schemas", "web"):
         base = data_dir(folder)
         for path in base.rglob("*"):
             if path.is_file():
                 assert f"pipeline/{folder}/{path.relative_to(base).as_posix()}" in names
     assert "pipeline/schemas/v1/run.schema.json" in names  # subfolders ship too
     assert "pipeline/prices.toml" in names  # pipeline.dataset's price table
+    # pipeline view's pages and the assets it serves itself (no CDN)
+    assert {"pipeline/web/templates/run.html", "pipeline/web/static/view.js"} <= names
 
 
 def test_installed_wheel_reads_both_schema_versions(installed):
@@ -109,15 +111,16 @@ def test_installed_wheel_uses_its_own_data_and_runs(installed, tmp_path):
         [
             sys.executable,
             "-c",
-            "from pipeline.resources import data_dir; print(data_dir('templates'))",
+            "from pipeline.resources import data_dir; print(data_dir('templates'));"
+            "print(data_dir('web'))",
         ],
         env=env,
         capture_output=True,
         text=True,
         cwd=installed,
         check=True,
-    ).stdout.strip()
-    assert Path(where) == installed / "pipeline" / "templates"
+    ).stdout.split()
+    assert [Path(p) for p in where] == [installed / "pipeline" / f for f in ("templates", "web")]
 
     from .conftest import conversation
 
