@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import signal
@@ -40,17 +39,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import machine, table  # noqa: E402
+from bench.run import _env, machine, table  # noqa: E402
 from tests.fakeserver import FakeServer  # noqa: E402
 from tests.viewruns import scripted  # noqa: E402
-
-
-def _env() -> dict[str, str]:
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("OPENAI_", "PIPELINE_")) or k == "PIPELINE_CACHE_DIR"
-    }
 
 
 def make_folder(runs_dir: Path, count: int) -> str:

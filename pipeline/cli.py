@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .parameters import DialogueParameters, DirectorParameters, Persona, ToolParameters
     from .records import RolesDocument, Turn
     from .runs import Run
-    from .stages import StageContext
+    from .stages import Plan, StageContext
     from .terminal import Terminal
 
 REVIEW_QUESTION = "Run the dialogue? [y/N/e]"
@@ -201,14 +201,7 @@ def generate(
         client = models.director()
         run = plan.new_run(runs_dir, task, judge=judge, reflect=reflect)
         person = _person(human, interject)
-        ctx = stages.StageContext(
-            run,
-            models,
-            plan,
-            person.watching(_Printer()),
-            tools=models.tools(tool_params),
-            human=person,
-        )
+        ctx = _context(run, models, plan, person)
         with _writing(run):
             click.echo(
                 f"run {run.run_id}: asking the director ({client.endpoint.model})...", err=True
@@ -269,15 +262,7 @@ def converse(
         load_roles(run)  # fail before starting a server when the run is not ready
         with flags.models(run) as models:
             plan = stages.Plan.of(dialogue=dialogue_params, tools=tool_params)
-            person = _person(human, interject)
-            ctx = stages.StageContext(
-                run,
-                models,
-                plan,
-                person.watching(_Printer()),
-                tools=models.tools(tool_params),
-                human=person,
-            )
+            ctx = _context(run, models, plan, _person(human, interject))
             if stages.is_current(ctx, "dialogue"):
                 click.echo(
                     f"the dialogue of run {run.run_id} is already done with these inputs; "
@@ -837,6 +822,21 @@ def serve(host: str, port: int, model_file: Path | None) -> None:
 
 
 # -- helpers --------------------------------------------------------------------------
+
+
+def _context(run: Run, models: Models, plan: Plan, person: Terminal) -> StageContext:
+    """The context a command runs ``run``'s stages in: its printer (which shows a person
+    the turns they have not seen), the tools ``plan`` gives the roles, the person."""
+    from . import stages
+
+    return stages.StageContext(
+        run,
+        models,
+        plan,
+        person.watching(_Printer()),
+        tools=models.tools(plan.tools),
+        human=person,
+    )
 
 
 def _remember(run: Run) -> None:
