@@ -164,11 +164,13 @@ def main() -> None:
         args.markdown.write_text(
             f"# pipeline view: start-up and a page over {args.runs} runs\n\n"
             f"Machine: {machine()}\n\nCommand: `python bench/view.py`\n\n{text}\n\n"
-            "`list cold` is a first request sent the moment the server answers: every "
-            "run.json is read and every stage's status worked out then. The server reads "
-            "them from its start, in the background, so a first page asked for a second "
-            "later (`list 1 s after start`) is served from the rows it kept, as every "
-            "later one is (`list warm`) until a run's files change.\n"
+            "`list cold` is a first request sent the moment the server answers: the runs of "
+            "its page (100) have their run.json read and every stage's status worked out "
+            "then, unless the server's background read of that page, started at launch, "
+            "got there first. A page asked for a second later (`list 1 s after start`) is "
+            "served from the rows kept, as every later one is (`list warm`) until a run's "
+            "files change. A filter (`list filtered`, here after the warm pages) reads "
+            "every run once.\n"
         )
 
 

@@ -85,6 +85,9 @@ class RunRow:
         return not needle or needle in self.task.lower() or needle in self.run_id
 
 
+STATUSES = ("done", "failed", "interrupted", "pending", "running", "stale")  # of overall
+
+
 def overall(run: Run, found: Mapping[str, str]) -> str:
     """The status of ``run`` as a whole, from its stages' (see :attr:`RunRow.status`):
     the stages it goes through are the graph's, optional ones when planned."""
@@ -173,19 +176,23 @@ class Listing:
         self._rows: dict[str, tuple[tuple[tuple[int, int] | None, ...], RunRow]] = {}
         self._lock = threading.Lock()
 
-    def rows(self) -> list[RunRow]:
-        with self._lock:
-            return self._read()
-
-    def _read(self) -> list[RunRow]:
+    def names(self) -> list[str]:
+        """The ids of the runs in the folder, sorted (by time), without reading them."""
         try:
-            names = sorted(
+            return sorted(
                 entry.name
                 for entry in os.scandir(self.runs_dir)
                 if RUN_ID_RE.match(entry.name) and entry.is_dir()
             )
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def rows(self, names: Sequence[str] | None = None) -> list[RunRow]:
+        """The rows of the runs ``names`` (all of them when None), in that order."""
+        with self._lock:
+            return self._read(self.names() if names is None else list(names), names is None)
+
+    def _read(self, names: list[str], everything: bool) -> list[RunRow]:
         base = str(self.runs_dir)
         out = []
         for name in names:
@@ -198,8 +205,9 @@ class Listing:
             if "running" not in row.stages.values():
                 self._rows[name] = (stamp, row)
             out.append(row)
-        for gone in set(self._rows) - set(names):
-            del self._rows[gone]
+        if everything:
+            for gone in set(self._rows) - set(names):
+                del self._rows[gone]
         return out
 
 

@@ -83,6 +83,7 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
 ]
+PAGE_SIZE = 100  # runs on a page of the runs list
 PAGES = ("runs.html", "run.html", "turn.html", "diff.html", "memory.html", "lineage.html")
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
 
@@ -190,13 +191,13 @@ class View:
         }
 
     def warm(self) -> threading.Thread:
-        """Compile the pages and read the runs list ahead of the first request, in a
-        thread of its own (a daemon: it never holds up an exit)."""
+        """Compile the pages and read the first page of the runs list ahead of the first
+        request, in a thread of its own (a daemon: it never holds up an exit)."""
 
         def read() -> None:
             for name in PAGES:
                 web_environment().get_template(name)
-            self.listing.rows()
+            self.listing.rows(self.listing.names()[:PAGE_SIZE])  # the first page
 
         thread = threading.Thread(target=read, name="view-warm-up", daemon=True)
         thread.start()
@@ -215,13 +216,34 @@ class View:
     # pages (plain functions: Starlette runs them in its thread pool, as they read files)
 
     def runs(self, request: Request) -> HTMLResponse:
-        rows = self.listing.rows()
+        """The runs list, :data:`PAGE_SIZE` rows a page (``?page=N``). Unfiltered, only the
+        page's runs are read; a filter reads every run (rows are kept between requests)."""
         text = request.query_params.get("q", "")
         status = request.query_params.get("status", "")
-        shown = viewer.filter_rows(rows, text, status)
-        choices = sorted({row.status for row in rows if row.status})
+        asked = request.query_params.get("page", "1")
+        number = int(asked) if asked.isdigit() and int(asked) > 0 else 1
+        if text or status:
+            every = self.listing.rows()
+            total, matching = len(every), viewer.filter_rows(every, text, status)
+            pages = max(1, -(-len(matching) // PAGE_SIZE))
+            number = min(number, pages)
+            shown = matching[(number - 1) * PAGE_SIZE : number * PAGE_SIZE]
+        else:
+            names = self.listing.names()
+            total = len(names)
+            pages = max(1, -(-total // PAGE_SIZE))
+            number = min(number, pages)
+            shown = self.listing.rows(names[(number - 1) * PAGE_SIZE : number * PAGE_SIZE])
+        choices = sorted({*viewer.STATUSES, *(row.status for row in shown if row.status)})
         return self.page(
-            "runs.html", rows=shown, total=len(rows), q=text, status=status, statuses=choices
+            "runs.html",
+            rows=shown,
+            total=total,
+            q=text,
+            status=status,
+            statuses=choices,
+            page=number,
+            pages=pages,
         )
 
     def run_page(self, request: Request) -> HTMLResponse:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 from click.testing import CliRunner
 
-from pipeline import viewer
+from pipeline import viewer, webapp
 from pipeline.records import Turn
 from pipeline.runs import create_run, open_run
 
@@ -404,3 +404,21 @@ def test_without_the_view_extra_the_command_says_what_to_install(monkeypatch, ru
         "Error: pipeline view needs the view extra (starlette is not installed): "
         "pip install 'converse-pipeline[view]'\n"
     )
+
+
+def test_the_runs_list_is_paged_and_reads_only_the_page_s_runs(tmp_path):
+    from pipeline.runs import create_run
+
+    runs_dir = tmp_path / "runs"
+    for n in range(webapp.PAGE_SIZE + 20):
+        create_run(runs_dir, f"task {n:03d}", run_id=f"20260101T{n // 60:02d}{n % 60:02d}00Z-task")
+    with Served(runs_dir) as server:
+        status, _, first = get(server.url, "/")
+        assert status == 200
+        assert f"{webapp.PAGE_SIZE} of {webapp.PAGE_SIZE + 20} runs, page 1 of 2" in first
+        assert len(server.server.view.listing._rows) == webapp.PAGE_SIZE  # only the page read
+        _, _, second = get(server.url, "/?page=2")
+        assert "20 of 120 runs, page 2 of 2" in second
+        assert "20260101T0159" in second and "20260101T0000" not in second
+        _, _, found = get(server.url, "/?q=task+119")
+        assert "1 of 120 runs" in found and 'rel="next"' not in found
