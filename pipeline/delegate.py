@@ -74,7 +74,7 @@ def child_id(parent: str, use: ToolUse) -> str:
 class Delegation:
     """The tool source of a run whose roles may delegate (a :class:`pipeline.stages.ToolSource`)."""
 
-    def toolbox(self, ctx: stages.StageContext, speaker: int) -> Toolbox:
+    def toolbox(self, ctx: stages.StageContext, speaker: int, role: str) -> Toolbox:
         def run(arguments: dict[str, Any], use: ToolUse) -> str:
             return delegate(ctx, arguments, use)
 

@@ -152,7 +152,7 @@ def inputs(ctx: StageContext) -> object:
     ctx.human.check(roles, ctx.run)  # before anything is archived
     found = dialogue_inputs(roles, ctx.models.roles(roles), ctx.plan.dialogue)
     if ctx.tools is not None:
-        offered = [list(ctx.tools.toolbox(ctx, i).tools) for i in range(len(roles.roles))]
+        offered = [list(ctx.tools.toolbox(ctx, i, r.name).tools) for i, r in enumerate(roles.roles)]
         found["tools"] = {"offered": offered, "parameters": asdict(ctx.plan.tools)}
     return found
 
@@ -318,7 +318,7 @@ def run(ctx: StageContext) -> None:
     ) as entry:
         if ctx.tools is not None:
             entry.tools = asdict(ctx.plan.tools)
-            boxes = [ctx.tools.toolbox(ctx, i) for i in range(len(roles.roles))]
+            boxes = [ctx.tools.toolbox(ctx, i, r.name) for i, r in enumerate(roles.roles)]
             run_.write_json(OFFERED, offered([r.name for r in roles.roles], boxes))
         entry.role_endpoints = [  # by position: role names need not be unique
             clients[min(i, len(clients) - 1)].endpoint for i in range(len(roles.roles))
@@ -392,7 +392,7 @@ def _take_turn(
     if number == 1:
         out.delta(visible.feed(roles.opening_line) + visible.flush())
         return Turn(number, name, speaker, roles.opening_line, kind="opening")
-    toolbox = ctx.tools.toolbox(ctx, speaker) if ctx.tools is not None else Toolbox([])
+    toolbox = ctx.tools.toolbox(ctx, speaker, name) if ctx.tools is not None else Toolbox([])
     answer = tooluse.generate(
         ctx,
         client,

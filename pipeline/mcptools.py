@@ -160,20 +160,17 @@ class McpTools:
     def child(self, run_id: str) -> McpTools:
         return self
 
-    def toolbox(self, ctx: StageContext, speaker: int) -> Toolbox:
-        """The tools role ``speaker`` of ``ctx``'s run may call, from the servers started
-        for them.
+    def toolbox(self, ctx: StageContext, speaker: int, role: str) -> Toolbox:
+        """The tools role ``role`` (at position ``speaker``) of ``ctx``'s run may call, from
+        the servers started for them.
 
         Raises:
             ConfigError: the ``mcp`` extra is missing, a server does not start, or an
                 allowed tool is not among its tools.
         """
-        from .director import load_roles
-
-        role = load_roles(ctx.run).roles[speaker]
         go_on = Fix("then go on", command=("resume", ctx.run.run_id))
         tools = []
-        for qualified in self.config.allowed(speaker, role.name):
+        for qualified in self.config.allowed(speaker, role):
             server, tool = qualified.split(".", 1)
             try:
                 session = self._session(server)
@@ -357,7 +354,7 @@ class RecordedMcpTools:
             open_run(self.source.folder.parent, self.source.run_id + suffix), run_id
         )
 
-    def toolbox(self, ctx: StageContext, speaker: int) -> Toolbox:
+    def toolbox(self, ctx: StageContext, speaker: int, role: str) -> Toolbox:
         roles = self.offered.get("roles", [])
         specs = roles[speaker]["tools"] if speaker < len(roles) else []
         return Toolbox(

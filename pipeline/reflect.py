@@ -47,9 +47,9 @@ def answer_schema(roles: RolesDocument) -> schemas.Schema:
     return schemas.Schema(SCHEMA, document)
 
 
-def render_prompt(run: Run) -> str:
-    """The reflection prompt for ``run``: its task, each role's goal and the transcript."""
-    roles = director.load_roles(run)
+def render_prompt(run: Run, roles: RolesDocument) -> str:
+    """The reflection prompt for ``run``: its task, each of ``roles``' goal and the
+    transcript."""
     return templates.render(
         TEMPLATE,
         task=run.task,
@@ -80,13 +80,14 @@ def run(ctx: StageContext) -> None:
         EndpointError: the endpoint failed.
     """
     run_ = ctx.run
+    roles = director.load_roles(run_)
     answer_stage(
         ctx,
         ctx.models.reflector(),
         params=ctx.plan.reflect,
         inputs=ctx.inputs,
-        prompt=render_prompt(run_),
-        schema=answer_schema(director.load_roles(run_)),
+        prompt=render_prompt(run_, roles),
+        schema=answer_schema(roles),
         output=REFLECTIONS,
     )
     run_.finish_stage(STAGE)

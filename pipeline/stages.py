@@ -191,7 +191,9 @@ class OneClient:
 class ToolSource(Protocol):
     """The tools each role of a dialogue may call."""
 
-    def toolbox(self, ctx: StageContext, speaker: int) -> Toolbox: ...
+    def toolbox(self, ctx: StageContext, speaker: int, role: str) -> Toolbox:
+        """The tools of role ``role``, at position ``speaker`` (0-based)."""
+        ...
 
     def child(self, run_id: str) -> ToolSource:
         """The tools of the child run ``run_id`` that a turn delegated to."""

@@ -156,12 +156,12 @@ class Combined:
     def child(self, run_id: str) -> Combined:
         return Combined([source.child(run_id) for source in self.sources])
 
-    def toolbox(self, ctx: Any, speaker: int) -> Toolbox:
+    def toolbox(self, ctx: Any, speaker: int, role: str) -> Toolbox:
         from .errors import ConfigError
 
         tools: dict[str, Tool] = {}
         for source in self.sources:
-            for tool in source.toolbox(ctx, speaker).tools.values():
+            for tool in source.toolbox(ctx, speaker, role).tools.values():
                 if tool.name in tools:
                     raise ConfigError(
                         f"two tools named {tool.name!r} are offered to the same role "

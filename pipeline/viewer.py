@@ -33,6 +33,7 @@ from .runs import (
 )
 from .stages import conversation_stage, graph, planned_stages, statuses
 from .termination import strip_token
+from .views import ended_by
 
 if TYPE_CHECKING:
     from .records import RolesDocument, Turn, Verdict
@@ -132,12 +133,7 @@ def read_row(runs_dir: Path, run_id: str) -> RunRow:
         found = statuses(run)
     except RunError as e:
         return RunRow(run_id, error=e.message)
-    conversation = conversation_stage(run)
-    reason = run.manifest.stages[conversation].termination_reason
-    if found.get(conversation) == "interrupted":
-        reason = "interrupted"
-    elif run.imported:
-        reason = "imported"
+    reason = ended_by(run, found)
     link = run.manifest.parent
     return RunRow(
         run_id=run.run_id,

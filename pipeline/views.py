@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import RunError
-from .stages import graph, status
+from .stages import conversation_stage, graph, status
 from .stages import statuses as stage_statuses
 from .termination import strip_token
 
@@ -130,15 +130,24 @@ class RunSummary:
         return {k: v for k, v in asdict(self).items() if k != "error"}
 
 
+def ended_by(run: Run, found: Mapping[str, str]) -> str | None:
+    """How ``run``'s conversation ended, given its stages' statuses ``found``: its
+    termination reason, ``interrupted`` when its process died, ``imported`` for an
+    imported chat, None while it goes on."""
+    conversation = conversation_stage(run)
+    if found.get(conversation) == "interrupted":
+        return "interrupted"
+    if run.imported:
+        return "imported"
+    entry = run.manifest.stages.get(conversation)
+    return entry.termination_reason if entry is not None else None
+
+
 def summary(run: Run) -> RunSummary:
     """One run's listing: id, created, task, each stage's status (``interrupted`` when its
     process is gone), turns so far and the dialogue's termination reason."""
     statuses = stage_statuses(run)
-    reason = run.stage("dialogue").termination_reason
-    if statuses.get("dialogue") == "interrupted":
-        reason = "interrupted"
-    elif run.imported:
-        reason = "imported"
+    reason = ended_by(run, statuses)
     link = run.manifest.parent
     return RunSummary(
         run.run_id,

@@ -187,7 +187,7 @@ class SameTools:
     def __init__(self, box: Toolbox) -> None:
         self.box = box
 
-    def toolbox(self, ctx: stages.StageContext, speaker: int) -> Toolbox:
+    def toolbox(self, ctx: stages.StageContext, speaker: int, role: str) -> Toolbox:
         return self.box
 
 

@@ -83,7 +83,7 @@ class Adder:
         self.ran.append((arguments, use))
         return str(arguments["a"] + arguments["b"])
 
-    def toolbox(self, ctx: stages.StageContext, speaker: int) -> Toolbox:
+    def toolbox(self, ctx: stages.StageContext, speaker: int, role: str) -> Toolbox:
         tools = [Tool("add", ADD_DESCRIPTION, NUMBERS, self.add)] if speaker == TUTOR else []
         return Toolbox(tools)
 
