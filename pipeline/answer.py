@@ -19,7 +19,8 @@ from .errors import StructuredOutputError
 
 if TYPE_CHECKING:
     from .client import ModelClient
-    from .records import StageRecord
+    from .endpoints import Endpoint
+    from .records import JSONObject, StageRecord
     from .runs import Run
     from .schemas import Schema
     from .stages import StageContext
@@ -42,6 +43,22 @@ class AnswerParameters(Protocol):
 
     @property
     def seed(self) -> int | None: ...
+
+
+class Previewed(Exception):
+    """How :func:`answer_stage` ends in a preview (``ctx.preview``): with the first
+    request it would send, before anything is written (see
+    :func:`pipeline.stages.first_request`).
+
+    Attributes:
+        endpoint: where it would go.
+        body: its request body.
+    """
+
+    def __init__(self, endpoint: Endpoint, body: JSONObject) -> None:
+        super().__init__(endpoint.base_url)
+        self.endpoint = endpoint
+        self.body = body
 
 
 Unusable = Callable[[StructuredOutputError, "StageRecord"], StructuredOutputError]
@@ -68,6 +85,7 @@ def answer_stage(
     to add its own fields and finish it; returns its record and the answer.
 
     Raises:
+        Previewed: ``ctx.preview`` is set: nothing is sent or written.
         StructuredOutputError: no usable answer (``unusable`` may reword it, knowing the
             stage record).
         EndpointError: the endpoint failed.
@@ -76,20 +94,22 @@ def answer_stage(
     endpoint = client.endpoint
     dialects = list(ctx.dialects.get(ctx.stage) or structured.plan_in_run(endpoint, run.manifest))
     parameters = recorded if recorded is not None else dataclasses.asdict(params)
+    question = structured.Question(
+        [{"role": "user", "content": prompt}],
+        schema,
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        dialects=dialects,
+        repair_attempts=params.repair_attempts,
+        seed=params.seed,
+        check=check,
+        narrow=narrow,
+    )
+    if ctx.preview:
+        raise Previewed(endpoint, structured.first_body(endpoint, question))
     with ctx.running(endpoint=endpoint, parameters=parameters, inputs=inputs) as entry:
         entry.dialect_plan = dialects
         run.write_text(f"{ctx.stage}/prompt.txt", prompt)
-        question = structured.Question(
-            [{"role": "user", "content": prompt}],
-            schema,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            dialects=dialects,
-            repair_attempts=params.repair_attempts,
-            seed=params.seed,
-            check=check,
-            narrow=narrow,
-        )
         try:
             result = structured.ask(client, question, ctx.recorder.attempts())
         except StructuredOutputError as e:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import memory, stages, telemetry
 from .errors import ConfigError, PipelineError
@@ -37,6 +37,9 @@ from .parameters import (
 )
 from .records import utc_now
 from .runs import Run, atomic_write_json, open_run, slugify
+
+if TYPE_CHECKING:
+    from .batchapi import Answer, BatchApi
 
 # The options a task may set: the director's and the dialogue's command-line options, by
 # name (--director-max-tokens is director_max_tokens, --loop-detection/--no-loop-detection
@@ -252,30 +255,51 @@ class Batch:
         run = open_run(self.runs_dir, run_id)
         return None if stages.pending(run, include=self.include(task)) else run
 
-    def _process(self, task: BatchTask) -> Outcome:
+    def _open(self, task: BatchTask, run_id: str) -> Run:
+        """``task``'s run ``run_id``: the one made earlier, or a new one.
+
+        Raises:
+            PipelineError: it cannot be read or made.
+        """
         include = self.include(task)
+        folder = self.runs_dir / run_id
+        if (folder / "run.json").is_file():
+            return open_run(self.runs_dir, run_id)
+        if folder.exists():  # a creation cut short: a folder with no manifest yet
+            shutil.rmtree(folder)
+        return self.plan(task).new_run(
+            self.runs_dir,
+            task.task,
+            run_id=run_id,
+            judge="judge" in include,
+            reflect="reflect" in include,
+        )
+
+    def _advance(
+        self,
+        task: BatchTask,
+        run: Run,
+        models: stages.ClientSource | None = None,
+        until: str | None = None,
+    ) -> None:
+        """Bring ``task``'s run to its end (up to stage ``until`` when given), with
+        ``models`` (default: the batch's).
+
+        Raises:
+            PipelineError: a stage failed.
+        """
+        with run.locked():
+            tools = self.models.tools(self.tools)
+            ctx = stages.StageContext(run, models or self.models, self.plan(task), tools=tools)
+            stages.advance(ctx, include=self.include(task), until=until)
+
+    def _process(self, task: BatchTask) -> Outcome:
         run_id = self.run_id_for(task)
         try:
-            plan = self.plan(task)
-            folder = self.runs_dir / run_id
-            if (folder / "run.json").is_file():
-                run = open_run(self.runs_dir, run_id)
-            else:
-                if folder.exists():  # a creation cut short: a folder with no manifest yet
-                    shutil.rmtree(folder)
-                run = plan.new_run(
-                    self.runs_dir,
-                    task.task,
-                    run_id=run_id,
-                    judge="judge" in include,
-                    reflect="reflect" in include,
-                )
-            if not stages.pending(run, include=include):
+            run = self._open(task, run_id)
+            if not stages.pending(run, include=self.include(task)):
                 return self.outcome(task, run, "skipped")
-            with run.locked():
-                tools = self.models.tools(self.tools)
-                ctx = stages.StageContext(run, self.models, plan, tools=tools)
-                stages.advance(ctx, include=include)
+            self._advance(task, run)
             self.remember(run)
         except PipelineError as e:
             return self.failed(task, run_id, e)
@@ -306,9 +330,23 @@ class Batch:
                 self.turns_done += outcome.turns
         return outcome
 
-    def run(self, jobs: int, on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    def run(
+        self,
+        jobs: int,
+        on_done: Callable[[Outcome], None] | None = None,
+        *,
+        api: BatchApi | None = None,
+    ) -> list[Outcome]:
         """Process every task, ``jobs`` at a time (threads); call ``on_done`` as each ends.
-        Returns the outcomes in the order of the tasks file."""
+        With ``api``, stage by stage instead (:meth:`_run_staged`). Returns the outcomes in
+        the order of the tasks file.
+
+        Raises:
+            BatchApiError: with ``api``, a provider batch could not be used (the runs
+                stay, pending).
+        """
+        if api is not None:
+            return self._run_staged(jobs, on_done or (lambda outcome: None), api)
         outcomes: dict[str, Outcome] = {}
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = {pool.submit(self._process, task): task for task in self.tasks}
@@ -318,3 +356,103 @@ class Batch:
                 if on_done:
                     on_done(outcome)
         return [outcomes[task.key] for task in self.tasks]
+
+    def _run_staged(
+        self, jobs: int, on_done: Callable[[Outcome], None], api: BatchApi
+    ) -> list[Outcome]:
+        """Every task's run, one stage of the graph at a time: the first request of each
+        run's one-answer stage (director, judge, reflection) goes in a provider batch
+        (``api``), which is waited for; then the stage runs for every run, ``jobs`` at a
+        time, its answer taken from the batch (:class:`pipeline.batchapi.Answered`). A run
+        whose stage fails leaves the later stages."""
+        from .batchapi import Answered
+
+        self.check_hosted()
+        outcomes: dict[str, Outcome] = {}
+
+        def finish(outcome: Outcome) -> None:
+            outcomes[outcome.task.key] = outcome
+            on_done(outcome)
+
+        going: dict[str, tuple[BatchTask, Run]] = {}
+        for task in self.tasks:
+            run_id = self.run_id_for(task)
+            try:
+                run = self._open(task, run_id)
+                if not stages.pending(run, include=self.include(task)):
+                    finish(self.outcome(task, run, "skipped"))
+                    continue
+            except PipelineError as e:
+                finish(self.failed(task, run_id, e))
+                continue
+            going[task.key] = (task, run)
+        for node in stages.GRAPH:
+            here = [
+                (task, run)
+                for task, run in going.values()
+                if node.name in stages.pending(run, include=self.include(task))
+            ]
+            if not here:
+                continue
+            answers = self._batched(node.name, here, api, finish, going) if node.answer else {}
+
+            def advance(
+                task: BatchTask, run: Run, stage: str = node.name, answers: Any = answers
+            ) -> None:
+                answered = answers.get(f"{run.run_id}:{stage}")
+                models = Answered(self.models, {stage: answered}) if answered else None
+                self._advance(task, run, models, until=stage)
+
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                futures = {pool.submit(advance, task, run): (task, run) for task, run in here}
+                for future in as_completed(futures):
+                    task, run = futures[future]
+                    try:
+                        future.result()
+                    except PipelineError as e:
+                        del going[task.key]
+                        finish(self.failed(task, run.run_id, e))
+        for task, run in going.values():
+            self.remember(run)
+            finish(self.outcome(task, run, "done"))
+        return [outcomes[task.key] for task in self.tasks]
+
+    def check_hosted(self) -> None:
+        """Raises a :class:`PipelineError` when a stage a provider batch would answer
+        (the director; the judge and reflection when a task has them) runs on the
+        embedded model, which has no Batch API; nothing is started or written then."""
+        from .batchapi import refused_embedded
+        from .endpoints import EmbeddedModel
+
+        resolver = self.models.resolver
+        if isinstance(resolver.director(), EmbeddedModel):
+            raise refused_embedded("director")
+        judged = any(self.include(task) for task in self.tasks)
+        if judged and isinstance(resolver.judge(), EmbeddedModel):
+            raise refused_embedded("judge")
+
+    def _batched(
+        self,
+        stage: str,
+        here: list[tuple[BatchTask, Run]],
+        api: BatchApi,
+        finish: Callable[[Outcome], None],
+        going: dict[str, tuple[BatchTask, Run]],
+    ) -> dict[str, Answer]:
+        """The provider batch's answers to the first request of ``stage`` of each run in
+        ``here``, by custom id; a run whose request cannot be worked out fails (and leaves
+        ``going`` and ``here``)."""
+        from .batchapi import Request
+
+        requests = []
+        for task, run in list(here):
+            try:
+                ctx = stages.StageContext(run, self.models, self.plan(task))
+                endpoint, body = stages.first_request(ctx, stage)
+            except PipelineError as e:
+                here.remove((task, run))
+                del going[task.key]
+                finish(self.failed(task, run.run_id, e))
+                continue
+            requests.append(Request(f"{run.run_id}:{stage}", endpoint, body))
+        return api.answers(stage, requests) if requests else {}

@@ -53,6 +53,11 @@ PERSONA_OPTION = click.option(
     help="Cast this persona of pipeline.toml ([personas.NAME]) as one of the roles, under its "
     "name and with its system prompt.",
 )
+PRICES_OPTION = click.option(
+    "--prices",
+    type=PathType(exists=True, dir_okay=False),
+    help="A TOML or JSON price table laid over the shipped one.",
+)
 
 
 def human_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -424,6 +429,28 @@ MAX_RAY_JOBS = 4096  # a batch's tasks at once on a Ray cluster
     show_envvar=True,
     help="The Ray cluster that --ray joins (its head's HOST:PORT) [default: a local instance].",
 )
+@click.option(
+    "--batch-api",
+    is_flag=True,
+    help="Send the first request of every director, judge and reflection through the "
+    "provider's Batch API (OpenAI's: half price, answered within 24 hours), waiting for it "
+    "between the stages; repairs and dialogues go through the ordinary API.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --batch-api, seconds between two looks at a provider batch.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the director, judge and reflection requests the batch would send, with their "
+    "tokens and cost at most, then stop without calling anything.",
+)
+@PRICES_OPTION
 def batch(
     tasks_file: Path,
     jobs: int,
@@ -437,6 +464,10 @@ def batch(
     persona: str | None,
     use_ray: bool,
     ray_address: str | None,
+    batch_api: bool,
+    poll_interval: float,
+    dry_run: bool,
+    prices: Path | None,
 ) -> None:
     """Run every task of TASKS_FILE, JOBS at a time, each as a normal run.
 
@@ -447,14 +478,24 @@ def batch(
 
     With --ray, each task runs on a Ray worker, which sends its run's files back: this
     process alone writes the runs folder. A task whose worker dies is run again by Ray.
+
+    With --batch-api, the batch goes stage by stage: the directors' requests go in
+    provider batches, which are waited for (a second run of the command waits for those
+    already submitted), then the dialogues run, then the judges' and reflections'
+    requests go in batches. See README, "Scaling out".
     """
     from dataclasses import replace
 
     from .batch import Batch
 
     context = click.get_current_context()
+    given = click.core.ParameterSource.COMMANDLINE
+    if use_ray and batch_api:
+        raise click.UsageError("--batch-api cannot be used with --ray")
+    if not batch_api and context.get_parameter_source("poll_interval") == given:
+        raise click.UsageError("--poll-interval needs --batch-api")
     if not use_ray:
-        if context.get_parameter_source("ray_address") == click.core.ParameterSource.COMMANDLINE:
+        if context.get_parameter_source("ray_address") == given:
             raise click.UsageError("--ray-address needs --ray")
         if jobs > MAX_LOCAL_JOBS:
             raise click.BadParameter(
@@ -474,6 +515,28 @@ def batch(
             reflect=reflect,
             persona=persona,
         )
+        if dry_run:
+            from .batchapi import estimate
+
+            click.echo(_views().batch_estimate_text(estimate(work, prices), batch_api=batch_api))
+            return
+        api = None
+
+        def bar_break() -> str:
+            return "\n" if sys.stderr.isatty() else ""
+
+        if batch_api:
+            from .batchapi import BatchApi
+
+            api = BatchApi(
+                runs_dir / "batches" / f"{tasks_file.stem}.batch-api",
+                poll_interval=poll_interval,
+                timeout=models.timeout,
+                max_retries=models.max_retries,
+                # on a terminal, the progress bar's line is ended first
+                on_status=lambda line: click.echo(f"{bar_break()}{line}", err=True),
+            )
+            work.check_hosted()
         counts = {"done": 0, "skipped": 0, "failed": 0}
 
         def status() -> str:
@@ -503,7 +566,7 @@ def batch(
 
                 outcomes = run_batch(work, jobs, done, address=ray_address)
             else:
-                outcomes = work.run(jobs, done)
+                outcomes = work.run(jobs, done, api=api)
     outcomes = [
         replace(o, error=_explain(o.exception, context)) if o.exception else o for o in outcomes
     ]
@@ -1121,11 +1184,7 @@ def dataset_group() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
 @click.option("--base-model", metavar="MODEL", help="The model to tune: its limits and price.")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs, for the cost [default: OpenAI's].")
-@click.option(
-    "--prices",
-    type=PathType(exists=True, dir_okay=False),
-    help="A TOML or JSON price table laid over the shipped one.",
-)
+@PRICES_OPTION
 @click.option("--token-limit", type=click.IntRange(1), help="Most tokens per example.")
 @runs_dir_option
 def dataset_build(

@@ -99,6 +99,14 @@ def chat_body(
     return body
 
 
+def canonical(endpoint: Endpoint, body: JSONObject) -> tuple[JSONObject, str]:
+    """The canonical request of ``body`` at ``endpoint`` (``{"base_url", **body}``) and
+    its sha256, by which a recording (:mod:`pipeline.replay`) or a provider batch
+    (:mod:`pipeline.batchapi`) answers it."""
+    request = {"base_url": endpoint.base_url, **body}
+    return request, sha256_of(request)
+
+
 class Transport(Protocol):
     """Carries one canonical request (``{"base_url", **body}``) to a model and back."""
 
@@ -171,8 +179,7 @@ class ModelClient:
     def _exchange(
         self, body: JSONObject, record: Recorder, *, stream: bool, on_delta: DeltaSink | None
     ) -> CallRecord:
-        request = {"base_url": self.endpoint.base_url, **body}
-        digest = sha256_of(request)
+        request, digest = canonical(self.endpoint, body)
         started = timestamp()
         try:
             call = self.transport.send(request, digest, stream=stream, on_delta=on_delta)
@@ -238,15 +245,7 @@ class HTTPTransport:
         if not stream:
             (response,) = off_main_thread(answers)
             dumped: JSONObject = response.model_dump(mode="json", exclude_none=True)
-            return CallRecord(
-                request,
-                digest,
-                response=dumped,
-                usage=dumped.get("usage"),
-                system_fingerprint=dumped.get("system_fingerprint"),
-                time=timestamp(),
-                started=started,
-            )
+            return CallRecord.answered(request, digest, dumped, time=timestamp(), started=started)
         streamed = _assemble(off_main_thread(answers), on_delta)
         return CallRecord(
             request,
@@ -256,6 +255,42 @@ class HTTPTransport:
             system_fingerprint=streamed.system_fingerprint,
             time=timestamp(),
             started=started,
+        )
+
+    def refused(self, what: str, e: Exception, api: str) -> EndpointError:
+        """One line for an SDK error from a call to one of the API's resources (files,
+        fine-tuning jobs, batches) doing ``what``: the server's message for a request it
+        refused (400, 404...; a 404 says to check that the base URL is the root of a
+        server with ``api``, e.g. "a Batch API"), else as :meth:`_explain` (time-outs,
+        connection failures, keys refused, rate limits, server errors)."""
+        import openai
+
+        status = e.status_code if isinstance(e, openai.APIStatusError) else None
+        if (
+            isinstance(e, openai.APIStatusError)
+            and status is not None
+            and status < 500
+            and not isinstance(e, openai.AuthenticationError | openai.RateLimitError)
+        ):
+            detail = _server_message(e)
+            fix = None
+            if isinstance(e, openai.NotFoundError):
+                fix = Fix(
+                    f"check that {{}} is the API root of a server with {api} (often ending in /v1)",
+                    ("base_url",),
+                )
+            return EndpointError(
+                f"{self.endpoint.base_url} refused {what} (HTTP {status}): {one_line(detail)}",
+                status=status,
+                detail=detail,
+                fix=fix,
+            )
+        explained = self._explain(e)
+        return EndpointError(
+            f"{what} failed: {explained.problem}",
+            status=explained.status,
+            detail=explained.detail,
+            fix=explained.fixes,
         )
 
     def _explain(self, e: Exception) -> EndpointError:

@@ -58,7 +58,7 @@ import re
 import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -561,24 +561,32 @@ def _completion_problems(body: JSONObject, separator: str, stop: str) -> list[st
 
 @dataclass(frozen=True)
 class PriceTable:
-    """Fine-tuning prices and limits per base model (``prices.toml``).
+    """Prices and limits per model (``prices.toml``).
 
     Attributes:
         training: USD per 1M training tokens.
         example_token_limit: the most tokens one training example may have.
         source, date: where the figures come from, and when they were taken.
+        chat_input, chat_output: USD per 1M input (prompt) and output (completion) tokens
+            of a chat completion through the ordinary API.
+        batch_input, batch_output: the same through the Batch API.
     """
 
     training: Mapping[str, float]
     example_token_limit: Mapping[str, int]
     source: str
     date: str
+    chat_input: Mapping[str, float] = field(default_factory=dict)
+    chat_output: Mapping[str, float] = field(default_factory=dict)
+    batch_input: Mapping[str, float] = field(default_factory=dict)
+    batch_output: Mapping[str, float] = field(default_factory=dict)
 
 
 def load_prices(override: Path | None = None) -> PriceTable:
     """The shipped table (:data:`PRICES_FILE`), with the file ``override`` laid over it:
     TOML, or JSON when its name ends in ``.json``, with the same keys (``source``,
-    ``date``, ``[training]`` and ``[example_token_limit]`` by model, all optional); each
+    ``date``, ``[training]``, ``[example_token_limit]``, ``[chat_input]``,
+    ``[chat_output]``, ``[batch_input]`` and ``[batch_output]`` by model, all optional); each
     model it lists replaces or adds to the shipped entry.
 
     Raises:
@@ -589,7 +597,7 @@ def load_prices(override: Path | None = None) -> PriceTable:
     tables = [_read_prices(PRICES_FILE)]
     if override is not None:
         tables.append(_read_prices(override))
-    merged: dict[str, Any] = {"training": {}, "example_token_limit": {}}
+    merged: dict[str, Any] = {key: {} for key, kind in _PRICE_KEYS.items() if kind is not str}
     for table in tables:
         for key, value in table.items():
             if isinstance(value, dict):
@@ -599,7 +607,16 @@ def load_prices(override: Path | None = None) -> PriceTable:
     return PriceTable(**merged)
 
 
-_PRICE_KEYS = {"source": str, "date": str, "training": float, "example_token_limit": int}
+_PRICE_KEYS = {
+    "source": str,
+    "date": str,
+    "training": float,
+    "example_token_limit": int,
+    "chat_input": float,
+    "chat_output": float,
+    "batch_input": float,
+    "batch_output": float,
+}
 
 
 def _read_prices(path: Path) -> dict[str, Any]:

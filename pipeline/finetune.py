@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .endpoints import Endpoint
-from .errors import EndpointError, FinetuneError, Fix, one_line
+from .errors import FinetuneError, Fix
 from .parameters import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
 from .records import timestamp, utc_now
 from .threads import off_main_thread
@@ -890,38 +890,10 @@ class FinetuneJobs:
             raise self._error(ledger, error.problem, fix=fix, cause=error) from e
 
     def _explain(self, what: str, e: openai.APIError) -> FinetuneError:
-        """One line for an SDK error: the client's own wording for time-outs, connection
-        failures, keys refused, rate limits and server errors; the server's message for a
-        request it refused (400, 404...)."""
-        import openai
-
-        from .client import _server_message
-
-        url = self.endpoint.base_url
-        status = e.status_code if isinstance(e, openai.APIStatusError) else None
-        if (
-            isinstance(e, openai.APIStatusError)
-            and status is not None
-            and status < 500
-            and not isinstance(e, openai.AuthenticationError | openai.RateLimitError)
-        ):
-            detail = _server_message(e)
-            fix = None
-            if isinstance(e, openai.NotFoundError):
-                fix = Fix(
-                    "check that {} is the API root of a server with a fine-tuning API "
-                    "(often ending in /v1)",
-                    ("base_url",),
-                )
-            return FinetuneError(
-                f"{url} refused {what} (HTTP {status}): {one_line(detail)}",
-                fix=fix,
-                http_status=status,
-                detail=detail,
-            )
-        explained: EndpointError = self._transport()._explain(e)
+        """One line for an SDK error (see :meth:`pipeline.client.HTTPTransport.refused`)."""
+        explained = self._transport().refused(what, e, "a fine-tuning API")
         return FinetuneError(
-            f"{what} failed: {explained.problem}",
+            explained.problem,
             fix=explained.fixes,
             http_status=explained.status,
             detail=explained.detail,

@@ -432,6 +432,8 @@ class CallRecord:
             in older recordings.
         time: when the answer was complete (ISO 8601 UTC); None in older recordings.
         stage: the stage that made the call, set when it is recorded.
+        batch: the provider batch that answered it, ``{"id", "custom_id"}`` (OpenAI's Batch
+            API, :mod:`pipeline.batchapi`); None for a call through the ordinary API.
     """
 
     request: JSONObject
@@ -444,6 +446,31 @@ class CallRecord:
     time: str | None = None
     stage: str = ""
     started: str | None = None
+    batch: dict[str, str] | None = None
+
+    @classmethod
+    def answered(
+        cls,
+        request: JSONObject,
+        digest: str,
+        response: JSONObject,
+        *,
+        time: str | None,
+        started: str | None,
+        batch: dict[str, str] | None = None,
+    ) -> CallRecord:
+        """The record of a non-streaming call answered with ``response`` (a chat
+        completion as JSON), its usage and fingerprint taken from it."""
+        return cls(
+            request,
+            digest,
+            response=response,
+            usage=response.get("usage"),
+            system_fingerprint=response.get("system_fingerprint"),
+            time=time,
+            started=started,
+            batch=batch,
+        )
 
     @property
     def body(self) -> JSONObject:
@@ -464,6 +491,7 @@ class CallRecord:
             time=value.get("time"),
             stage=value.get("stage", ""),
             started=value.get("started"),
+            batch=value.get("batch"),
         )
 
     def to_json(self) -> dict[str, object]:
@@ -485,6 +513,8 @@ class CallRecord:
             out["started"] = self.started
         if self.time is not None:
             out["time"] = self.time
+        if self.batch is not None:
+            out["batch"] = self.batch
         return out
 
 

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from .endpoints import Endpoint
     from .human import Cue, Said
     from .recorder import StageCalls
-    from .records import RolesDocument, StageRecord, Turn
+    from .records import JSONObject, RolesDocument, StageRecord, Turn
     from .runs import Run
     from .tools import Toolbox
 
@@ -66,6 +66,9 @@ class Stage:
         module: the module that runs it (see the module docstring).
         resumable: an unfinished attempt can go on where it stopped, instead of starting over.
         optional: run only when asked for (the judge).
+        answer: its work is one structured answer from one model (and its repairs), not a
+            conversation: its first request can be known, and answered, ahead of time
+            (:func:`first_request`; a provider batch, :mod:`pipeline.batchapi`).
     """
 
     name: str
@@ -74,6 +77,7 @@ class Stage:
     module: str
     resumable: bool = False
     optional: bool = False
+    answer: bool = False
 
     def load(self) -> StageModule:
         module: StageModule = importlib.import_module(self.module)
@@ -81,19 +85,35 @@ class Stage:
 
 
 GRAPH: tuple[Stage, ...] = (
-    Stage("director", (), "director/roles.json", "pipeline.director"),
+    Stage("director", (), "director/roles.json", "pipeline.director", answer=True),
     Stage(
         "dialogue", ("director",), "dialogue/transcript.jsonl", "pipeline.dialogue", resumable=True
     ),
-    Stage("judge", ("dialogue",), "judge/verdict.json", "pipeline.judge", optional=True),
-    Stage("reflect", ("dialogue",), "reflect/reflections.json", "pipeline.reflect", optional=True),
+    Stage(
+        "judge", ("dialogue",), "judge/verdict.json", "pipeline.judge", optional=True, answer=True
+    ),
+    Stage(
+        "reflect",
+        ("dialogue",),
+        "reflect/reflections.json",
+        "pipeline.reflect",
+        optional=True,
+        answer=True,
+    ),
 )
 # An imported chat (pipeline import): its conversation comes from a chat export, not from
 # a director and a dialogue; the judge reads it all the same.
 IMPORTED: tuple[Stage, ...] = (
     Stage("import", (), "import/transcript.jsonl", "pipeline.importing"),
-    Stage("judge", ("import",), "judge/verdict.json", "pipeline.judge", optional=True),
-    Stage("reflect", ("import",), "reflect/reflections.json", "pipeline.reflect", optional=True),
+    Stage("judge", ("import",), "judge/verdict.json", "pipeline.judge", optional=True, answer=True),
+    Stage(
+        "reflect",
+        ("import",),
+        "reflect/reflections.json",
+        "pipeline.reflect",
+        optional=True,
+        answer=True,
+    ),
 )
 STAGE_NAMES = tuple(stage.name for stage in GRAPH)
 _BY_NAME = {stage.name: stage for stage in GRAPH}
@@ -398,6 +418,8 @@ class StageContext:
         resume: go on from where an earlier attempt stopped (a resumable stage).
         inputs: what the stage depends on, read once before it runs (set by
             :func:`execute`; its sha256 is the stage's ``input_hash``).
+        preview: only work out the first request the stage would send, sending and
+            writing nothing (set by :func:`first_request`).
     """
 
     run: Run
@@ -411,6 +433,7 @@ class StageContext:
     calls: StageCalls | None = None
     resume: bool = False
     inputs: object = None
+    preview: bool = False
 
     @property
     def recorder(self) -> StageCalls:
@@ -584,14 +607,43 @@ def is_current(ctx: StageContext, name: str) -> bool:
     return ctx.run.stage(name).input_hash == sha256_of(inputs)
 
 
-def advance(ctx: StageContext, *, include: Sequence[str] = ()) -> None:
+def advance(ctx: StageContext, *, include: Sequence[str] = (), until: str | None = None) -> None:
     """Bring ``ctx.run`` to its end from wherever it stopped: every stage that is not done,
-    in the order of the graph (optional ones only when in ``include``). A resumable stage
-    that was interrupted or failed goes on from where it stopped; a stale one starts over."""
+    in the order of the graph (optional ones only when in ``include``), up to stage
+    ``until`` included when given. A resumable stage that was interrupted or failed goes
+    on from where it stopped; a stale one starts over."""
     for node in _wanted(ctx.run, include):
         now = status(ctx.run, node.name)
         if now != "done":
             execute(ctx, node.name, resume=now in ("interrupted", "failed"))
+        if node.name == until:
+            return
+
+
+def first_request(ctx: StageContext, name: str) -> tuple[Endpoint, JSONObject]:
+    """The endpoint and body of the first request stage ``name`` of ``ctx.run`` would
+    send if it ran now, worked out without sending or writing anything: the request a
+    provider batch can answer ahead of time (:mod:`pipeline.batchapi`).
+
+    Raises:
+        ValueError: the stage is not one structured answer (:attr:`Stage.answer`).
+        PipelineError: the run is not ready for the stage.
+    """
+    from .answer import Previewed
+
+    node = require(ctx.run, name)
+    if not node.answer:
+        raise ValueError(f"the {name} stage converses: its requests cannot be known ahead")
+    module = node.load()
+    if (check := getattr(module, "check", None)) is not None:
+        check(ctx.run)
+    here = dataclasses.replace(ctx, stage=name, calls=None, preview=True)
+    here.inputs = module.inputs(here)
+    try:
+        module.run(here)
+    except Previewed as preview:
+        return preview.endpoint, preview.body
+    raise AssertionError(f"the {name} stage sent no structured question")
 
 
 def planned_stages(run: Run) -> tuple[str, ...]:

@@ -433,6 +433,35 @@ def _noted(messages: list[Message], note: str) -> list[Message]:
     return out
 
 
+def _body(
+    endpoint: Endpoint,
+    question: Question,
+    conversation: list[Message],
+    dialect: str,
+    schema: Schema,
+) -> JSONObject:
+    """The request body of one attempt at ``question``: ``conversation`` so far, in
+    ``dialect``, for ``schema``."""
+    from .client import chat_body
+
+    return chat_body(
+        endpoint,
+        conversation,
+        max_tokens=question.max_tokens,
+        temperature=question.temperature,
+        seed=question.seed,
+        response_format=response_format(dialect, schema, endpoint.server, question.max_tokens),
+    )
+
+
+def first_body(endpoint: Endpoint, question: Question) -> JSONObject:
+    """The body of the first request :func:`ask` sends for ``question`` at ``endpoint``
+    (its first dialect; no repair yet): what a provider batch can answer ahead of time."""
+    dialect = question.dialects[0]
+    conversation = _for_dialect(list(question.messages), dialect, question.schema)
+    return _body(endpoint, question, conversation, dialect, question.schema)
+
+
 def ask(client: ModelClient, question: Question, log: AttemptLog) -> StructuredResult:
     """Ask ``client`` for JSON satisfying ``question.schema`` and return it validated.
 
@@ -447,8 +476,6 @@ def ask(client: ModelClient, question: Question, log: AttemptLog) -> StructuredR
             filtered, refused, or cut off twice (asking again cannot help).
         EndpointError: the endpoint failed, or rejected the last dialect to try.
     """
-    from .client import chat_body
-
     endpoint = client.endpoint
     plan = list(question.dialects)
     dialect = plan.pop(0)
@@ -460,14 +487,7 @@ def ask(client: ModelClient, question: Question, log: AttemptLog) -> StructuredR
     number = 0
     while True:
         number += 1
-        body = chat_body(
-            endpoint,
-            conversation,
-            max_tokens=question.max_tokens,
-            temperature=question.temperature,
-            seed=question.seed,
-            response_format=response_format(dialect, schema, endpoint.server, question.max_tokens),
-        )
+        body = _body(endpoint, question, conversation, dialect, schema)
         log.sending(number, body)
         try:
             record = client.complete(body, functools.partial(log.call, number))

@@ -21,6 +21,7 @@ from .termination import strip_token
 
 if TYPE_CHECKING:
     from .batch import Outcome
+    from .batchapi import Estimate
     from .curate import Curated
     from .dataset_build import Built
     from .finetune import DatasetFile, FinetuneLedger, JobRow, LedgerFile, Update
@@ -550,9 +551,12 @@ def metrics_table(rows: Sequence[ReportRow]) -> str:
         "CYCLE", "SIDE", "RUNS", "JUDGED", "MEAN", "MEDIAN",
         "DISTINCT-1", "DISTINCT-2", "REPETITION", "DONE", "MODEL",
     )  # fmt: skip
-    numeric = range(2, 10)
-    cells = [header, *(_metrics_cells(row) for row in rows)]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    return _grid([header, *(_metrics_cells(row) for row in rows)], numeric=range(2, 10))
+
+
+def _grid(cells: Sequence[Sequence[str]], numeric: Sequence[int]) -> str:
+    """Rows of cells in columns two spaces apart, those in ``numeric`` right-aligned."""
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
     return "\n".join(
         "  ".join(
             c.rjust(w) if i in numeric else c.ljust(w)
@@ -560,6 +564,71 @@ def metrics_table(rows: Sequence[ReportRow]) -> str:
         ).rstrip()
         for row in cells
     )
+
+
+def batch_estimate_text(estimate: Estimate, *, batch_api: bool) -> str:
+    """What ``pipeline batch --dry-run`` prints: the tasks to run, then per one-answer
+    stage its requests, model, input tokens (``<=`` for a bound), output tokens at most
+    and cost at most at Batch API and ordinary prices (``-`` without a price), their
+    total, the dialogues' turns, and how tokens were counted and where prices come from."""
+    way = "the Batch API (--batch-api)" if batch_api else "the ordinary API"
+    lines = [f"{estimate.tasks} tasks, {estimate.to_run} to run; requests through {way}:"]
+
+    def usd(value: float | None) -> str:
+        return "-" if value is None else f"<= ${value:,.4f}"
+
+    header = (
+        "STAGE", "MODEL", "REQUESTS", "INPUT TOKENS", "OUTPUT TOKENS", "BATCH API", "ORDINARY",
+    )  # fmt: skip
+    cells = [header]
+    for row in estimate.stages:
+        tokens = f"{row.input_tokens:,}" if row.counted else f"<= {row.input_tokens:,}"
+        cells.append(
+            (
+                row.stage,
+                row.model,
+                str(row.requests),
+                tokens,
+                f"<= {row.output_tokens:,}",
+                usd(row.batch_cost),
+                usd(row.cost),
+            )
+        )
+    if len(estimate.stages) > 1:
+
+        def total(costs: list[float | None]) -> str:
+            return "-" if None in costs else usd(sum(c or 0.0 for c in costs))
+
+        cells.append(
+            (
+                "total",
+                "",
+                str(sum(row.requests for row in estimate.stages)),
+                "",
+                "",
+                total([row.batch_cost for row in estimate.stages]),
+                total([row.cost for row in estimate.stages]),
+            )
+        )
+    if estimate.stages:
+        lines.append(_grid(cells, numeric=range(2, 7)))
+    else:
+        lines.append("no director, judge or reflection request is left to send")
+    if estimate.dialogue_runs:
+        lines.append(
+            f"dialogue: {estimate.dialogue_runs} runs, at most {estimate.dialogue_turns} turns, "
+            "through the ordinary API (not priced here)"
+        )
+    unpriced = sorted({row.model for row in estimate.stages if row.cost is None})
+    if unpriced:
+        lines.append(
+            f"no price for {', '.join(unpriced)}: give one with --prices FILE "
+            "([chat_input], [chat_output], [batch_input], [batch_output], USD per 1M tokens)"
+        )
+    lines.append(
+        f"tokens counted with {estimate.counter}; prices from {estimate.source} ({estimate.date})"
+    )
+    return "\n".join(lines)
 
 
 def _metrics_cells(row: ReportRow) -> tuple[str, ...]:

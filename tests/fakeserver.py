@@ -21,7 +21,10 @@ A responder may read ``server.local.client``, the (host, port) the request came 
 
 ``fine_tuning`` (:class:`FineTuning`) serves ``/v1/files`` and ``/v1/fine_tuning/jobs``: a
 job moves one step along its :class:`Progress` at each retrieve, with events, and each
-operation can be scripted with faults (see :class:`FineTuning`).
+operation can be scripted with faults (see :class:`FineTuning`). ``batches``
+(:class:`Batches`; None with ``batch_api=False``, a server without a Batch API) serves
+``/v1/batches``: a batch moves one step along its :class:`BatchProgress` at each
+retrieve, and its lines are answered as chat requests when it completes.
 """
 
 from __future__ import annotations
@@ -111,7 +114,10 @@ class Answer:
 
 FineTuningAction = Answer | Status | Reset | Stall
 
-OPERATIONS = ("upload", "get_file", "delete_file", "create", "list", "retrieve", "cancel", "events")
+OPERATIONS = (
+    "upload", "get_file", "delete_file", "content", "create", "list", "retrieve", "cancel",
+    "events", "create_batch", "retrieve_batch", "list_batches",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,13 @@ class FineTuning:
             if file_id not in self.files:
                 return 404, _error(f"No such File object: {file_id}", 404)
             return 200, {k: v for k, v in self.files[file_id].items() if k != "content"}
+
+    def content(self, file_id: str) -> tuple[int, Any]:
+        with self._lock:
+            if file_id not in self.files:
+                return 404, _error(f"No such File object: {file_id}", 404)
+            data: bytes = self.files[file_id]["content"]
+            return 200, data
 
     def delete_file(self, file_id: str) -> tuple[int, dict[str, Any]]:
         with self._lock:
@@ -320,6 +333,173 @@ class FineTuning:
         return {k: v for k, v in job.items() if k != "suffix"}
 
 
+def completion(body: dict[str, Any], reply: Reply, model: str) -> dict[str, Any]:
+    """The chat completion answering ``body`` with ``reply``."""
+    answer: dict[str, Any] = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": body.get("model", model),
+        "system_fingerprint": "fp-fake",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": reply.content,
+                    "refusal": reply.refusal,
+                    **(
+                        {
+                            "tool_calls": [
+                                {
+                                    "id": i,
+                                    "type": "function",
+                                    "function": {"name": n, "arguments": a},
+                                }
+                                for i, n, a in reply.tool_calls
+                            ]
+                        }
+                        if reply.tool_calls
+                        else {}
+                    ),
+                },
+                "finish_reason": reply.finish_reason,
+            }
+        ],
+    }
+    if reply.usage is not None:
+        answer["usage"] = {**reply.usage, "total_tokens": sum(reply.usage.values())}
+    return answer
+
+
+# -- batches: /v1/batches ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """The statuses a new batch goes through, one per retrieve after its creation (the
+    first is its status when created). Its lines are answered when it reaches
+    ``completed`` or ``expired`` (then only the first ``answered`` lines; the others get a
+    ``batch_expired`` error line); ``failed`` comes with ``errors`` (OpenAI's ``{code,
+    message, line}``)."""
+
+    statuses: tuple[str, ...] = ("validating", "in_progress", "finalizing", "completed")
+    answered: int | None = None
+    errors: tuple[dict[str, Any], ...] = ()
+
+
+BATCH_SUCCEEDS = BatchProgress()
+
+
+class Batches:
+    """The fake batches of one :class:`FakeServer`, over its files
+    (:class:`FineTuning`). ``progress`` is the :class:`BatchProgress` of the batches
+    created from now on. A line is answered as a chat request would be (the server's
+    script, else its responder): a :class:`Reply` goes to the output file, a
+    :class:`Status` to the error file (as OpenAI's per-request failures). ``batches``
+    holds every batch, ``lines`` the lines each one answered, in order."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+        self.progress = BATCH_SUCCEEDS
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.lines: dict[str, list[dict[str, Any]]] = {}
+        self._progress: dict[str, tuple[BatchProgress, int]] = {}
+        self._lock = threading.Lock()
+
+    def create(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        files = self.server.fine_tuning
+        with self._lock:
+            entry = files.files.get(body.get("input_file_id", ""))
+            if entry is None:
+                return 400, _error(f"invalid input_file_id: {body.get('input_file_id')}", 400)
+            if entry["purpose"] != "batch":
+                return 400, _error("the input file's purpose must be batch", 400)
+            lines = [json.loads(raw) for raw in entry["content"].decode().splitlines() if raw]
+            if {line["url"] for line in lines} != {body["endpoint"]}:
+                return 400, _error("every line's url must be the batch's endpoint", 400)
+            batch_id = f"batch_fake{len(self.batches) + 1:03d}"
+            progress = self.progress
+            batch = {
+                "id": batch_id,
+                "object": "batch",
+                "endpoint": body["endpoint"],
+                "input_file_id": body["input_file_id"],
+                "completion_window": body["completion_window"],
+                "status": progress.statuses[0],
+                "output_file_id": None,
+                "error_file_id": None,
+                "created_at": files._tick(),
+                "metadata": body.get("metadata"),
+                "errors": None,
+                "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            }
+            self.batches[batch_id] = batch
+            self.lines[batch_id] = lines
+            self._progress[batch_id] = (progress, 0)
+            return 200, dict(batch)
+
+    def retrieve(self, batch_id: str) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            if batch_id not in self.batches:
+                return 404, _error(f"No such batch: {batch_id}", 404)
+            batch = self.batches[batch_id]
+            progress, step = self._progress[batch_id]
+            if step + 1 < len(progress.statuses):
+                self._progress[batch_id] = (progress, step + 1)
+                self._enter(batch, progress, progress.statuses[step + 1])
+            return 200, dict(batch)
+
+    def list_batches(self, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            return 200, _page([dict(b) for b in reversed(self.batches.values())], query)
+
+    def _enter(self, batch: dict[str, Any], progress: BatchProgress, status: str) -> None:
+        files = self.server.fine_tuning
+        batch["status"] = status
+        moment = files._tick()
+        if status == "failed":
+            batch["errors"] = {"object": "list", "data": list(progress.errors)}
+            batch["failed_at"] = moment
+        if status not in ("completed", "expired"):
+            return
+        batch[f"{status}_at"] = moment
+        outputs: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for number, line in enumerate(self.lines[batch["id"]], start=1):
+            ids = {"id": f"batch_req_{number:04d}", "custom_id": line["custom_id"]}
+            if status == "expired" and number > (progress.answered or 0):
+                expired = {
+                    "code": "batch_expired",
+                    "message": "This request could not be executed before the completion "
+                    "window expired.",
+                }
+                errors.append({**ids, "response": None, "error": expired})
+                continue
+            action = self.server._next_action(line["body"])
+            request_id = f"req_fake{number:04d}"
+            if isinstance(action, Reply):
+                answer = completion(line["body"], action, self.server.model)
+                response = {"status_code": 200, "request_id": request_id, "body": answer}
+                outputs.append({**ids, "response": response, "error": None})
+                continue
+            code = action.code if isinstance(action, Status) else 500
+            message = action.message if isinstance(action, Status) else "server error"
+            body = _error(message, code)
+            response = {"status_code": code, "request_id": request_id, "body": body}
+            errors.append({**ids, "response": response, "error": None})
+        counts = batch["request_counts"]
+        counts["completed"], counts["failed"] = len(outputs), len(errors)
+        for kind, lines in (("output_file_id", outputs), ("error_file_id", errors)):
+            if lines:
+                content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+                name = f"{batch['id']}_{kind.removesuffix('_file_id')}.jsonl"
+                _, entry = files.upload(
+                    {"file": content, "filename": name, "purpose": "batch_output"}
+                )
+                batch[kind] = entry["id"]
+
+
 def _error(message: str, code: int, kind: str = "invalid_request_error") -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
@@ -361,6 +541,7 @@ class FakeServer:
         model: str = "fake-model",
         rejects: dict[str, tuple[int, str]] | None = None,
         props: dict[str, Any] | None = None,
+        batch_api: bool = True,
     ) -> None:
         self.script: deque[Action] = deque()
         self.props = props
@@ -369,6 +550,7 @@ class FakeServer:
         self.rejects = rejects or {}
         self.stopping = threading.Event()
         self.fine_tuning = FineTuning()
+        self.batches = Batches(self) if batch_api else None
         self.received: list[Received] = []
         self.local = threading.local()  # .client: the (host, port) of the request answered
         self._lock = threading.Lock()
@@ -438,8 +620,11 @@ class FakeServer:
                 other path."""
                 url = urllib.parse.urlsplit(self.path)
                 parts = url.path.strip("/").split("/")
-                if parts[:2] not in (["v1", "files"], ["v1", "fine_tuning"]):
+                if parts[:2] not in (["v1", "files"], ["v1", "fine_tuning"], ["v1", "batches"]):
                     return False
+                if parts[1] == "batches" and server.batches is None:
+                    self._json(404, {"error": {"message": f"no route {method} {self.path}"}})
+                    return True
                 query = dict(urllib.parse.parse_qsl(url.query))
                 length = int(self.headers.get("Content-Length", 0))
                 data = self.rfile.read(length) if length else b""
@@ -460,11 +645,24 @@ class FakeServer:
                     )
                 ft = server.fine_tuning
                 rest = parts[2:]
-                route: tuple[str, Callable[[], tuple[int, dict[str, Any]]]]
+                route: tuple[str, Callable[[], tuple[int, Any]]]
                 if parts[1] == "files" and method == "POST" and not rest:
                     route = ("upload", lambda: ft.upload(fields))
                 elif parts[1] == "files" and method == "GET" and len(rest) == 1:
                     route = ("get_file", lambda: ft.file(rest[0]))
+                elif parts[1] == "files" and method == "GET" and rest[1:] == ["content"]:
+                    route = ("content", lambda: ft.content(rest[0]))
+                elif parts[1] == "batches" and server.batches is not None:
+                    batches = server.batches
+                    if method == "POST" and not rest:
+                        route = ("create_batch", lambda: batches.create(body))
+                    elif method == "GET" and not rest:
+                        route = ("list_batches", lambda: batches.list_batches(query))
+                    elif method == "GET" and len(rest) == 1:
+                        route = ("retrieve_batch", lambda: batches.retrieve(rest[0]))
+                    else:
+                        self._json(404, {"error": {"message": f"no route {method} {self.path}"}})
+                        return True
                 elif parts[1] == "files" and method == "DELETE" and len(rest) == 1:
                     route = ("delete_file", lambda: ft.delete_file(rest[0]))
                 elif rest == ["jobs"] and method == "POST":
@@ -493,7 +691,11 @@ class FakeServer:
                 else:
                     if action.before is not None:
                         action.before()
-                    self._json(*answer())
+                    code, payload = answer()
+                    if isinstance(payload, bytes):
+                        self._bytes(code, payload)
+                    else:
+                        self._json(code, payload)
                 return True
 
             def do_POST(self) -> None:
@@ -537,44 +739,7 @@ class FakeServer:
                     self._stream(body, action)
                 else:
                     server.stopping.wait(action.delay)
-                    self._json(200, self._completion(body, action))
-
-            def _completion(self, body: dict[str, Any], reply: Reply) -> dict[str, Any]:
-                completion: dict[str, Any] = {
-                    "id": "chatcmpl-fake",
-                    "object": "chat.completion",
-                    "created": 1_700_000_000,
-                    "model": body.get("model", server.model),
-                    "system_fingerprint": "fp-fake",
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {
-                                "role": "assistant",
-                                "content": reply.content,
-                                "refusal": reply.refusal,
-                                **(
-                                    {
-                                        "tool_calls": [
-                                            {
-                                                "id": i,
-                                                "type": "function",
-                                                "function": {"name": n, "arguments": a},
-                                            }
-                                            for i, n, a in reply.tool_calls
-                                        ]
-                                    }
-                                    if reply.tool_calls
-                                    else {}
-                                ),
-                            },
-                            "finish_reason": reply.finish_reason,
-                        }
-                    ],
-                }
-                if reply.usage is not None:
-                    completion["usage"] = {**reply.usage, "total_tokens": sum(reply.usage.values())}
-                return completion
+                    self._json(200, completion(body, action, server.model))
 
             def _stream(self, body: dict[str, Any], reply: Reply) -> None:
                 self.send_response(200)
@@ -649,6 +814,13 @@ class FakeServer:
             def _event(self, payload: dict[str, Any]) -> None:
                 self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
                 self.wfile.flush()
+
+            def _bytes(self, code: int, data: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def _json(
                 self, code: int, payload: dict[str, Any], headers: dict[str, str] | None = None

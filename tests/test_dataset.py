@@ -718,7 +718,8 @@ def test_a_price_file_overrides_the_table_model_by_model(tmp_path, name, text):
         (
             "p.toml",
             "currency = 'EUR'\n",
-            "unknown key 'currency' (known: source, date, training, example_token_limit)",
+            "unknown key 'currency' (known: source, date, training, example_token_limit, "
+            "chat_input, chat_output, batch_input, batch_output)",
         ),
         ("p.toml", "date = 2026-11-01\n", "date: not a string"),
         ("p.toml", "training = 3\n", "training: not a table of models"),
