@@ -362,11 +362,11 @@ class Batch:
     ) -> list[Outcome]:
         """Every task's run, one stage of the graph at a time: the first request of each
         run's one-answer stage (director, judge, reflection) goes in a provider batch
-        (``api``), which is waited for; then the stage runs for every run, ``jobs`` at a
-        time, its answer taken from the batch (:class:`pipeline.batchapi.Answered`). A run
-        whose stage fails leaves the later stages."""
-        from .batchapi import Answered
-
+        (``api``, whose ledgers are held for the whole batch), which is waited for; then
+        the stage runs for every run, ``jobs`` at a time, its answer taken from the batch
+        (:class:`pipeline.batchapi.Answered`). A run whose stage fails leaves the later
+        stages (and the batch's answer it failed with is not given again); a run is done,
+        remembered and reported as soon as nothing of it is pending."""
         self.check_hosted()
         outcomes: dict[str, Outcome] = {}
 
@@ -374,48 +374,66 @@ class Batch:
             outcomes[outcome.task.key] = outcome
             on_done(outcome)
 
-        going: dict[str, tuple[BatchTask, Run]] = {}
-        for task in self.tasks:
-            run_id = self.run_id_for(task)
-            try:
-                run = self._open(task, run_id)
-                if not stages.pending(run, include=self.include(task)):
-                    finish(self.outcome(task, run, "skipped"))
+        with api.held():
+            going: dict[str, tuple[BatchTask, Run]] = {}
+            for task in self.tasks:
+                run_id = self.run_id_for(task)
+                try:
+                    run = self._open(task, run_id)
+                    if not stages.pending(run, include=self.include(task)):
+                        finish(self.outcome(task, run, "skipped"))
+                        continue
+                except PipelineError as e:
+                    finish(self.failed(task, run_id, e))
                     continue
-            except PipelineError as e:
-                finish(self.failed(task, run_id, e))
-                continue
-            going[task.key] = (task, run)
-        for node in stages.GRAPH:
-            here = [
-                (task, run)
-                for task, run in going.values()
-                if node.name in stages.pending(run, include=self.include(task))
-            ]
-            if not here:
-                continue
-            answers = self._batched(node.name, here, api, finish, going) if node.answer else {}
-
-            def advance(
-                task: BatchTask, run: Run, stage: str = node.name, answers: Any = answers
-            ) -> None:
-                answered = answers.get(f"{run.run_id}:{stage}")
-                models = Answered(self.models, {stage: answered}) if answered else None
-                self._advance(task, run, models, until=stage)
-
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                futures = {pool.submit(advance, task, run): (task, run) for task, run in here}
-                for future in as_completed(futures):
-                    task, run = futures[future]
-                    try:
-                        future.result()
-                    except PipelineError as e:
-                        del going[task.key]
-                        finish(self.failed(task, run.run_id, e))
-        for task, run in going.values():
-            self.remember(run)
-            finish(self.outcome(task, run, "done"))
+                going[task.key] = (task, run)
+            for node in stages.GRAPH:
+                self._stage_through(node, api, jobs, going, finish)
         return [outcomes[task.key] for task in self.tasks]
+
+    def _stage_through(
+        self,
+        node: stages.Stage,
+        api: BatchApi,
+        jobs: int,
+        going: dict[str, tuple[BatchTask, Run]],
+        finish: Callable[[Outcome], None],
+    ) -> None:
+        """Run stage ``node`` of every run in ``going`` that has it pending (see
+        :meth:`_run_staged`); a run that fails, or is then complete, leaves ``going``."""
+        from .batchapi import Answered
+
+        here = [
+            (task, run)
+            for task, run in going.values()
+            if node.name in stages.pending(run, include=self.include(task))
+        ]
+        answers = self._batched(node.name, here, api, finish, going) if node.answer else {}
+
+        def advance(task: BatchTask, run: Run) -> None:
+            answered = answers.get(f"{run.run_id}:{node.name}")
+            models = Answered(self.models, {node.name: answered}) if answered else None
+            self._advance(task, run, models, until=node.name)
+
+        spent = []
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(advance, task, run): (task, run) for task, run in here}
+            for future in as_completed(futures):
+                task, run = futures[future]
+                try:
+                    future.result()
+                except PipelineError as e:
+                    del going[task.key]
+                    finish(self.failed(task, run.run_id, e))
+                    if f"{run.run_id}:{node.name}" in answers:
+                        spent.append(f"{run.run_id}:{node.name}")
+        if spent:
+            api.spend(node.name, spent)
+        for key, (task, run) in list(going.items()):
+            if not stages.pending(run, include=self.include(task)):
+                del going[key]
+                self.remember(run)
+                finish(self.outcome(task, run, "done"))
 
     def check_hosted(self) -> None:
         """Raises a :class:`PipelineError` when a stage a provider batch would answer

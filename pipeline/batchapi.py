@@ -25,6 +25,7 @@ API reference: https://platform.openai.com/docs/api-reference/batch
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -53,7 +54,9 @@ if TYPE_CHECKING:
 
 URL: Final = "/v1/chat/completions"
 COMPLETION_WINDOW: Final = "24h"
-MAX_REQUESTS = 50_000  # per input file (the Batch API's limit; files are also <= 200 MB)
+MAX_REQUESTS = 50_000  # per input file: the Batch API's limits
+MAX_BYTES = 200 * 1024 * 1024
+RETRIED = frozenset({408, 409, 429})  # refusals worth another try
 ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
 DEFAULT_POLL_S = 30.0
 LEDGER_SCHEMA = "batch-api-ledger.schema.json"
@@ -122,8 +125,11 @@ class Ledger:
         submitted, ended: when the batch was created, and when it was seen ended (ISO 8601
             UTC).
         request_counts: ``{total, completed, failed}`` as the provider last said.
-        errors: why the batch failed, the provider's messages.
+        errors: why the batch failed, the provider's messages (or why the provider
+            refused its file or its creation).
         downloaded: its output and error files are saved beside the ledger.
+        spent: the custom ids whose answer a stage used and then failed with: a later run
+            asks again instead of getting the same answer.
     """
 
     local_id: str
@@ -141,6 +147,7 @@ class Ledger:
     request_counts: dict[str, int] | None = None
     errors: list[str] = field(default_factory=list)
     downloaded: bool = False
+    spent: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": 1, **asdict(self)}
@@ -255,7 +262,8 @@ class BatchApi:
             if ledger.status == "failed":
                 continue
             for request in requests:
-                if ledger.requests.get(request.custom_id) == request.digest:
+                held = ledger.requests.get(request.custom_id) == request.digest
+                if held and request.custom_id not in ledger.spent:
                     covered[request.custom_id] = ledger
         new = [r for r in requests if r.custom_id not in covered]
         groups: dict[tuple[str, str | None, str], list[Request]] = {}
@@ -266,9 +274,8 @@ class BatchApi:
             )
         number = max((_number(ledger.local_id) for ledger in ledgers), default=0)
         for group in groups.values():
-            for start in range(0, len(group), MAX_REQUESTS):
+            for chunk in _chunks(group):
                 number += 1
-                chunk = group[start : start + MAX_REQUESTS]
                 ledger = self._submit(f"{stage}-{number}", stage, chunk)
                 covered.update((r.custom_id, ledger) for r in chunk)
         used: dict[str, Ledger] = {}
@@ -289,6 +296,41 @@ class BatchApi:
             + (f"; {left} go through the ordinary API" if left else "")
         )
         return found
+
+    def spend(self, stage: str, custom_ids: Sequence[str]) -> None:
+        """Record that ``stage`` failed with the batch's answers to ``custom_ids``: a later
+        run sends those requests again instead of getting the same answers."""
+        spent = set(custom_ids)
+        for ledger in self.ledgers(stage):
+            found = sorted((spent & set(ledger.requests)) - set(ledger.spent))
+            if found:
+                ledger.spent.extend(found)
+                self._save(ledger)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[BatchApi]:
+        """Hold the ledgers' lock (``.lock`` in their folder) for the ``with`` block, so
+        that two commands on the same tasks file never submit the same requests twice.
+
+        Raises:
+            BatchApiError: another process holds it.
+        """
+        from filelock import FileLock, Timeout
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.folder / ".lock", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout as e:
+            raise BatchApiError(
+                f"the provider batches in {self.folder} are in use by another pipeline "
+                "process; wait for it to finish, or stop it",
+                path=self.folder,
+            ) from e
+        try:
+            yield self
+        finally:
+            lock.release()
 
     # -- ledgers ------------------------------------------------------------------------
 
@@ -354,8 +396,9 @@ class BatchApi:
             ) from e
 
     def _submit(self, local_id: str, stage: str, requests: Sequence[Request]) -> Ledger:
-        """Write the ledger and the input file, upload it and create the batch."""
+        """Write the input file, then the ledger; upload the file and create the batch."""
         endpoint = requests[0].endpoint
+        atomic_write_text(self.folder / f"{local_id}.input.jsonl", _input_file(requests))
         ledger = Ledger(
             local_id,
             stage,
@@ -364,69 +407,107 @@ class BatchApi:
             {r.custom_id: r.digest for r in requests},
         )
         self._save(ledger)
-        lines = [
-            json.dumps(
-                {"custom_id": r.custom_id, "method": "POST", "url": URL, "body": r.body},
-                ensure_ascii=False,
-            )
-            for r in requests
-        ]
-        data = ("\n".join(lines) + "\n").encode()
-        atomic_write_text(self.folder / f"{local_id}.input.jsonl", data.decode())
-        sdk = self._transport(endpoint).sdk
-        uploaded = self._call(
-            endpoint,
-            f"the upload of the {stage} batch's requests",
-            lambda: sdk.files.create(
-                file=(f"{local_id}.input.jsonl", data, "application/jsonl"), purpose="batch"
-            ),
-        )
-        ledger.input_file_id = uploaded.id
-        self._save(ledger)
-        self._create(ledger, endpoint)
+        self._send(ledger, endpoint)
         self.on_status(
             f"{stage}: {len(requests)} requests submitted as batch {ledger.batch_id} "
             f"({ledger.local_id}) to {endpoint.base_url}"
         )
         return ledger
 
+    def _send(self, ledger: Ledger, endpoint: Endpoint) -> None:
+        """Upload ``ledger``'s input file unless it was, and create its batch unless one
+        was made from that file (by a command stopped before it could record it). A
+        request the provider refuses (a 4xx other than 408, 409 and 429) marks the ledger
+        failed, so that the next run submits its requests again.
+
+        Raises:
+            BatchApiError: the upload or the creation failed.
+        """
+        try:
+            if ledger.input_file_id is None:
+                data = (self.folder / f"{ledger.local_id}.input.jsonl").read_bytes()
+                sdk = self._transport(endpoint).sdk
+                uploaded = self._call(
+                    endpoint,
+                    f"the upload of the {ledger.stage} batch's requests",
+                    lambda: sdk.files.create(
+                        file=(f"{ledger.local_id}.input.jsonl", data, "application/jsonl"),
+                        purpose="batch",
+                    ),
+                )
+                ledger.input_file_id = uploaded.id
+                self._save(ledger)
+            else:
+                made = self._made_from(ledger, endpoint)
+                if made is not None:
+                    self._record(ledger, made)
+                    return
+            self._create(ledger, endpoint)
+        except BatchApiError as e:
+            if e.status is not None and 400 <= e.status < 500 and e.status not in RETRIED:
+                ledger.status = "failed"
+                ledger.errors = [e.problem]
+                self._save(ledger)
+            raise
+
     def _create(self, ledger: Ledger, endpoint: Endpoint) -> None:
-        """Create the batch of ``ledger``'s uploaded input file, and record it."""
-        sdk = self._transport(endpoint).sdk
+        """Create the batch of ``ledger``'s uploaded input file, and record it. Creating is
+        not idempotent, so the SDK does not retry it: after a failure, the batch may exist
+        all the same (the answer was lost); it is looked for by its input file, and the
+        creation tried again only when there is none, up to ``max_retries`` times.
+
+        Raises:
+            BatchApiError: the creation failed every time.
+        """
+        sdk = self._transport(endpoint).sdk.with_options(max_retries=0)
         input_file_id = ledger.input_file_id
         assert input_file_id is not None
-        created = self._call(
-            endpoint,
-            f"the creation of the {ledger.stage} batch",
-            lambda: sdk.batches.create(
-                input_file_id=input_file_id,
-                endpoint=URL,
-                completion_window=COMPLETION_WINDOW,
-                metadata={"source": "converse-pipeline", "ledger": ledger.local_id},
-            ),
-        )
-        ledger.batch_id = created.id
-        ledger.submitted = timestamp()
-        self._note(ledger, created)
+        for attempt in range(self.max_retries + 1):
+            try:
+                created = self._call(
+                    endpoint,
+                    f"the creation of the {ledger.stage} batch",
+                    lambda: sdk.batches.create(
+                        input_file_id=input_file_id,
+                        endpoint=URL,
+                        completion_window=COMPLETION_WINDOW,
+                        metadata={"source": "converse-pipeline", "ledger": ledger.local_id},
+                    ),
+                )
+            except BatchApiError as e:
+                if not (e.status is None or e.status in RETRIED or e.status >= 500):
+                    raise  # refused: nothing was made
+                made = self._made_from(ledger, endpoint)
+                if made is not None:
+                    self._record(ledger, made)
+                    return
+                if attempt == self.max_retries:
+                    raise
+                time.sleep(min(0.5 * 2**attempt, 8.0))  # the SDK's backoff, roughly
+                continue
+            self._record(ledger, created)
+            return
 
-    def _recover(self, ledger: Ledger, endpoint: Endpoint) -> None:
-        """For a ledger cut short after its upload: find the batch made from its input
-        file (a crash between its creation and its record), else create it."""
+    def _made_from(self, ledger: Ledger, endpoint: Endpoint) -> Any:
+        """The batch made from ``ledger``'s input file, among the provider's latest 100,
+        or None."""
         sdk = self._transport(endpoint).sdk
 
         def made() -> Any:
-            for batch in sdk.batches.list(limit=100):
+            for number, batch in enumerate(sdk.batches.list(limit=100)):
                 if batch.input_file_id == ledger.input_file_id:
                     return batch
+                if number == 99:
+                    break
             return None
 
-        found = self._call(endpoint, "the list of batches", made)
-        if found is None:
-            self._create(ledger, endpoint)
-            return
-        ledger.batch_id = found.id
-        ledger.submitted = timestamp(datetime.fromtimestamp(found.created_at, timezone.utc))
-        self._note(ledger, found)
+        return self._call(endpoint, "the list of batches", made)
+
+    def _record(self, ledger: Ledger, batch: Any) -> None:
+        """Record in ``ledger`` that ``batch`` (the SDK's ``Batch``) holds its requests."""
+        ledger.batch_id = batch.id
+        ledger.submitted = timestamp(datetime.fromtimestamp(batch.created_at, timezone.utc))
+        self._note(ledger, batch)
 
     def _note(self, ledger: Ledger, batch: Any) -> None:
         """Record what ``batch`` (the SDK's ``Batch``) says in ``ledger``, and save it."""
@@ -460,10 +541,8 @@ class BatchApi:
             BatchApiError: a batch failed as a whole.
         """
         for ledger in ledgers:
-            if ledger.batch_id is None and ledger.input_file_id is not None:
-                self._recover(ledger, endpoints[ledger.local_id])
-            elif ledger.batch_id is None:  # cut short before its upload: send it now
-                self._resubmit(ledger, endpoints[ledger.local_id])
+            if ledger.batch_id is None:  # a command stopped before the batch was made
+                self._send(ledger, endpoints[ledger.local_id])
         while True:
             running = [ledger for ledger in ledgers if ledger.status not in ENDED]
             for ledger in running:
@@ -501,23 +580,6 @@ class BatchApi:
             if not ledger.downloaded:
                 self._download(ledger, endpoints[ledger.local_id])
 
-    def _resubmit(self, ledger: Ledger, endpoint: Endpoint) -> None:
-        """Upload the input file of a ledger cut short before its upload, and create its
-        batch."""
-        data = (self.folder / f"{ledger.local_id}.input.jsonl").read_bytes()
-        sdk = self._transport(endpoint).sdk
-        uploaded = self._call(
-            endpoint,
-            f"the upload of the {ledger.stage} batch's requests",
-            lambda: sdk.files.create(
-                file=(f"{ledger.local_id}.input.jsonl", data, "application/jsonl"),
-                purpose="batch",
-            ),
-        )
-        ledger.input_file_id = uploaded.id
-        self._save(ledger)
-        self._create(ledger, endpoint)
-
     def _download(self, ledger: Ledger, endpoint: Endpoint) -> None:
         """Save ``ledger``'s output and error files beside it."""
         sdk = self._transport(endpoint).sdk
@@ -543,7 +605,9 @@ class BatchApi:
         if not path.is_file():
             return {}
         found = {}
-        for raw in path.read_text(encoding="utf-8").splitlines():
+        for raw in path.read_text(encoding="utf-8").split("\n"):  # JSON may hold U+2028
+            if not raw.strip():
+                continue
             try:
                 line = json.loads(raw)
                 custom_id = line["custom_id"]
@@ -558,6 +622,32 @@ class BatchApi:
                     digest, response["body"], batch, ledger.submitted, ledger.ended
                 )
         return found
+
+
+def _input_file(requests: Sequence[Request]) -> str:
+    """The Batch API's input file of ``requests``: a JSON line each."""
+    return "".join(_input_line(r) + "\n" for r in requests)
+
+
+def _input_line(request: Request) -> str:
+    line = {"custom_id": request.custom_id, "method": "POST", "url": URL, "body": request.body}
+    return json.dumps(line, ensure_ascii=False)
+
+
+def _chunks(requests: Sequence[Request]) -> Iterator[list[Request]]:
+    """``requests`` in runs of at most :data:`MAX_REQUESTS` lines and :data:`MAX_BYTES`
+    bytes, in order: one input file each."""
+    chunk: list[Request] = []
+    size = 0
+    for request in requests:
+        length = len(_input_line(request).encode()) + 1
+        if chunk and (len(chunk) == MAX_REQUESTS or size + length > MAX_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(request)
+        size += length
+    if chunk:
+        yield chunk
 
 
 def _number(local_id: str) -> int:
@@ -593,8 +683,8 @@ class StageCost:
             not known yet: every turn at its token limit).
         counted: ``input_tokens`` is a count, not a bound.
         output_tokens: their output tokens, at most (each request's ``max_tokens``).
-        batch_cost, cost: USD, at most, at Batch API and at ordinary prices; None when the
-            price table has no price for the model.
+        batch_cost, cost: USD at Batch API and at ordinary prices, for those tokens (an
+            upper estimate); None when the price table has no price for the model.
     """
 
     stage: str
@@ -680,7 +770,7 @@ def _cost(
 def estimate(batch: Batch, prices: Path | None = None) -> Estimate:
     """What ``batch`` (a :class:`pipeline.batch.Batch`) would send through a provider
     batch: per one-answer stage, the requests of its runs still to run, their tokens and
-    their cost at most, from the price table (:func:`pipeline.dataset.load_prices`, with
+    their cost (an upper estimate), from the price table (:func:`pipeline.dataset.load_prices`, with
     ``prices`` laid over it). Nothing is sent and no run is made.
 
     The bound for the judge and the reflection: the template and schema, the task, the

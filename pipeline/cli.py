@@ -448,7 +448,7 @@ MAX_RAY_JOBS = 4096  # a batch's tasks at once on a Ray cluster
     "--dry-run",
     is_flag=True,
     help="Print the director, judge and reflection requests the batch would send, with their "
-    "tokens and cost at most, then stop without calling anything.",
+    "tokens and cost, then stop without calling anything.",
 )
 @PRICES_OPTION
 def batch(
@@ -518,6 +518,8 @@ def batch(
         if dry_run:
             from .batchapi import estimate
 
+            if batch_api:
+                work.check_hosted()
             click.echo(_views().batch_estimate_text(estimate(work, prices), batch_api=batch_api))
             return
         api = None
@@ -565,8 +567,19 @@ def batch(
                 from .raybatch import run_batch
 
                 outcomes = run_batch(work, jobs, done, address=ray_address)
+            elif api is None:
+                outcomes = work.run(jobs, done)
             else:
-                outcomes = work.run(jobs, done, api=api)
+                try:
+                    outcomes = work.run(jobs, done, api=api)
+                except KeyboardInterrupt:
+                    click.echo(
+                        f"\ninterrupted; the batches submitted go on at the provider (see "
+                        f"{api.folder}); to wait for them and finish the runs, run the same "
+                        "command again",
+                        err=True,
+                    )
+                    context.exit(130)
     outcomes = [
         replace(o, error=_explain(o.exception, context)) if o.exception else o for o in outcomes
     ]

@@ -569,13 +569,13 @@ def _grid(cells: Sequence[Sequence[str]], numeric: Sequence[int]) -> str:
 def batch_estimate_text(estimate: Estimate, *, batch_api: bool) -> str:
     """What ``pipeline batch --dry-run`` prints: the tasks to run, then per one-answer
     stage its requests, model, input tokens (``<=`` for a bound), output tokens at most
-    and cost at most at Batch API and ordinary prices (``-`` without a price), their
+    and cost (an upper estimate) at Batch API and ordinary prices (``-`` without a price), their
     total, the dialogues' turns, and how tokens were counted and where prices come from."""
     way = "the Batch API (--batch-api)" if batch_api else "the ordinary API"
     lines = [f"{estimate.tasks} tasks, {estimate.to_run} to run; requests through {way}:"]
 
     def usd(value: float | None) -> str:
-        return "-" if value is None else f"<= ${value:,.4f}"
+        return "-" if value is None else f"${value:,.4f}"
 
     header = (
         "STAGE", "MODEL", "REQUESTS", "INPUT TOKENS", "OUTPUT TOKENS", "BATCH API", "ORDINARY",
@@ -612,6 +612,10 @@ def batch_estimate_text(estimate: Estimate, *, batch_api: bool) -> str:
         )
     if estimate.stages:
         lines.append(_grid(cells, numeric=range(2, 7)))
+        lines.append(
+            "costs are upper estimates: every answer at its token limit, every conversation "
+            "at its longest"
+        )
     else:
         lines.append("no director, judge or reflection request is left to send")
     if estimate.dialogue_runs:

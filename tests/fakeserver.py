@@ -107,9 +107,11 @@ class Received:
 @dataclass
 class Answer:
     """A fine-tuning operation answered as usual, after ``before()`` (when given) ran in
-    the server's request thread (e.g. raising SIGINT, a Ctrl-C at that moment)."""
+    the server's request thread (e.g. raising SIGINT, a Ctrl-C at that moment); with
+    ``lose``, carried out but its answer lost (the connection closed instead)."""
 
     before: Callable[[], None] | None = None
+    lose: bool = False
 
 
 FineTuningAction = Answer | Status | Reset | Stall
@@ -692,7 +694,10 @@ class FakeServer:
                     if action.before is not None:
                         action.before()
                     code, payload = answer()
-                    if isinstance(payload, bytes):
+                    if action.lose:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        self.close_connection = True
+                    elif isinstance(payload, bytes):
                         self._bytes(code, payload)
                     else:
                         self._json(code, payload)

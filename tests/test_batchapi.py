@@ -5,6 +5,7 @@ repairs and dialogues through the ordinary API; ``--dry-run``'s requests and cos
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from pipeline.parameters import JudgeParameters
 from pipeline.records import CallRecord
 
 from .conftest import ROLES, read_jsonl, run_files, run_folders
-from .fakeserver import BatchProgress, FakeServer, Reply, Status
+from .fakeserver import Answer, BatchProgress, FakeServer, Reply, Status
 
 VERDICT = {"completed": True, "score": 7, "reasons": "Fine.", "deliverable": "A draft."}
 
@@ -245,8 +246,8 @@ def test_a_server_without_a_batch_api_is_named_and_the_runs_finish_without_it(
 
 
 def test_a_batch_already_submitted_is_waited_for_not_submitted_again(invoke, runs_dir, tmp_path):
-    """A driver stopped while a batch runs (here: a look at it refused), or after the batch
-    was made but before its id was saved: the next run picks the same batch up."""
+    """A driver stopped while a batch runs (here: a look at it refused): the next run
+    waits for the same batch and takes its answers."""
     path = tasks_file(tmp_path, 3)
     with FakeServer(answer) as fake:
         batches = fake.batches
@@ -258,26 +259,40 @@ def test_a_batch_already_submitted_is_waited_for_not_submitted_again(invoke, run
         assert "refused a look at batch batch_fake001 (HTTP 403)" in stopped.stderr
         assert invoke(*args).exit_code == 0
         assert len(batches.batches) == 1
+        assert structured_chat_requests(fake) == []
+    director = [calls(run, "director")[0].batch for run in run_folders(runs_dir)]
+    assert [batch and batch["id"] for batch in director] == ["batch_fake001"] * 3
 
-        # made at the provider, its id lost: the ledger has only its input file
-        (tmp_path / "more.txt").write_text("another paper\n")
-        more = ["batch", str(tmp_path / "more.txt"), "--batch-api", "--poll-interval", "0"]
-        fake.fine_tuning.add("create_batch", Status(400, "try later"))
-        assert invoke(*more, *endpoint(fake)).exit_code == 1
-        folder = runs_dir / "batches" / "more.batch-api"
-        ledger = json.loads((folder / "director-1.json").read_text())
-        assert ledger["batch_id"] is None and ledger["input_file_id"] is not None
-        made = batches.create(
-            {
-                "input_file_id": ledger["input_file_id"],
-                "endpoint": "/v1/chat/completions",
-                "completion_window": "24h",
-            }
-        )
-        again = invoke(*more, *endpoint(fake))
+
+def test_a_batch_made_but_not_recorded_is_found_by_its_input_file(
+    invoke, runs_dir, tmp_path, sigint_raises
+):
+    """Creating a batch is not idempotent: after a lost answer the batch is looked for
+    before another is made, in the same command or, stopped then, in the next one."""
+    path = tasks_file(tmp_path, 2)
+    with FakeServer(answer) as fake:
+        batches = fake.batches
+        assert batches is not None
+        args = ["batch", str(path), "--batch-api", "--poll-interval", "0", *endpoint(fake)]
+        ctrl_c = Answer(before=lambda: signal.raise_signal(signal.SIGINT))
+        fake.fine_tuning.add("create_batch", Answer(lose=True))  # made, its answer lost
+        fake.fine_tuning.add("list_batches", ctrl_c)  # stopped while looking for it
+        assert invoke(*args).exit_code == 130
+        ledger = ledgers(runs_dir)["director-1"]
+        assert (ledger["input_file_id"], ledger["batch_id"]) == ("file-fake001", None)
+        again = invoke(*args)
         assert again.exit_code == 0, again.output
+        assert list(batches.batches) == ["batch_fake001"]
+
+        more = tmp_path / "more.txt"  # the same, found within one command
+        more.write_text("another paper\n")
+        fake.fine_tuning.add("create_batch", Answer(lose=True))
+        args = ["batch", str(more), "--batch-api", "--poll-interval", "0", *endpoint(fake)]
+        assert invoke(*args).exit_code == 0
         assert len(batches.batches) == 2
-    assert json.loads((folder / "director-1.json").read_text())["batch_id"] == made[1]["id"]
+    assert ledgers(runs_dir)["director-1"]["batch_id"] == "batch_fake001"
+    ledger = json.loads((runs_dir / "batches" / "more.batch-api" / "director-1.json").read_text())
+    assert ledger["batch_id"] == "batch_fake002"
 
 
 @pytest.mark.parametrize(
@@ -331,14 +346,18 @@ def test_dry_run_counts_the_requests_and_prices_them(invoke, runs_dir, tmp_path)
     assert director[:3] == ["director", "m", "3"] and director[4:6] == ["<=", "3,000"]
     tokens = int(director[3].replace(",", ""))
     assert tokens > 3 * 100  # the director's prompt, counted
-    assert director[6:] == ["<=", f"${(tokens * 1.0 + 3000 * 4.0) / 1e6:,.4f}", "<=",
-                            f"${(tokens * 2.0 + 3000 * 8.0) / 1e6:,.4f}"]  # fmt: skip
+    assert director[6:] == [
+        f"${(tokens * 1.0 + 3000 * 4.0) / 1e6:,.4f}",
+        f"${(tokens * 2.0 + 3000 * 8.0) / 1e6:,.4f}",
+    ]
     # the judge's input at most: the roles at 1000 tokens and 2 turns of 100 (+8) per run
     assert judge[:4] == ["judge", "m", "3", "<="]
     assert int(judge[4].replace(",", "")) > 3 * (1000 + 2 * 108)
     assert judge[5:7] == ["<=", f"{3 * JudgeParameters().max_tokens:,}"]
     assert total[:2] == ["total", "6"]
     assert lines[5:] == [
+        "costs are upper estimates: every answer at its token limit, every conversation at "
+        "its longest",
         "dialogue: 3 runs, at most 6 turns, through the ordinary API (not priced here)",
         "tokens counted with estimate; prices from https://platform.openai.com/docs/pricing "
         "(2025-06)",
@@ -380,3 +399,127 @@ def test_a_stage_s_first_request_is_known_ahead_without_writing_anything(runs_di
         stages.execute(ctx, stage)
     first = calls(run.folder, stage)[0]
     assert (first.request_sha256, first.batch) == (canonical(endpoint, body)[1], None)
+
+
+def test_ctrl_c_while_waiting_leaves_the_batch_to_the_next_run(
+    invoke, runs_dir, tmp_path, sigint_raises
+):
+    path = tasks_file(tmp_path, 2)
+    with FakeServer(answer) as fake:
+        assert fake.batches is not None
+        ctrl_c = Answer(before=lambda: signal.raise_signal(signal.SIGINT))
+        fake.fine_tuning.add("retrieve_batch", Answer(), ctrl_c)  # at the second look
+        args = ["batch", str(path), "--batch-api", "--poll-interval", "0", *endpoint(fake)]
+        stopped = invoke(*args)
+        assert stopped.exit_code == 130
+        folder = runs_dir / "batches" / "tasks.batch-api"
+        assert stopped.stderr.splitlines()[-1] == (
+            f"interrupted; the batches submitted go on at the provider (see {folder}); to wait "
+            "for them and finish the runs, run the same command again"
+        )
+        assert ledgers(runs_dir)["director-1"]["batch_id"] == "batch_fake001"
+        again = invoke(*args)
+        assert again.exit_code == 0, again.output
+        assert list(fake.batches.batches) == ["batch_fake001"]
+    assert sorted(line.split()[0] for line in again.stdout.splitlines()[1:]) == ["done"] * 2
+
+
+def test_a_stage_that_failed_with_a_batch_answer_asks_again_next_time(invoke, runs_dir, tmp_path):
+    unusable = [True]
+
+    def roles_once_unusable(body: dict[str, Any]) -> Reply:
+        if body.get("response_format") and unusable[0]:
+            return Reply("these are not roles")
+        return answer(body)
+
+    path = tasks_file(tmp_path, 2)
+    with FakeServer(roles_once_unusable) as fake:
+        args = ["batch", str(path), "--batch-api", "--poll-interval", "0", *endpoint(fake)]
+        failed = invoke(*args, "--repair-attempts", "0")
+        assert failed.exit_code == 1
+        assert sorted(line.split()[0] for line in failed.stdout.splitlines()[1:]) == ["failed"] * 2
+        unusable[0] = False
+        again = invoke(*args, "--repair-attempts", "0")
+        assert again.exit_code == 0, again.output
+        assert structured_chat_requests(fake) == []
+    found = ledgers(runs_dir)
+    ids = sorted(f"{run.name}:director" for run in run_folders(runs_dir))
+    assert found["director-1"]["spent"] == ids
+    assert sorted(found["director-2"]["requests"]) == ids
+    for run in run_folders(runs_dir):
+        (call,) = calls(run, "director")
+        assert call.batch is not None and call.batch["id"] == "batch_fake002"
+
+
+def test_a_changed_request_is_not_answered_by_an_older_batch(
+    invoke, runs_dir, tmp_path, sigint_raises
+):
+    path = tasks_file(tmp_path, 2)
+    with FakeServer(answer) as fake:
+        args = ["batch", str(path), "--batch-api", "--poll-interval", "0", *endpoint(fake)]
+        ctrl_c = Answer(before=lambda: signal.raise_signal(signal.SIGINT))
+        fake.fine_tuning.add("retrieve_batch", ctrl_c)
+        assert invoke(*args).exit_code == 130
+        changed = invoke(*args, "--director-max-tokens", "1500")
+        assert changed.exit_code == 0, changed.output
+    assert sorted(ledgers(runs_dir)) == ["director-1", "director-2"]
+    for run in run_folders(runs_dir):
+        (call,) = calls(run, "director")
+        assert call.batch is not None and call.batch["id"] == "batch_fake002"
+        assert call.request["max_tokens"] == 1500
+
+
+def test_the_batched_transport_answers_only_its_request_and_only_once():
+    from pipeline.batchapi import Answer as BatchAnswer
+    from pipeline.batchapi import BatchedTransport
+
+    sent: list[str] = []
+
+    class Inner:
+        def send(self, request, digest, *, stream, on_delta):  # type: ignore[no-untyped-def]
+            sent.append(digest)
+            return CallRecord(request, digest, response={"inner": True})
+
+    batch = {"id": "batch_x", "custom_id": "r:director"}
+    transport = BatchedTransport(Inner(), BatchAnswer("d1", {"batch": True}, batch, None, None))
+    assert transport.send({}, "d2", stream=False, on_delta=None).response == {"inner": True}
+    assert transport.send({}, "d1", stream=True, on_delta=None).response == {"inner": True}
+    first = transport.send({}, "d1", stream=False, on_delta=None)
+    assert (first.response, first.batch) == ({"batch": True}, batch)
+    assert transport.send({}, "d1", stream=False, on_delta=None).response == {"inner": True}
+    assert sent == ["d2", "d1", "d1"]
+
+
+def test_a_ledger_cut_short_before_its_upload_is_uploaded_by_the_next_run(
+    invoke, runs_dir, tmp_path, sigint_raises
+):
+    path = tasks_file(tmp_path, 2)
+    with FakeServer(answer) as fake:
+        args = ["batch", str(path), "--batch-api", "--poll-interval", "0", *endpoint(fake)]
+        fake.fine_tuning.add("upload", Answer(before=lambda: signal.raise_signal(signal.SIGINT)))
+        assert invoke(*args).exit_code == 130
+        ledger = ledgers(runs_dir)["director-1"]
+        assert (ledger["input_file_id"], ledger["batch_id"]) == (None, None)
+        again = invoke(*args)
+        assert again.exit_code == 0, again.output
+        assert fake.batches is not None and len(fake.batches.batches) == 1
+        (made,) = fake.batches.batches.values()
+        uploaded = fake.fine_tuning.files[made["input_file_id"]]["content"]
+    folder = runs_dir / "batches" / "tasks.batch-api"
+    assert uploaded == (folder / "director-1.input.jsonl").read_bytes()
+    assert ledgers(runs_dir)["director-1"]["input_file_id"] == made["input_file_id"]
+
+
+def test_a_second_command_on_the_same_tasks_file_stops_at_once(invoke, runs_dir, tmp_path):
+    from pipeline.batchapi import BatchApi
+
+    path = tasks_file(tmp_path, 1)
+    folder = runs_dir / "batches" / "tasks.batch-api"
+    with FakeServer(answer) as fake, BatchApi(folder).held():
+        result = invoke("batch", str(path), "--batch-api", *endpoint(fake))
+        assert fake.batches is not None and fake.batches.batches == {}
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: the provider batches in {folder} are in use by another pipeline process; "
+        "wait for it to finish, or stop it"
+    )
