@@ -409,6 +409,8 @@ class _Builder:
             "gen_ai.request.seed": body.get("seed"),
             "gen_ai.request.top_p": body.get("top_p"),
             "gen_ai.output.type": "json" if response_format.get("type", "text") != "text" else None,
+            # answered by a provider batch (pipeline.batchapi): the span lasts the batch's wait
+            "pipeline.batch.id": call.batch["id"] if call.batch else None,
         }
         if not endpoint.embedded:
             where = urlsplit(endpoint.base_url)

@@ -16,9 +16,11 @@ from pipeline import schemas
 from pipeline.cli import cli
 from pipeline.parameters import JudgeParameters
 from pipeline.records import CallRecord
+from pipeline.runs import open_run
 
 from .conftest import ROLES, read_jsonl, run_files, run_folders
 from .fakeserver import Answer, BatchProgress, FakeServer, Reply, Status
+from .test_telemetry import spans_of
 
 VERDICT = {"completed": True, "score": 7, "reasons": "Fine.", "deliverable": "A draft."}
 
@@ -122,6 +124,12 @@ def test_director_and_judge_go_through_the_batch_api_then_the_dialogues(invoke, 
         assert len(read_jsonl(folder / f"{local_id}.input.jsonl")) == 5
         assert len(read_jsonl(folder / f"{local_id}.output.jsonl")) == 5
     assert "director: 5 of 5 answered by the Batch API" in result.stderr
+    # a trace says which calls a batch answered
+    spans = spans_of(open_run(runs_dir, runs[0].name))
+    chats = [s for s in spans if s.name == "chat m"]
+    assert sorted(str(s.attributes.get("pipeline.batch.id")) for s in chats) == [  # type: ignore[union-attr]
+        "None", "batch_fake001", "batch_fake002", "batch_fake003",
+    ]  # fmt: skip
     table = result.stdout.splitlines()
     assert sorted(line.split()[0] for line in table[1:]) == ["done"] * 5
 
