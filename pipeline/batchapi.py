@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from . import schemas
+from . import schemas, stages
 from .client import HTTPTransport, ModelClient, canonical
 from .errors import EndpointError, Fix, PipelineError, one_line
 from .parameters import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from .client import DeltaSink, Transport
     from .endpoints import Endpoint
     from .records import RolesDocument
+    from .runs import Run
     from .stages import ClientSource
 
 URL: Final = "/v1/chat/completions"
@@ -720,10 +721,14 @@ class Estimate:
     date: str
 
 
-def _stage_prompt(batch: Batch, task: BatchTask, stage: str) -> tuple[str, int, bool]:
+def _stage_prompt(
+    batch: Batch, task: BatchTask, stage: str, run: Run | None
+) -> tuple[str, int, bool]:
     """The text whose tokens ``stage``'s request for ``task`` sends (the prompt and the
-    schema), the request's ``max_tokens``, and whether the text is the prompt itself (else
-    it stands for the most it can be, with a ``{turns}`` placeholder per turn)."""
+    schema), the request's ``max_tokens``, and whether the text is the prompt itself:
+    the director's, or the judge's and reflection's of ``run`` once its conversation has
+    ended. Otherwise it is their template, schema and task, to which the caller adds the
+    most the conversation can be."""
     from . import director, judge, reflect, templates
     from .records import canonical_json
 
@@ -735,24 +740,31 @@ def _stage_prompt(batch: Batch, task: BatchTask, stage: str) -> tuple[str, int, 
         return prompt + schema, asked.max_tokens, True
     module = judge if stage == "judge" else reflect
     params = plan.judge if stage == "judge" else plan.reflect
-    source = templates.template_path(module.TEMPLATE).read_text(encoding="utf-8")
     schema = schemas.schema_path(module.SCHEMA).read_text(encoding="utf-8")
+    if run is not None and stages.status(run, stages.conversation_stage(run)) == "done":
+        if module is judge:
+            prompt = judge.render_prompt(run)
+        else:
+            prompt = reflect.render_prompt(run, director.load_roles(run))
+        return prompt + schema, params.max_tokens, True
+    source = templates.template_path(module.TEMPLATE).read_text(encoding="utf-8")
     return task.task + source + schema, params.max_tokens, False
 
 
 TURN_OVERHEAD = 8  # tokens of a transcript line's speaker and separators, at most
 
 
-def _pending(batch: Batch, task: BatchTask) -> list[str]:
-    """The stages ``task``'s run has still to run (all it includes, before it exists)."""
-    from . import stages
+def _pending(batch: Batch, task: BatchTask) -> tuple[list[str], Run | None]:
+    """The stages ``task``'s run has still to run (all it includes, before it exists),
+    and the run when it exists."""
     from .runs import open_run
 
     include = batch.include(task)
     run_id = batch.record["tasks"].get(task.key, {}).get("run_id")
     if run_id and (batch.runs_dir / run_id / "run.json").is_file():
-        return stages.pending(open_run(batch.runs_dir, run_id), include=include)
-    return [node.name for node in stages.GRAPH if not node.optional or node.name in include]
+        run = open_run(batch.runs_dir, run_id)
+        return stages.pending(run, include=include), run
+    return [node.name for node in stages.GRAPH if not node.optional or node.name in include], None
 
 
 def _cost(
@@ -773,8 +785,9 @@ def estimate(batch: Batch, prices: Path | None = None) -> Estimate:
     their cost (an upper estimate), from the price table (:func:`pipeline.dataset.load_prices`, with
     ``prices`` laid over it). Nothing is sent and no run is made.
 
-    The bound for the judge and the reflection: the template and schema, the task, the
-    roles at the director's token limit, and every turn at the dialogue's (plus
+    The judge's and the reflection's input is counted for a run whose conversation has
+    ended; for the others it is a bound: the template and schema, the task, the roles at
+    the director's token limit, and every turn at the dialogue's (plus
     :data:`TURN_OVERHEAD`).
 
     Raises:
@@ -782,7 +795,7 @@ def estimate(batch: Batch, prices: Path | None = None) -> Estimate:
         ConfigError: a task's persona is not in the config.
         RunError: a run's manifest cannot be read.
     """
-    from . import dataset, stages
+    from . import dataset
     from .endpoints import EmbeddedModel
 
     table = dataset.load_prices(prices)
@@ -799,12 +812,12 @@ def estimate(batch: Batch, prices: Path | None = None) -> Estimate:
             continue
         to_run += 1
         plan = batch.plan(task)
-        pending = _pending(batch, task)
+        pending, run = _pending(batch, task)
         if "dialogue" in pending:
             dialogue_runs += 1
             dialogue_turns += plan.dialogue.turns
         for stage in (name for name in pending if stages.stage(name).answer):
-            text, max_tokens, counted = _stage_prompt(batch, task, stage)
+            text, max_tokens, counted = _stage_prompt(batch, task, stage, run)
             tokens = counters[stage].length(text)
             if not counted:
                 turn = plan.dialogue.max_tokens + TURN_OVERHEAD

@@ -372,7 +372,17 @@ def test_dry_run_counts_the_requests_and_prices_them(invoke, runs_dir, tmp_path)
     ]
     assert CHARS_PER_TOKEN == 4  # "estimate": a token per 4 characters, for model "m"
 
-    unpriced = invoke("batch", str(path), "--dry-run", *endpoint(fake))
+    bound = int(judge[4].replace(",", ""))
+    with FakeServer(answer) as fake:  # the dialogues done: the judges' prompts are known
+        assert invoke("batch", str(path), *endpoint(fake), "--max-tokens", "100").exit_code == 0
+        known = invoke("batch", str(path), "--batch-api", "--dry-run", *args)
+    assert known.stdout.splitlines()[0] == (
+        "3 tasks, 3 to run; requests through the Batch API (--batch-api):"
+    )
+    (row,) = (line.split() for line in known.stdout.splitlines()[2:3])
+    assert row[:3] == ["judge", "m", "3"] and 0 < int(row[3].replace(",", "")) < bound
+
+    unpriced = invoke("batch", str(path), "--dry-run", "--judge", *endpoint(fake))
     assert unpriced.exit_code == 0
     assert (
         unpriced.stdout.splitlines()[0] == "3 tasks, 3 to run; requests through the ordinary API:"
