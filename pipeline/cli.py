@@ -53,6 +53,20 @@ PERSONA_OPTION = click.option(
     help="Cast this persona of pipeline.toml ([personas.NAME]) as one of the roles, under its "
     "name and with its system prompt.",
 )
+
+
+def poll_interval_option(default: float, help: str) -> Callable[..., Any]:
+    """``--poll-interval SECONDS``: how often a command looks at a job or batch it waits for."""
+    return click.option(
+        "--poll-interval",
+        type=click.FloatRange(min=0),
+        default=default,
+        show_default=True,
+        metavar="SECONDS",
+        help=help,
+    )
+
+
 PRICES_OPTION = click.option(
     "--prices",
     type=PathType(exists=True, dir_okay=False),
@@ -436,14 +450,7 @@ MAX_RAY_JOBS = 4096  # a batch's tasks at once on a Ray cluster
     "provider's Batch API (OpenAI's: half price, answered within 24 hours), waiting for it "
     "between the stages; repairs and dialogues go through the ordinary API.",
 )
-@click.option(
-    "--poll-interval",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="With --batch-api, seconds between two looks at a provider batch.",
-)
+@poll_interval_option(30.0, "With --batch-api, seconds between two looks at a provider batch.")
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -1801,14 +1808,7 @@ def finetune_create(
     help="Show the job's events and status changes until it ends (Ctrl-C stops following; "
     "the job goes on).",
 )
-@click.option(
-    "--poll-interval",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Seconds between two polls while following.",
-)
+@poll_interval_option(10.0, "Seconds between two polls while following.")
 @runs_dir_option
 @endpoint_options
 def finetune_status(
