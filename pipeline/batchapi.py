@@ -42,7 +42,7 @@ from .client import HTTPTransport, ModelClient, canonical
 from .errors import EndpointError, Fix, PipelineError, one_line
 from .parameters import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
 from .records import CallRecord, JSONObject, timestamp
-from .runs import atomic_write_json, atomic_write_text
+from .runs import atomic_write_json, atomic_write_text, held_lock
 from .threads import off_main_thread
 
 if TYPE_CHECKING:
@@ -316,22 +316,13 @@ class BatchApi:
         Raises:
             BatchApiError: another process holds it.
         """
-        from filelock import FileLock, Timeout
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.folder / ".lock", timeout=0)
-        try:
-            lock.acquire()
-        except Timeout as e:
-            raise BatchApiError(
-                f"the provider batches in {self.folder} are in use by another pipeline "
-                "process; wait for it to finish, or stop it",
-                path=self.folder,
-            ) from e
-        try:
+        busy = BatchApiError(
+            f"the provider batches in {self.folder} are in use by another pipeline "
+            "process; wait for it to finish, or stop it",
+            path=self.folder,
+        )
+        with held_lock(self.folder / ".lock", busy):
             yield self
-        finally:
-            lock.release()
 
     # -- ledgers ------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import DatasetError, PipelineError
 from .records import timestamp
-from .runs import atomic_write_json, slugify
+from .runs import atomic_write_json, held_lock, slugify
 
 if TYPE_CHECKING:
     from .finetune import FinetuneJobs, FinetuneLedger
@@ -127,19 +127,9 @@ def locked(runs_dir: Path, persona: str) -> Iterator[None]:
     Raises:
         CycleBusy: another process holds it.
     """
-    from filelock import FileLock, Timeout
-
-    path = log_path(runs_dir, persona).with_suffix(".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout as e:
-        raise CycleBusy(f"another cycle of {persona} is running; nothing was done") from e
-    try:
+    busy = CycleBusy(f"another cycle of {persona} is running; nothing was done")
+    with held_lock(log_path(runs_dir, persona).with_suffix(".lock"), busy):
         yield
-    finally:
-        lock.release()
 
 
 def step(

@@ -72,6 +72,29 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def held_lock(path: Path, busy: PipelineError) -> Iterator[None]:
+    """Hold the file lock ``path`` (its folder made if need be) for the ``with`` block,
+    without waiting: one process at a time. The operating system releases it if the
+    process dies, however it dies.
+
+    Raises:
+        PipelineError: ``busy``, when another process holds it.
+    """
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout as e:
+        raise busy from e
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def atomic_write_json(path: Path, value: Any) -> None:
     """Write ``value`` as indented JSON (UTF-8, trailing newline), atomically."""
     atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
@@ -185,22 +208,14 @@ class Run:
         Raises:
             RunError: another process holds it.
         """
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(self.path(".lock"), timeout=0)
-        try:
-            lock.acquire()
-        except Timeout as e:
-            raise RunError(
-                f"run {self.run_id} is in use by another pipeline process; "
-                "wait for it to finish, or stop it",
-                run_id=self.run_id,
-            ) from e
-        try:
+        busy = RunError(
+            f"run {self.run_id} is in use by another pipeline process; "
+            "wait for it to finish, or stop it",
+            run_id=self.run_id,
+        )
+        with held_lock(self.path(".lock"), busy):
             self.reload()
             yield self
-        finally:
-            lock.release()
 
     def reload(self) -> None:
         """Read the manifest again from disk (another process may have changed it)."""

@@ -563,13 +563,9 @@ def execute(ctx: StageContext, name: str, *, resume: bool = False) -> None:
     from .recorder import StageCalls
 
     run = ctx.run
-    node = require(run, name)
-    module = node.load()
-    if (check := getattr(module, "check", None)) is not None:
-        check(run)
-    resume = resume and node.resumable
-    here = dataclasses.replace(ctx, stage=name, calls=StageCalls(run, name), resume=resume)
-    here.inputs = module.inputs(here)  # its clients resolved, its inputs read: then archive
+    resume = resume and require(run, name).resumable
+    # its clients resolved, its inputs read: then archive
+    module, here = _ready(ctx, name, calls=StageCalls(run, name), resume=resume)
     if not resume:
         run.archive_stage(name)
         refresh(run)
@@ -577,6 +573,21 @@ def execute(ctx: StageContext, name: str, *, resume: bool = False) -> None:
         module.run(here)
     finally:
         refresh(run)
+
+
+def _ready(ctx: StageContext, name: str, **fields: Any) -> tuple[StageModule, StageContext]:
+    """Stage ``name``'s module and its context (``ctx`` with ``fields``), once the run is
+    checked ready for it and its inputs are read.
+
+    Raises:
+        PipelineError: the run is not ready for the stage (nothing is touched).
+    """
+    module = require(ctx.run, name).load()
+    if (check := getattr(module, "check", None)) is not None:
+        check(ctx.run)
+    here = dataclasses.replace(ctx, stage=name, **fields)
+    here.inputs = module.inputs(here)
+    return module, here
 
 
 def run_stage(
@@ -631,14 +642,9 @@ def first_request(ctx: StageContext, name: str) -> tuple[Endpoint, JSONObject]:
     """
     from .answer import Previewed
 
-    node = require(ctx.run, name)
-    if not node.answer:
+    if not require(ctx.run, name).answer:
         raise ValueError(f"the {name} stage converses: its requests cannot be known ahead")
-    module = node.load()
-    if (check := getattr(module, "check", None)) is not None:
-        check(ctx.run)
-    here = dataclasses.replace(ctx, stage=name, calls=None, preview=True)
-    here.inputs = module.inputs(here)
+    module, here = _ready(ctx, name, calls=None, preview=True)
     try:
         module.run(here)
     except Previewed as preview:

@@ -165,6 +165,17 @@ def client_pid(port: int) -> int | None:
     return None
 
 
+def kill_ray_worker(fake: FakeServer, killed: list[int]) -> bool:
+    """SIGKILL the Ray worker process whose request ``fake`` is answering (found by its
+    connection in /proc), noting its pid in ``killed``; False when the caller is not one."""
+    pid = client_pid(fake.local.client[1])
+    if pid is None or b"ray::" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+        return False
+    os.kill(pid, signal.SIGKILL)
+    killed.append(pid)
+    return True
+
+
 @needs_ray
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker in /proc")
 def test_a_worker_killed_mid_task_leaves_every_run_complete_once(ray_address, tmp_path):
@@ -177,12 +188,8 @@ def test_a_worker_killed_mid_task_leaves_every_run_complete_once(ray_address, tm
         with lock:
             count += 1
             kill = count == 12  # the third task or so, halfway through its dialogue
-        if kill:
-            pid = client_pid(fake.local.client[1])
-            if pid is not None and b"ray::" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return Reset()
+        if kill and kill_ray_worker(fake, killed):
+            return Reset()
         return conversation(body)
 
     tasks = tasks_file(tmp_path, 8)
@@ -217,12 +224,8 @@ def test_a_task_whose_worker_always_dies_fails_after_ray_s_retries(ray_address, 
 
     def responder(body: dict[str, Any]) -> Action:
         prompt = body["messages"][-1]["content"] if body.get("response_format") else ""
-        if "task number 0" in prompt:
-            pid = client_pid(fake.local.client[1])
-            if pid is not None and b"ray::" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return Reset()
+        if "task number 0" in prompt and kill_ray_worker(fake, killed):
+            return Reset()
         return conversation(body)
 
     tasks = tasks_file(tmp_path, 2)
