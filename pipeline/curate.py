@@ -55,6 +55,10 @@ SHINGLE = 3
 SIMILARITY = "Jaccard similarity of word 3-gram shingles"
 
 
+class NothingToCurate(DatasetError):
+    """No memory (left) qualifies for curation: not an error for a cycle, which waits."""
+
+
 @dataclass(frozen=True)
 class Duplicate:
     """A memory left out as a near-duplicate of ``of`` (run id, turn), which was taken."""
@@ -179,7 +183,7 @@ def curate(
     examples = _examples(runs_dir, found, role, fmt, context)
     chosen = [m for m in found if (m.run_id, m.turn) in examples]
     if not chosen:
-        raise DatasetError(
+        raise NothingToCurate(
             f"no memory of {role} to curate"
             + (f" judged {min_score:g} or more" if min_score is not None else "")
             + (" that its reflection keeps" if keep_only else ""),

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import DatasetError, PipelineError
+from .errors import PipelineError
+from .finetune import ENDED, SUCCEEDED
 from .records import timestamp
 from .runs import atomic_write_json, held_lock, slugify
 
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
     from .finetune import FinetuneJobs, FinetuneLedger
 
 CYCLES = "cycles"
-RUNNING = ("pending", "uploaded", "validating_files", "queued", "running")
-ENDED_WITHOUT_MODEL = ("upload_failed", "create_failed", "failed", "cancelled")
 
 
 class CycleBusy(PipelineError):
@@ -86,7 +85,7 @@ class CycleLog:
         return {
             (str(r), int(t))
             for c in self.cycles
-            if c.status not in ENDED_WITHOUT_MODEL
+            if c.status == SUCCEEDED or c.status not in ENDED
             for r, t in c.memories
         }
 
@@ -161,7 +160,7 @@ def step(
     with locked(runs_dir, persona):
         log = load(runs_dir, persona, base_model)
         last = log.cycles[-1] if log.cycles else None
-        if last is not None and last.status in RUNNING:
+        if last is not None and last.status not in ENDED:
             return _follow(runs_dir, jobs, log, last, assign_to)
         return _next(runs_dir, jobs, log, every, submit, dict(curation or {}))
 
@@ -169,16 +168,16 @@ def step(
 def _follow(
     runs_dir: Path, jobs: FinetuneJobs, log: CycleLog, last: Cycle, assign_to: Path | None
 ) -> Outcome:
-    from .finetune import endpoint_entry, find
+    from .finetune import endpoint_entry, endpoint_name, find
 
     ledger = jobs.status(find(runs_dir, last.ledger))
     last.status, last.job_id = ledger.status, ledger.job_id
-    if ledger.status in RUNNING:
+    if ledger.status not in ENDED:
         save(runs_dir, log)
         return Outcome(
             "waiting", f"cycle {last.number}: job {ledger.job_id} is {ledger.status}", last
         )
-    if ledger.status != "succeeded" or not ledger.fine_tuned_model:
+    if ledger.status != SUCCEEDED or not ledger.fine_tuned_model:
         save(runs_dir, log)
         reason = f": {ledger.error}" if ledger.error else ""
         return Outcome(
@@ -196,14 +195,9 @@ def _follow(
     return Outcome("succeeded", f"cycle {last.number}: {last.model} is ready{where}", last, entry)
 
 
-def endpoint_name(ledger: FinetuneLedger) -> str:
-    """The name of the ``pipeline.toml`` endpoint that uses a cycle's model (as
-    :func:`pipeline.finetune.endpoint_entry` names it)."""
-    return slugify(ledger.suffix or "finetuned")
-
-
 def _assign(path: Path, persona: str, ledger: FinetuneLedger, jobs: FinetuneJobs) -> None:
     from .configwrite import assign_role_model
+    from .finetune import endpoint_name
 
     assert ledger.fine_tuned_model is not None
     assign_role_model(
@@ -236,7 +230,7 @@ def _next(
             **curation,
         )
         found = len(curated.memories)
-    except DatasetError:  # no memory qualifies yet
+    except curate.NothingToCurate:  # no memory qualifies yet
         curated, found = None, 0
     if curated is None or found < every:
         return Outcome(

@@ -355,14 +355,20 @@ def failure(ledger: FinetuneLedger) -> FinetuneError | None:
     return None
 
 
-def endpoint_entry(ledger: FinetuneLedger, endpoint: Endpoint) -> str:
-    """A ``pipeline.toml`` endpoint table that uses the ledger's fine-tuned model at
-    ``endpoint`` (with its key's variable name, never the key), named after the suffix."""
+def endpoint_name(ledger: FinetuneLedger) -> str:
+    """The name of the ``pipeline.toml`` endpoint that uses the ledger's fine-tuned model:
+    its suffix, slugified."""
     from .runs import slugify
 
-    name = slugify(ledger.suffix or "finetuned")
+    return slugify(ledger.suffix or "finetuned")
+
+
+def endpoint_entry(ledger: FinetuneLedger, endpoint: Endpoint) -> str:
+    """A ``pipeline.toml`` endpoint table that uses the ledger's fine-tuned model at
+    ``endpoint`` (with its key's variable name, never the key), named after the suffix
+    (:func:`endpoint_name`)."""
     lines = [
-        f"[endpoints.{name}]",
+        f"[endpoints.{endpoint_name(ledger)}]",
         f"base_url = {json.dumps(endpoint.base_url)}",
         f"model = {json.dumps(ledger.fine_tuned_model)}",
     ]

@@ -17,7 +17,6 @@ rebuild keeps it out. The database, its schema and how concurrent writers share 
 from __future__ import annotations
 
 import hashlib
-import json
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import stages
-from .errors import Fix, MemoryStoreError, PipelineError, one_line
+from .errors import Fix, MemoryStoreError, PipelineError, RunError, one_line
 from .memorydb import (
     DATABASE,
     FORGOTTEN,
@@ -40,10 +39,10 @@ from .memorydb import (
     transaction,
 )
 from .records import canonical_json, timestamp
+from .reflect import REFLECTIONS
 from .resources import file_sha256
 from .runs import MANIFEST, Run, list_runs, open_run
 
-REFLECTIONS = "reflect/reflections.json"
 __all__ = [
     "DATABASE",
     "FORGOTTEN",
@@ -127,9 +126,15 @@ class _Inputs:
     used): the transcript, the verdict (a done judge), the reflections (a done reflect)."""
 
     run: Run
-    judged: bool
-    reflected: bool
     hashes: tuple[str | None, str | None, str | None]
+
+    @property
+    def judged(self) -> bool:
+        return self.hashes[1] is not None
+
+    @property
+    def reflected(self) -> bool:
+        return self.hashes[2] is not None
 
     def fingerprint(self, rules: Sequence[Rule]) -> tuple[str | None, ...]:
         """The hashes and that of the forgotten-memory rules that cover the run (None:
@@ -150,29 +155,23 @@ def _inputs(run: Run) -> _Inputs | None:
     now = stages.statuses(run)
     if now[stages.conversation_stage(run)] != "done":
         return None
-    judged = now.get("judge") == "done"
-    reflect = now.get("reflect")
-    if reflect is None:  # a graph without the stage: its recorded status
-        entry = run.manifest.stages.get("reflect")
-        reflect = entry.status if entry is not None else None
-    reflected = reflect == "done" and run.path(REFLECTIONS).is_file()
+    reflected = now["reflect"] == "done" and run.path(REFLECTIONS).is_file()
     hashes = (
         file_sha256(run.path(run.transcript)),
-        file_sha256(run.path(VERDICT)) if judged else None,
+        file_sha256(run.path(VERDICT)) if now["judge"] == "done" else None,
         file_sha256(run.path(REFLECTIONS)) if reflected else None,
     )
-    return _Inputs(run, judged, reflected, hashes)
+    return _Inputs(run, hashes)
 
 
 def _reflections(run: Run) -> dict[str, Mapping[str, Any]]:
-    """Each role's reflection in ``reflect/reflections.json``, by role name; what is
-    missing or malformed counts as no reflection."""
+    """Each role's reflection (:func:`pipeline.reflect.load_reflections`), by role name;
+    what is missing or malformed counts as no reflection."""
+    from .reflect import load_reflections
+
     try:
-        found = json.loads(run.path(REFLECTIONS).read_text(encoding="utf-8"))["reflections"]
-        return {
-            r["role"]: r for r in found if isinstance(r, dict) and isinstance(r.get("role"), str)
-        }
-    except (OSError, ValueError, KeyError, TypeError):
+        return {r["role"]: r for r in load_reflections(run)}
+    except RunError:
         return {}
 
 

@@ -76,6 +76,7 @@ def test_the_whole_loop(tmp_path, runs_dir, invoke, fake, monkeypatch, tiktoken_
     # 2. memory: runs were remembered as they finished; sync finds nothing new; search
     synced = invoke("memory", "sync")
     assert synced.exit_code == 0, synced.output
+    assert synced.stdout.startswith("0 runs added, 0 updated, 0 removed, 6 unchanged")
     found = json.loads(invoke("memory", "search", "makes", "--role", "Ana", "--json").stdout)
     assert found and {m["role"] for m in found} == {"Ana"}
     assert all(m["score"] == 8 and m["keep"] is True for m in found)
@@ -109,6 +110,11 @@ def test_the_whole_loop(tmp_path, runs_dir, invoke, fake, monkeypatch, tiktoken_
     dry = invoke(*cycle, *common[:2])
     assert dry.exit_code == 0 and "cycle 1 would fine-tune" in dry.stdout
     assert fake.fine_tuning.jobs == {}
+    short = tmp_path / "short.jsonl"  # a curation error is said, not taken for "nothing yet"
+    short.write_text(outside.read_text().splitlines()[0] + "\n")
+    refused = invoke(*cycle, *common[:2], "--mix", str(short), "--mix-ratio", "0.5")
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith(f"Error: {short} has 1 examples")
     submitted = invoke(*cycle, *common[:2], "--yes")
     assert submitted.exit_code == 0, submitted.output
     assert submitted.stdout.startswith("cycle 1: job ")

@@ -270,7 +270,7 @@ def test_a_time_that_is_not_iso_is_refused(timeline):
 # -- the report ---------------------------------------------------------------------------
 
 
-def test_report_rows_and_their_table(tmp_path):
+def test_report_rows_and_their_table(tmp_path, monkeypatch):
     old = make_run(tmp_path, B, reason="loop", score=5, created="2026-01-01T00:00:00.000Z")
     first = dict(dialogue_roles=[TUNED], created="2026-03-01T00:00:00.000Z")
     new = make_run(tmp_path, C, reason="max_turns", score=9, **first)
@@ -286,7 +286,11 @@ def test_report_rows_and_their_table(tmp_path):
         TunedModel("1", TUNED.model, "2026-02-01T00:00:00Z"),
         TunedModel("2", second.model, "2026-04-01T00:00:00Z", since="2026-02-01T00:00:00Z"),
     ]
+    read: list[str] = []
+    real = metrics.run_metrics
+    monkeypatch.setattr(metrics, "run_metrics", lambda run: read.append(run.run_id) or real(run))
     rows = report_rows([old, new, newer], models)
+    assert sorted(read) == sorted([old.run_id, new.run_id, newer.run_id])  # each read once
     assert [(r.cycle, r.side, r.metrics.runs) for r in rows] == [
         ("1", "before", 1),
         ("1", "after", 1),
