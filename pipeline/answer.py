@@ -147,6 +147,28 @@ def transcript_inputs(
     }
 
 
+def read_answer(run: Run, relative: str, schema: str, stage: str) -> Any:
+    """The JSON a stage saved at ``relative`` in ``run``, checked against ``schema``.
+
+    Raises:
+        RunError: it cannot be read, or does not match the schema (the first 3 problems).
+    """
+    from . import schemas
+    from .errors import RunError
+
+    value = run.read_json(relative)
+    problems = schemas.errors(value, schema)
+    if problems:
+        path = run.path(relative)
+        raise RunError(
+            f"{path} does not match {schema}: {'; '.join(problems[:3])}",
+            run_id=run.run_id,
+            stage=stage,
+            path=path,
+        )
+    return value
+
+
 def conversation_done(run: Run, stage: str, doing: str) -> None:
     """Check that ``run``'s conversation has ended, before ``stage`` does ``doing`` with
     it (``judge``, ``reflect on``).

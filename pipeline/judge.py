@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import director, schemas, templates
-from .answer import answer_stage, conversation_done, transcript_inputs
+from .answer import answer_stage, conversation_done, read_answer, transcript_inputs
 from .dialogue import shown
-from .errors import RunError
 from .records import Verdict
 from .runs import Run
 
@@ -87,13 +86,4 @@ def load_verdict(run: Run) -> Verdict:
     Raises:
         RunError: the run has none, or it is not a verdict.
     """
-    value = run.read_json(VERDICT)
-    problems = schemas.errors(value, SCHEMA)
-    if problems:
-        raise RunError(
-            f"{run.path(VERDICT)} does not match {SCHEMA}: {'; '.join(problems[:3])}",
-            run_id=run.run_id,
-            stage=STAGE,
-            path=run.path(VERDICT),
-        )
-    return Verdict.from_json(value)
+    return Verdict.from_json(read_answer(run, VERDICT, SCHEMA, STAGE))

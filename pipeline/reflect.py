@@ -18,9 +18,8 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 from . import director, schemas, templates
-from .answer import answer_stage, conversation_done, transcript_inputs
+from .answer import answer_stage, conversation_done, read_answer, transcript_inputs
 from .dialogue import shown
-from .errors import RunError
 
 if TYPE_CHECKING:
     from .records import RolesDocument
@@ -100,16 +99,6 @@ def load_reflections(run: Run) -> list[dict[str, Any]]:
     Raises:
         RunError: the file does not match the schema.
     """
-    path = run.path(REFLECTIONS)
-    if not path.is_file():
+    if not run.path(REFLECTIONS).is_file():
         return []
-    value = run.read_json(REFLECTIONS)
-    problems = schemas.errors(value, SCHEMA)
-    if problems:
-        raise RunError(
-            f"{path} does not match {SCHEMA}: {'; '.join(problems[:3])}",
-            run_id=run.run_id,
-            stage=STAGE,
-            path=path,
-        )
-    return list(value["reflections"])
+    return list(read_answer(run, REFLECTIONS, SCHEMA, STAGE)["reflections"])
