@@ -216,13 +216,9 @@ class Batch:
         Raises:
             ConfigError: there is no config, or it defines no such persona.
         """
-        name = task.options.get("persona", self.persona)
-        if name is None:
-            return None
-        config = self.models.config
-        if config is None:
-            raise ConfigError(f"no pipeline.toml to read the persona {name!r} from")
-        return config.persona(name)
+        from .config import persona_of
+
+        return persona_of(self.models.config, task.options.get("persona", self.persona))
 
     def include(self, task: BatchTask) -> tuple[str, ...]:
         """The optional stages ``task``'s run includes (``judge``, ``reflect``): its own

@@ -955,16 +955,9 @@ def _persona(flags: EndpointFlags, name: str | None) -> Persona | None:
     ``--config``); None for no name."""
     if name is None:
         return None
-    from .config import load_config
-    from .errors import ConfigError, Fix
+    from .config import load_config, persona_of
 
-    config = load_config(flags.config)
-    if config is None:
-        raise ConfigError(
-            f"no pipeline.toml to read the persona {name!r} from",
-            fix=Fix("define it there under [personas.NAME], or pass {}", ("config",)),
-        )
-    return config.persona(name)
+    return persona_of(load_config(flags.config), name)
 
 
 def _runs_dir_flag(runs_dir: Path) -> str:

@@ -125,6 +125,22 @@ def read_toml(
     return data
 
 
+def persona_of(config: Config | None, name: str | None) -> Persona | None:
+    """The persona ``name`` of ``config`` (None for no name).
+
+    Raises:
+        ConfigError: there is no config, or it defines no such persona.
+    """
+    if name is None:
+        return None
+    if config is None:
+        raise ConfigError(
+            f"no pipeline.toml to read the persona {name!r} from",
+            fix=Fix("define it there under [personas.NAME], or pass {}", ("config",)),
+        )
+    return config.persona(name)
+
+
 def load_config(path: Path | None, *, cwd: Path | None = None) -> Config | None:
     """Read ``path``, or ``pipeline.toml`` in ``cwd`` (default: the working directory)
     when no path is given; None when there is no file to read.

@@ -51,6 +51,7 @@ there, and otherwise gets the estimate, after at most :data:`ENCODING_TIMEOUT` s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -68,9 +69,9 @@ from .choices import DATASET_FORMATS
 from .config import read_toml
 from .dialogue import messages_for, named, role_prompt
 from .errors import DatasetError, Fix, one_line
-from .export import FINETUNE_SCHEMA, checked, jsonl
+from .export import FINETUNE_SCHEMA
 from .records import JSONObject, RolesDocument, Turn
-from .runs import atomic_write_text
+from .runs import atomic_write_text, jsonl
 
 SEPARATOR = "\n\n###\n\n"
 """The end of every completion-format prompt: OpenAI's suggested separator for the legacy
@@ -212,8 +213,10 @@ def _system(roles: RolesDocument, index: int, override: str | None) -> str | Non
 def _chat(
     roles: RolesDocument, index: int, before: list[Turn], turn: Turn, system: str | None
 ) -> JSONObject:
-    # what the dialogue sent this role, less its system prompt, and the turn it answered
-    messages = messages_for(index, roles, [*before, turn])[1:]
+    # what the dialogue sent this role, less its system prompt, and the turn it answered; a
+    # person's notes are instructions to the model, not its conversation (nor its answer)
+    unnoted = [dataclasses.replace(t, note=None) for t in [*before, turn]]
+    messages = messages_for(index, roles, unnoted)[1:]
     names = _message_names(roles.names) if named(roles) else None
     for message, earlier in zip(messages[:-1], before, strict=True):
         if message["role"] == "assistant":
@@ -221,7 +224,7 @@ def _chat(
         elif names is not None:
             message["name"] = names[earlier.role_index]
     head = [] if system is None else [{"role": "system", "content": system}]
-    return checked({"messages": head + messages})
+    return {"messages": head + messages}  # checked with the rest (check)
 
 
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_-]+")

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -30,7 +29,7 @@ from .director import ROLES, load_roles
 from .errors import PipelineError, RunError
 from .judge import VERDICT, load_verdict
 from .records import JSONObject, RolesDocument, Turn
-from .runs import Run
+from .runs import Run, jsonl
 
 FINETUNE_SCHEMA = "finetune.schema.json"
 
@@ -114,11 +113,6 @@ def checked(example: JSONObject) -> JSONObject:
     if problems:
         raise PipelineError(f"a fine-tuning example broke its schema: {problems[0]}")
     return example
-
-
-def jsonl(values: Iterable[object]) -> str:
-    """One compact JSON document per line (UTF-8 characters kept), each ending in a newline."""
-    return "".join(json.dumps(value, ensure_ascii=False) + "\n" for value in values)
 
 
 def qualifies(run: Run, min_score: int | None) -> bool:

@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import schemas
+from .choices import DEFAULT_DONE_TOKEN
 from .errors import Fix, ImportFormatError, RunError
 from .records import RolesDocument, Turn
 from .resources import file_sha256
 from .runs import Run, create_run
+from .stages import IMPORTED
 
 if TYPE_CHECKING:
     from .chats import Chat
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 
 STAGE = "import"
 ROLES = "import/roles.json"
-DONE_TOKEN = "<TASK_DONE>"
 FORMAT_NAMES = {"whatsapp": "WhatsApp", "telegram": "Telegram", "chatgpt": "ChatGPT"}
 
 
@@ -148,7 +149,7 @@ def _prepare(
     roles = {
         "roles": [{"name": name, "system_prompt": ""} for name in names],
         "termination": {
-            "done_token": DONE_TOKEN,
+            "done_token": DEFAULT_DONE_TOKEN,
             "declared_by": names[0],
             "acceptance_criteria": f"The chat served its purpose: {task}"[:4000],
         },
@@ -168,12 +169,11 @@ def _prepare(
 
 
 def _write(runs_dir: Path, prepared: Prepared) -> Run:
-    run = create_run(runs_dir, prepared.task, stage_names=("import", "judge"))
+    run = create_run(runs_dir, prepared.task, stage_names=tuple(s.name for s in IMPORTED))
     try:
         with run.stage_running(STAGE, endpoint=None, parameters=prepared.parameters, inputs={}):
             run.write_json(ROLES, prepared.roles)
-            for turn in prepared.turns:
-                run.append_transcript(turn)
+            run.write_transcript(prepared.turns)
             run.finish_stage(STAGE)
     except BaseException:
         shutil.rmtree(run.folder, ignore_errors=True)  # no half-written run

@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,11 @@ def held_lock(path: Path, busy: PipelineError) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def jsonl(values: Iterable[object]) -> str:
+    """One compact JSON document per line (UTF-8 characters kept), each ending in a newline."""
+    return "".join(json.dumps(value, ensure_ascii=False) + "\n" for value in values)
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
@@ -256,6 +261,12 @@ class Run:
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def write_transcript(self, turns: Iterable[Turn]) -> None:
+        """Write the whole transcript at once, atomically, in the lines
+        :meth:`append_transcript` writes (an import: all of it or nothing)."""
+        version = self.manifest.manifest_version
+        self.write_text(self.transcript, jsonl(turn.to_json(version) for turn in turns))
 
     def read_transcript(self, *, repair: bool = False) -> list[Turn]:
         """The turns stored so far, in order (an absent transcript is empty).

@@ -4,6 +4,7 @@ checks providers make, token counting with tiktoken or the estimate (tiktoken_of
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -249,6 +250,19 @@ def test_chat_examples(source, speaker, options, expected):
     assert examples == [Example(source.run_id, turn, body) for turn, body in expected]
     for example in examples:
         assert schemas.errors(example.body, "finetune.schema.json") == []
+
+
+@pytest.mark.parametrize("options", [{}, {"context": 0}, {"context": 1}])
+def test_a_person_s_notes_are_left_out_of_chat_examples(options):
+    noted = dataclasses.replace(
+        DIALOGUE,
+        turns=[
+            dataclasses.replace(t, note="Keep it short.") if t.role == "Mentor" else t
+            for t in DIALOGUE.turns
+        ],
+    )
+    examples = dataset.build_examples([noted], "Mentor", **options)
+    assert examples == dataset.build_examples([DIALOGUE], "Mentor", **options)
 
 
 COMPLETION_CASES = [
