@@ -393,14 +393,7 @@ def resume(
                 )
         person = _person(human, interject)
         with flags.models(run) as models:
-            ctx = stages.StageContext(
-                run,
-                models,
-                plan,
-                person.watching(_Printer()),
-                tools=models.tools(plan.tools),
-                human=person,
-            )
+            ctx = _context(run, models, plan, person)
             stages.advance(ctx, include=include)
         _remember(run)
         click.echo(
@@ -941,6 +934,8 @@ def _trace(run: Run) -> None:
     from . import telemetry
     from .runs import open_run
 
+    if telemetry.destination() is None:
+        return
     for run_id in [run.run_id, *(run.manifest.children or [])]:
         try:
             telemetry.export_run(

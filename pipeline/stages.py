@@ -623,7 +623,7 @@ def advance(ctx: StageContext, *, include: Sequence[str] = (), until: str | None
     in the order of the graph (optional ones only when in ``include``), up to stage
     ``until`` included when given. A resumable stage that was interrupted or failed goes
     on from where it stopped; a stale one starts over."""
-    for node in _wanted(ctx.run, include):
+    for node in wanted(ctx.run, include):
         now = status(ctx.run, node.name)
         if now != "done":
             execute(ctx, node.name, resume=now in ("interrupted", "failed"))
@@ -666,10 +666,10 @@ def planned_stages(run: Run) -> tuple[str, ...]:
 def pending(run: Run, *, include: Sequence[str] = ()) -> list[str]:
     """The stages :func:`advance` would run, in order."""
     now = statuses(run)
-    return [node.name for node in _wanted(run, include) if now[node.name] != "done"]
+    return [node.name for node in wanted(run, include) if now[node.name] != "done"]
 
 
-def _wanted(run: Run, include: Sequence[str]) -> list[Stage]:
+def wanted(run: Run, include: Sequence[str]) -> list[Stage]:
     """The stages of the graph a run is brought to its end with: every one but the
     optional ones not in ``include``."""
     return [node for node in graph(run) if not node.optional or node.name in include]

@@ -380,12 +380,16 @@ class _Builder:
             error=entry.error if entry.status == "failed" else None,
         )
         _usage(node.attributes, entry.usage or total_usage([_call_usage(c) for c in calls]))
-        clock = start if start is not None else before
-        for call in calls:
-            chat = self.chat(call, clock)
-            node.children.append(chat)
-            clock = chat.end
+        node.children = self.chats(calls, start if start is not None else before)
         return node
+
+    def chats(self, calls: list[CallRecord], clock: int | None) -> list[Node]:
+        """The spans of ``calls``, one after the other from ``clock``."""
+        out: list[Node] = []
+        for call in calls:
+            out.append(self.chat(call, clock))
+            clock = out[-1].end
+        return out
 
     def chat(self, call: CallRecord, clock: int | None) -> Node:
         """A model call's span; ``clock`` is the end of what happened before it."""
@@ -491,9 +495,7 @@ class _Builder:
                 self.attributes("invoke_agent", {"pipeline.turn": len(turns) + 1}),
                 error=entry.error or "the turn did not end",
             )
-            for call in rest:
-                node.children.append(self.chat(call, clock))
-                clock = node.children[-1].end
+            node.children = self.chats(rest, clock)
             nodes.append(node)
         return nodes
 
@@ -516,9 +518,7 @@ class _Builder:
             ),
         )
         _usage(node.attributes, total_usage([_call_usage(c) for c in calls]))
-        for call in calls:
-            node.children.append(self.chat(call, clock))
-            clock = node.children[-1].end
+        node.children = self.chats(calls, clock)
         return node
 
     def turn(
@@ -548,10 +548,7 @@ class _Builder:
             self.attributes("invoke_agent", more),
         )
         _usage(node.attributes, turn.usage)
-        chats: list[Node] = []
-        for call in calls:
-            chats.append(self.chat(call, clock))
-            clock = chats[-1].end
+        chats = self.chats(calls, clock)
         if chats:
             node.start = chats[0].start
             node.end = _latest(end, chats[-1].end)

@@ -31,7 +31,7 @@ from .runs import (
     Run,
     open_run,
 )
-from .stages import conversation_stage, graph, planned_stages, statuses
+from .stages import conversation_stage, graph, planned_stages, require, statuses, wanted
 from .termination import strip_token
 from .views import ended_by
 
@@ -89,23 +89,19 @@ class RunRow:
 STATUSES = ("done", "failed", "interrupted", "pending", "running", "stale")  # of overall
 
 
-def overall(run: Run, found: Mapping[str, str]) -> str:
-    """The status of ``run`` as a whole, from its stages' (see :attr:`RunRow.status`):
-    the stages it goes through are the graph's, optional ones when planned."""
-    include = planned_stages(run)
-    wanted = [found[n.name] for n in graph(run) if not n.optional or n.name in include]
-    for word in ("running", "failed", "interrupted", "stale"):
-        if word in wanted:
-            return word
-    return "done" if all(s == "done" for s in wanted) else "pending"
-
-
 def shown_stages(run: Run, found: Mapping[str, str]) -> dict[str, str]:
-    """``found`` (each stage's status) without the optional stages ``run`` was not
-    planned with and has not run."""
-    include = planned_stages(run)
-    optional = {n.name for n in graph(run) if n.optional and n.name not in include}
-    return {name: s for name, s in found.items() if name not in optional}
+    """``found`` (each stage's status) for the stages ``run`` goes through: the graph's,
+    optional ones when planned or run."""
+    return {n.name: found[n.name] for n in wanted(run, planned_stages(run))}
+
+
+def overall(shown: Mapping[str, str]) -> str:
+    """The status of a run as a whole, from its stages' (:func:`shown_stages`; see
+    :attr:`RunRow.status`)."""
+    for word in ("running", "failed", "interrupted", "stale"):
+        if word in shown.values():
+            return word
+    return "done" if all(s == "done" for s in shown.values()) else "pending"
 
 
 def count_lines(path: Path) -> int:
@@ -139,8 +135,8 @@ def read_row(runs_dir: Path, run_id: str) -> RunRow:
         run_id=run.run_id,
         created=run.manifest.created,
         task=run.task,
-        status=overall(run, found),
-        stages=shown_stages(run, found),
+        status=overall(shown := shown_stages(run, found)),
+        stages=shown,
         turns=count_lines(run.path(run.transcript)),
         reason=reason,
         score=judge_score(run),
@@ -392,8 +388,7 @@ def run_page(run: Run) -> RunPage:
     except RunError as e:
         problems.append(e.message)
         lines = []
-    calls = read_call_times(run, "dialogue")
-    timed = bool(calls) and all(t is not None for _, t in calls)
+    timed = calls_timed(run)
     children = children_by_call(run)
     token = roles.done_token if roles is not None else ""
     turns = tuple(turn_view(line, token, children, timed) for line in lines)
@@ -409,16 +404,12 @@ def run_page(run: Run) -> RunPage:
         problems.append(e.message)
         reflections = ()
     names = [node.name for node in graph(run)]
-    conversation = conversation_stage(run)
-    entry = run.manifest.stages.get(conversation)
-    ended = entry.termination_reason if entry is not None else None
-    if found.get(conversation) == "interrupted":
-        ended = "interrupted"
+    ended = ended_by(run, found)
     files = [MANIFEST] + [f for name in names for f in run.stage_files(name)]
     return RunPage(
         run=run,
-        status=overall(run, found),
-        stages=shown_stages(run, found),
+        status=overall(shown := shown_stages(run, found)),
+        stages=shown,
         roles=roles,
         turns=turns,
         lines=len(lines),
@@ -428,7 +419,7 @@ def run_page(run: Run) -> RunPage:
         live="running" in found.values(),
         call_stages=tuple(n for n in names if run.path(f"{n}/calls").is_dir()),
         files=tuple(files),
-        reason=ended,
+        reason=None if ended == "imported" else ended,
         problems=tuple(problems),
     )
 
@@ -451,6 +442,16 @@ def read_call_times(run: Run, stage: str) -> list[tuple[Path, str | None]]:
     return out
 
 
+def calls_timed(run: Run) -> bool:
+    """True unless ``run``'s dialogue calls were recorded before their times were (one
+    recording is all of one kind: its first call says)."""
+    first = _call_files(run, "dialogue")[:1]
+    try:
+        return not first or json.loads(first[0].read_text(encoding="utf-8")).get("time") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _call_json(path: Path) -> dict[str, Any]:
     """A call file as the page shows it: its number, then the record as stored."""
     try:
@@ -466,8 +467,7 @@ def stage_calls(run: Run, stage: str) -> list[dict[str, Any]]:
     Raises:
         RunError: ``run`` has no such stage.
     """
-    if stage not in [node.name for node in graph(run)]:
-        raise RunError(f"run {run.run_id} has no {stage} stage", run_id=run.run_id)
+    require(run, stage)
     return [_call_json(path) for path in _call_files(run, stage)]
 
 
@@ -506,6 +506,25 @@ def running(runs_dir: Path, run_id: str) -> bool:
     except RunError:
         return False
     return any(run.alive(name) for name in list(run.manifest.stages))
+
+
+class Stamp:
+    """A file's size and time: :meth:`changed` says whether they differ from the last look."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: tuple[int, int] | None = None
+
+    def changed(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        now = (st.st_size, st.st_mtime_ns)
+        if now == self.seen:
+            return False
+        self.seen = now
+        return True
 
 
 class Tail:

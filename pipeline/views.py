@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import RunError
-from .stages import conversation_stage, graph, status
+from .stages import conversation_stage, graph
 from .stages import statuses as stage_statuses
 from .termination import strip_token
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .records import RolesDocument, StageRecord, Turn, Verdict
     from .runs import Run
     from .stages import Plan
+    from .viewer import TreeNode
 
 TASK_WIDTH = 48
 
@@ -413,32 +414,24 @@ def _transcript_plain(run: Run) -> str:
 
 def tree_text(run: Run) -> str:
     """The tree of delegated runs ``run`` belongs to, from its root: one run a line, its
-    dialogue's status and its task; ``*`` marks ``run``."""
-    from .runs import open_run
+    conversation's status and its task; ``*`` marks ``run``."""
+    from .viewer import tree
 
-    runs_dir = run.folder.parent
-    root = run
-    while root.manifest.parent is not None:
-        try:
-            root = open_run(runs_dir, root.manifest.parent.run_id)
-        except RunError:
-            break
     out: list[str] = []
 
-    def walk(node: Run, lead: str, branch: str) -> None:
-        mark = " *" if node.run_id == run.run_id else ""
-        state = status(node, "dialogue")
-        out.append(f"{lead}{branch}{node.run_id}{mark}  {state}  {_cut(node.task)}")
-        children = node.manifest.children or []
-        for i, name in enumerate(children):
-            last = i == len(children) - 1
-            deeper = lead if not branch else lead + ("   " if branch == "└─ " else "│  ")
-            try:
-                walk(open_run(runs_dir, name), deeper, "└─ " if last else "├─ ")
-            except RunError as e:
-                out.append(f"{deeper}{'└─ ' if last else '├─ '}{name}  unreadable: {e.message}")
+    def walk(node: TreeNode, lead: str, branch: str) -> None:
+        if node.error is not None:
+            out.append(f"{lead}{branch}{node.run_id}  unreadable: {node.error}")
+            return
+        mark = " *" if node.current else ""
+        out.append(f"{lead}{branch}{node.run_id}{mark}  {node.status}  {_cut(node.task)}")
+        deeper = lead if not branch else lead + ("   " if branch == "└─ " else "│  ")
+        for i, child in enumerate(node.children):
+            walk(child, deeper, "└─ " if i == len(node.children) - 1 else "├─ ")
 
-    walk(root, "  ", "")
+    root = tree(run)
+    if root is not None:
+        walk(root, "  ", "")
     return "\n".join(out)
 
 

@@ -287,7 +287,7 @@ class View:
                 )
             except RunError as e:
                 error = e.message
-        ids = [row.run_id for row in self.listing.rows() if row.error is None]
+        ids = self.listing.names()
         return self.page(
             "diff.html", 404 if error else 200, a=a, b=b, lines=lines, error=error, ids=ids
         )
@@ -359,17 +359,22 @@ class View:
             pass
         tail = viewer.Tail(run.path(run.transcript), after)
         template = web_environment().get_template("turn.html")
-        timed = await run_in_threadpool(
-            lambda: all(t is not None for _, t in viewer.read_call_times(run, "dialogue"))
-        )
+        timed = await run_in_threadpool(viewer.calls_timed, run)
+
+        manifest = viewer.Stamp(run.path("run.json"))
+
+        def alive() -> bool:
+            """A stage is running; the manifest read again only when it changed."""
+            if manifest.changed():
+                try:
+                    run.reload()
+                except RunError:
+                    return False
+            return any(run.alive(name) for name in list(run.manifest.stages))
 
         def fragments(lines: list[tuple[int, Turn]]) -> list[str]:
-            """Each line's HTML, with the runs its tool calls delegated to (the manifest
-            read again: a running turn adds children)."""
-            try:
-                children = viewer.children_by_call(open_run(self.runs_dir, run.run_id))
-            except RunError:
-                children = {}
+            """Each line's HTML, with the runs its tool calls delegated to."""
+            children = viewer.children_by_call(run)
             return [
                 template.render(t=viewer.turn_view(line, token, children, timed), run=run)
                 for _, line in lines
@@ -379,13 +384,13 @@ class View:
             yield "retry: 1000\n\n"
             quiet = 0.0
             while True:
-                alive = await run_in_threadpool(viewer.running, self.runs_dir, run.run_id)
+                going = await run_in_threadpool(alive)
                 lines = await run_in_threadpool(tail.poll)
                 shown = await run_in_threadpool(fragments, lines) if lines else []
                 for (number, line), html in zip(lines, shown, strict=True):
                     data = json.dumps({"turn": line.turn, "html": html})
                     yield f"id: {number}\nevent: turn\ndata: {data}\n\n"
-                if not alive:
+                if not going:
                     final = await run_in_threadpool(viewer.read_row, self.runs_dir, run.run_id)
                     data = json.dumps(
                         {"status": final.status, "stages": final.stages, "turns": tail.count}
