@@ -306,8 +306,7 @@ class Batch:
         never a worker's."""
         with contextlib.suppress(PipelineError):  # `memory sync` catches up
             memory.remember(run)
-        with contextlib.suppress(PipelineError):  # traces are best effort
-            telemetry.export_run(run)
+        telemetry.export_tree(run)  # best effort: its warnings are dropped
 
     def failed(self, task: BatchTask, run_id: str | None, error: PipelineError) -> Outcome:
         """Record that ``task`` failed with ``error`` (to be retried by running the batch

@@ -932,17 +932,9 @@ def _trace(run: Run) -> None:
     OTEL_EXPORTER_OTLP_ENDPOINT is set (:func:`pipeline.telemetry.export_run`; nothing is
     imported otherwise); a collector that refuses them is a warning."""
     from . import telemetry
-    from .runs import open_run
 
-    if telemetry.destination() is None:
-        return
-    for run_id in [run.run_id, *(run.manifest.children or [])]:
-        try:
-            telemetry.export_run(
-                run if run_id == run.run_id else open_run(run.folder.parent, run_id)
-            )
-        except PipelineError as e:
-            click.echo(f"warning: the traces of run {run_id} were not sent: {e.message}", err=True)
+    for warning in telemetry.export_tree(run):
+        click.echo(f"warning: {warning}", err=True)
 
 
 def _persona(flags: EndpointFlags, name: str | None) -> Persona | None:

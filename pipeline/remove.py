@@ -16,22 +16,31 @@ from pathlib import Path
 
 from .errors import Fix, RunError
 from .finetune import LEDGERS
-from .runs import Run, list_runs, open_run
+from .runs import Run, open_run
 
 
-def dependents(runs_dir: Path, run: Run) -> list[tuple[str, str]]:
+def dependents(run: Run, ledgers: dict[str, list[str]]) -> list[tuple[str, str]]:
     """What depends on ``run``, as ``(id, phrase)``: ``(X, "run X (delegated to by
-    it)")``, ``(Y, "run Y (it was delegated to by it)")``, ``(Z, "fine-tuning ledger Z")``."""
+    it)")``, ``(Y, "run Y (it was delegated to by it)")``, ``(Z, "fine-tuning ledger Z")``,
+    given each ledger's ``source_runs`` by ledger id (:func:`_ledger_sources`)."""
     found = [(c, f"run {c} (delegated to by it)") for c in run.manifest.children or []]
     if (parent := run.manifest.parent) is not None:
         found.append((parent.run_id, f"run {parent.run_id} (it was delegated to by it)"))
+    found += [(k, f"fine-tuning ledger {k}") for k, runs in ledgers.items() if run.run_id in runs]
+    return found
+
+
+def _ledger_sources(runs_dir: Path) -> dict[str, list[str]]:
+    """Each fine-tuning ledger's ``source_runs``, by ledger id (read as plain JSON: an
+    unreadable ledger names none)."""
+    found = {}
     for ledger in sorted((runs_dir / LEDGERS).glob("*.json")):
         try:
-            sources = json.loads(ledger.read_text(encoding="utf-8")).get("source_runs") or []
+            found[ledger.stem] = (
+                json.loads(ledger.read_text(encoding="utf-8")).get("source_runs") or []
+            )
         except (OSError, ValueError, AttributeError):
             continue
-        if run.run_id in sources:
-            found.append((ledger.stem, f"fine-tuning ledger {ledger.stem}"))
     return found
 
 
@@ -47,8 +56,9 @@ def remove_runs(runs_dir: Path, run_ids: Sequence[str], *, force: bool = False) 
     runs = [open_run(runs_dir, run_id) for run_id in dict.fromkeys(run_ids)]
     going = {run.run_id for run in runs}
     if not force:
+        ledgers = _ledger_sources(runs_dir)
         for run in runs:
-            kept = [phrase for key, phrase in dependents(runs_dir, run) if key not in going]
+            kept = [phrase for key, phrase in dependents(run, ledgers) if key not in going]
             if kept:
                 raise RunError(
                     f"run {run.run_id} is needed by {', '.join(kept)}; nothing was deleted",
@@ -66,10 +76,15 @@ def remove_runs(runs_dir: Path, run_ids: Sequence[str], *, force: bool = False) 
 
 def _unlink(runs_dir: Path, run: Run, going: set[str]) -> None:
     """Take ``run`` out of the tree it belongs to: its parent no longer lists it, and the
-    runs it delegated to become roots."""
-    others = list_runs(runs_dir)
-    for other in others:
-        if not isinstance(other, Run) or other.run_id in going:
+    runs it delegated to become roots (the links go both ways: only those runs name it)."""
+    parent = run.manifest.parent
+    linked = [*(run.manifest.children or []), *([parent.run_id] if parent else [])]
+    for run_id in linked:
+        if run_id in going or not (runs_dir / run_id / "run.json").is_file():
+            continue
+        try:
+            other = open_run(runs_dir, run_id)
+        except RunError:
             continue
         manifest = other.manifest
         if run.run_id in (manifest.children or []):

@@ -117,7 +117,7 @@ from urllib.parse import urlsplit
 
 from . import stages
 from .endpoints import OPENAI_BASE_URL, Endpoint
-from .errors import ConfigError, Fix, TelemetryError
+from .errors import ConfigError, Fix, PipelineError, TelemetryError
 from .records import CallRecord, ToolCall, Turn, Usage, total_usage
 
 if TYPE_CHECKING:
@@ -708,6 +708,23 @@ def _emit(node: Node, tracer: Tracer, parent: Any) -> int:
     made = 1 + sum(_emit(child, tracer, inside) for child in node.children)
     span.end(end_time=node.end)
     return made
+
+
+def export_tree(run: Run) -> list[str]:
+    """Send the spans of ``run`` and of the runs it delegated to (:func:`export_run`), when
+    an endpoint is set; return a warning line for each run whose spans were not taken
+    (traces are best effort: a finished run never fails for them)."""
+    from .runs import open_run
+
+    if destination() is None:
+        return []
+    warnings = []
+    for run_id in [run.run_id, *(run.manifest.children or [])]:
+        try:
+            export_run(run if run_id == run.run_id else open_run(run.folder.parent, run_id))
+        except PipelineError as e:
+            warnings.append(f"the traces of run {run_id} were not sent: {e.message}")
+    return warnings
 
 
 def export_run(run: Run, *, required: bool = False) -> int:

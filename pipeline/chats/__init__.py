@@ -12,6 +12,7 @@ This package reads files and returns records; it writes nothing and prints nothi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,15 +91,11 @@ def merge_turns(messages: Sequence[Message]) -> list[ImportedTurn]:
     (media, notices, deleted ones) are not in ``messages``, so they split nothing either:
     ``A, B, <A's photo>, B`` gives the turns ``A, B`` (with B's two messages).
     """
-    turns: list[ImportedTurn] = []
-    for message in messages:
-        if turns and turns[-1].speaker == message.speaker:
-            last = turns[-1]
-            turns[-1] = ImportedTurn(
-                last.speaker, f"{last.text}\n{message.text}", message.time, last.messages + 1
-            )
-        else:
-            turns.append(ImportedTurn(message.speaker, message.text, message.time, 1))
+    turns = []
+    for speaker, run in itertools.groupby(messages, key=lambda message: message.speaker):
+        group = list(run)
+        text = "\n".join(message.text for message in group)
+        turns.append(ImportedTurn(speaker, text, group[-1].time, len(group)))
     return turns
 
 
