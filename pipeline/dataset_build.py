@@ -157,7 +157,7 @@ def assemble(
     Raises:
         DatasetError: the share is out of range, or the price table cannot be read.
     """
-    train, held = dataset.split(examples, validation, seed) if validation else (list(examples), [])
+    train, held = dataset.split(examples, validation, seed)
     table = dataset.load_prices(prices)
     limit = token_limit or (
         dataset.model_entry(table.example_token_limit, base_model) if base_model else None

@@ -37,10 +37,10 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 
 from .errors import Fix, MemoryStoreError, one_line
+from .records import parse_time
 
 DATABASE = "memory.db"
 FORGOTTEN = "memory-forgotten.jsonl"
@@ -204,11 +204,7 @@ class Rule:
 
     def covers(self, run_id: str, created: str) -> bool:
         """True for a run ``run_id`` made at ``created`` (ISO 8601 UTC)."""
-        return self.run_id in (None, run_id) and _instant(created) <= _instant(self.time)
-
-
-def _instant(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return self.run_id in (None, run_id) and parse_time(created) <= parse_time(self.time)
 
 
 def read_rules(runs_dir: Path) -> list[Rule]:
@@ -230,7 +226,7 @@ def read_rules(runs_dir: Path) -> list[Rule]:
         try:
             value = json.loads(line)
             rules.append(Rule(value.get("run_id"), value.get("role"), value["time"]))
-            _instant(rules[-1].time)
+            parse_time(rules[-1].time)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise MemoryStoreError(
                 f"line {number} of {path} is not a forgotten-memory rule ({one_line(e, 80)})",

@@ -56,9 +56,9 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
 
+from .records import parse_time
 from .termination import similarity
 
 if TYPE_CHECKING:
@@ -259,16 +259,6 @@ def uses_model(run: Run, model: str) -> bool:
     return False
 
 
-def moment(text: str) -> datetime:
-    """An ISO 8601 time (``Z`` or an offset; none means UTC) as an aware datetime.
-
-    Raises:
-        ValueError: ``text`` is not such a time.
-    """
-    parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
-
-
 def split_by_model(
     runs: Sequence[Run], model: str, *, finished: str, since: str | None = None
 ) -> tuple[list[Run], list[Run]]:
@@ -287,14 +277,14 @@ def split_by_model(
     Raises:
         ValueError: ``finished`` or ``since`` is not an ISO 8601 time.
     """
-    end = moment(finished)
-    start = moment(since) if since is not None else None
+    end = parse_time(finished)
+    start = parse_time(since) if since is not None else None
     before, after = [], []
     for run in runs:
         if uses_model(run, model):
             after.append(run)
             continue
-        created = moment(run.manifest.created)
+        created = parse_time(run.manifest.created)
         if created < end and (start is None or created >= start):
             before.append(run)
     return before, after

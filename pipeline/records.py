@@ -61,6 +61,17 @@ def timestamp(moment: datetime | None = None) -> str:
     return (moment or utc_now()).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time (``Z`` or an offset; none means UTC) as an aware datetime: the
+    inverse of :func:`timestamp`.
+
+    Raises:
+        ValueError: ``text`` is not such a time.
+    """
+    parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+
+
 def _extra(value: Mapping[str, Any], known: Sequence[str]) -> JSONObject:
     return {k: v for k, v in value.items() if k not in known}
 
